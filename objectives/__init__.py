@@ -1,0 +1,1 @@
+"""orderlab.objectives."""

@@ -1,0 +1,1 @@
+"""Tasks: data generators with their metrics (orderlab.tasks)."""
