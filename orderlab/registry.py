@@ -44,21 +44,34 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
-# kind -> (module that registers it, base class or None)
-_KINDS: dict[str, tuple[str, type | None]] = {
-    "process": ("orderlab.processes", None),
-    "policy": ("orderlab.policies", None),
-    "objective": ("orderlab.objectives", None),
-    "task": ("orderlab.tasks", None),
-    "attention": ("orderlab.model", None),
+# kind -> (module whose import registers it, "module:Class" of its base class or None).
+# Bases are named, not imported, so this floor-1 module imports no component.
+_KINDS: dict[str, tuple[str, str | None]] = {
+    "process": ("orderlab.processes", "orderlab.processes.base:Process"),
+    "policy": ("orderlab.policies", "orderlab.policies.base:Policy"),
+    "objective": ("orderlab.objectives", "orderlab.objectives.base:Objective"),
+    "task": ("orderlab.tasks", "orderlab.tasks.base:Task"),
+    "attention": ("orderlab.rules", "orderlab.rules:AttentionRule"),
     "model": ("orderlab.model", None),
 }
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 
 
-def register_kind(kind: str, module: str, base: type | None = None) -> None:
-    """Declare a kind, the module whose import fills it, and its base class (if any)."""
+def register_kind(kind: str, module: str, base: str | None = None) -> None:
+    """Declare a kind, the module whose import fills it, and its base class as "module:Class"."""
     _KINDS[kind] = (module, base)
+
+
+def _base(kind: str) -> type | None:
+    """The base class of a kind, if its module is importable (None otherwise)."""
+    ref = _KINDS[kind][1]
+    if ref is None:
+        return None
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
 
 
 def register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -171,7 +184,8 @@ def _kind_of_annotation(ann: Any) -> str | None:
     for t in _flatten_union(ann):
         if not inspect.isclass(t):
             continue
-        for kind, (_, base) in _KINDS.items():
+        for kind in _KINDS:
+            base = _base(kind)
             if base is not None and issubclass(t, base):
                 return kind
     return None
