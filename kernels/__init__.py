@@ -5,6 +5,6 @@ The rule (DESIGN.md section 4): key ``j`` is visible to query ``i`` iff
 CPU tensors run the PyTorch reference; CUDA tensors run Triton when it is available.
 """
 
-from .attention import set_attention, set_attention_reference, visible
+from .attention import append_kv, append_kv_reference, set_attention, set_attention_reference, visible
 
-__all__ = ["set_attention", "set_attention_reference", "visible"]
+__all__ = ["set_attention", "set_attention_reference", "visible", "append_kv", "append_kv_reference"]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["set_attention", "set_attention_reference", "visible"]
+__all__ = ["set_attention", "set_attention_reference", "visible", "append_kv", "append_kv_reference"]
 
 
 def visible(q_rank: Tensor, k_rank: Tensor, q_group: Tensor | None = None, k_group: Tensor | None = None) -> Tensor:
@@ -51,6 +51,7 @@ def set_attention_reference(
     q_group: Tensor | None = None,
     k_group: Tensor | None = None,
     scale: float | None = None,
+    k_len: Tensor | None = None,
 ) -> Tensor:
     """Plain PyTorch rank-masked attention (materialises the ``[B, H, Lq, Lk]`` scores).
 
@@ -58,7 +59,10 @@ def set_attention_reference(
     """
     _check(q, k, v, q_rank, k_rank, q_group, k_group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    vis = visible(q_rank, k_rank, q_group, k_group)[:, None]  # [B, 1, Lq, Lk]
+    vis = visible(q_rank, k_rank, q_group, k_group)  # [B, Lq, Lk]
+    if k_len is not None:  # ragged cache: keys at or past k_len[b] do not exist
+        vis = vis & (torch.arange(k.shape[2], device=k.device)[None, None, :] < k_len[:, None, None])
+    vis = vis[:, None]  # [B, 1, Lq, Lk]
     qf, kf, vf = (t.float() for t in (q, k, v))
     s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale  # [B, H, Lq, Lk]
     # a finite fill keeps gradients finite for rows with no visible key
@@ -77,6 +81,23 @@ def set_attention(
     q_group: Tensor | None = None,
     k_group: Tensor | None = None,
     scale: float | None = None,
+    k_len: Tensor | None = None,
 ) -> Tensor:
     """Rank-masked attention. q: ``[B,H,Lq,D]``, k/v: ``[B,H,Lk,D]``, ranks/groups ``[B,L]``."""
-    return set_attention_reference(q, k, v, q_rank, k_rank, q_group, k_group, scale)
+    return set_attention_reference(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
+
+
+def append_kv_reference(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Tensor, start: Tensor, count: Tensor) -> None:
+    """In place: ``cache[b, :, start[b] + j] = new[b, :, j]`` for ``j < count[b]``."""
+    B, H, N, D = k_new.shape
+    j = torch.arange(N, device=k_new.device)
+    valid = j[None, :] < count[:, None]  # [B, N]
+    b_idx = torch.arange(B, device=k_new.device)[:, None].expand(B, N)[valid]
+    slot = (start[:, None] + j[None, :])[valid]
+    cache_k[b_idx, :, slot] = k_new.permute(0, 2, 1, 3)[valid]  # rows [n, H, D]
+    cache_v[b_idx, :, slot] = v_new.permute(0, 2, 1, 3)[valid]
+
+
+def append_kv(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Tensor, start: Tensor, count: Tensor) -> None:
+    """Append a variable-size set per row into preallocated ``[B, H, C, D]`` buffers."""
+    append_kv_reference(cache_k, cache_v, k_new, v_new, start, count)
