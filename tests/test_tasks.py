@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from orderlab import ranks as R
+from orderlab.registry import ConfigError, build, names
+from orderlab.tasks import Addition, StdlibText, Task, file_split, pair_split, stdlib_files
+
+
+def test_registered_and_built_from_config():
+    assert {"addition", "text"} <= set(names("task"))
+    t = build("task", {"name": "addition", "digits": 2, "reverse_answer": True})
+    assert isinstance(t, Addition) and isinstance(t, Task)
+    assert (t.digits, t.reverse_answer, t.seq_len, t.vocab_size, t.mask_id) == (2, True, 9, 13, 13)
+    with pytest.raises(ConfigError, match="digit"):
+        build("task", {"name": "addition", "digitz": 2})
+
+
+# ---------------------------------------------------------------- addition
+
+
+def test_addition_shapes_ranks_and_values():
+    t = Addition(digits=3)
+    x, r = t.batch(64, "train", seed=1)
+    assert x.shape == r.shape == (64, 12) and x.dtype == r.dtype == torch.long
+    R.validate(r, x, mask_id=t.mask_id)
+    assert (r[:, :8] == 0).all() and (r[:, 8:] == 1).all()
+    assert (x[:, 3] == 10).all() and (x[:, 7] == 11).all()  # '+' and '='
+    assert x.min() >= 0 and x.max() < t.vocab_size and (x != t.pad_id).all()
+    num = lambda d: (d * 10 ** torch.arange(d.shape[1] - 1, -1, -1)).sum(1)  # noqa: E731
+    assert torch.equal(num(x[:, :3]) + num(x[:, 4:7]), num(x[:, 8:]))
+
+
+def test_addition_reverse_answer_and_render_round_trip():
+    fwd, rev = Addition(digits=3), Addition(digits=3, reverse_answer=True)
+    a, b = torch.tensor([42, 999]), torch.tensor([917, 1])
+    x, _ = fwd.encode_pairs(a, b)
+    assert [fwd.render(v) for v in x] == ["042+917=0959", "999+001=1000"]
+    xr, _ = rev.encode_pairs(a, b)
+    assert rev.render(xr[0]) == "042+917=9590"
+    for v in x:
+        assert torch.equal(fwd.encode(fwd.render(v)), v)
+    masked = x[0].clone()
+    masked[8:] = fwd.mask_id
+    assert fwd.render(masked) == "042+917=????"
+    assert torch.equal(fwd.encode("042+917=????"), masked)
+
+
+def test_addition_deterministic_per_split_and_seed():
+    t = Addition(digits=3)
+    x1, _ = t.batch(32, "valid", seed=5)
+    x2, _ = t.batch(32, "valid", seed=5)
+    x3, _ = t.batch(32, "valid", seed=6)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(Addition(digits=3).batch(32, "valid", seed=5)[0], x1)
+
+
+def test_addition_splits_exhaustive_two_digits():
+    t = Addition(digits=2)
+    a = torch.arange(100).repeat_interleave(100)
+    b = torch.arange(100).repeat(100)
+    s = pair_split(a, b)  # every pair of the task
+    counts = torch.bincount(s, minlength=3) / s.numel()
+    assert 0.75 < counts[0] < 0.85 and 0.07 < counts[1] < 0.13 and 0.07 < counts[2] < 0.13
+    table = {(int(i), int(j)): int(k) for i, j, k in zip(a, b, s)}
+    seen = {}
+    for k, split in enumerate(("train", "valid", "test")):
+        x, _ = t.batch(4000, split, seed=0)
+        pairs = {(int(p[0] * 10 + p[1]), int(p[3] * 10 + p[4])) for p in x}
+        assert all(table[p] == k for p in pairs), split  # only pairs of this split
+        seen[split] = pairs
+    assert not seen["train"] & seen["valid"] and not seen["train"] & seen["test"]
+    assert not seen["valid"] & seen["test"]
+    # 4000 draws from ~1000 valid / test pairs cover the split
+    assert len(seen["test"]) > 0.95 * int((s == 2).sum())
+
+
+def test_addition_score_hand_made():
+    t = Addition(digits=2)
+    x, r = t.encode_pairs(torch.tensor([12, 50, 99]), torch.tensor([34, 50, 99]))
+    pred = x.clone()
+    pred[1, -1] = (pred[1, -1] + 1) % 10  # one wrong answer digit
+    pred[2, 0] = (pred[2, 0] + 1) % 10  # a wrong *prompt* digit does not count
+    s = t.score(pred, x, r)
+    assert s.dtype == torch.float32 and s.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_addition_token_freqs_and_unknown_split():
+    t = Addition(digits=2)
+    f = t.token_freqs()
+    assert f.shape == (13,) and abs(float(f.sum()) - 1) < 1e-5
+    assert f[t.pad_id] == 0 and abs(float(f[10]) - 1 / 9) < 1e-6  # one '+' per 9 tokens
+    with pytest.raises(ValueError, match="train, valid, test"):
+        t.batch(2, "dev")
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.fixture(scope="module")
+def text():
+    return StdlibText(seq_len=64, max_bytes=400_000, context=8)
+
+
+def test_text_finds_files_and_splits_by_file(text):
+    files = stdlib_files()
+    assert files == sorted(files) and len(files) > 100
+    assert "os.py" in files and not any("site-packages" in f for f in files)
+    assert not any(part in ("test", "tests") for f in files for part in f.split("/")[:-1])
+    by = {s: text.files(s) for s in ("train", "valid", "test")}
+    assert sorted(by["train"] + by["valid"] + by["test"]) == files  # a partition by file
+    assert by["valid"] and by["test"] and len(by["train"]) > 0.8 * len(files)
+    assert all(file_split(f) == s for s, fs in by.items() for f in fs)
+    assert file_split("os.py") == file_split("os.py")  # a fixed hash, not Python's hash()
+
+
+def test_text_batch_conventions_and_determinism(text):
+    x, r = text.batch(16, "valid", seed=3)
+    assert x.shape == r.shape == (16, 64) and x.dtype == r.dtype == torch.long
+    assert x.min() >= 0 and x.max() < 256 and text.vocab_size == 256
+    assert (r[:, :8] == 0).all() and (r[:, 8:] == 1).all()
+    assert torch.equal(x, text.batch(16, "valid", seed=3)[0])
+    assert not torch.equal(x, text.batch(16, "valid", seed=4)[0])
+    # each window is a substring of the split's bytes, and not of another split's
+    data = {s: text.data(s) for s in ("train", "valid", "test")}
+    for row in x:
+        w = bytes(row.tolist())
+        assert w in data["valid"]
+    assert len(data["train"]) <= 400_000
+    # another instance with the same options sees the same data
+    assert torch.equal(StdlibText(seq_len=64, max_bytes=400_000, context=8).batch(4, "test", 0)[0], text.batch(4, "test", 0)[0])
+
+
+def test_text_max_files_subset_is_deterministic():
+    a = StdlibText(seq_len=32, max_files=3)
+    assert len(a.selected_files("train")) == 3
+    assert a.selected_files("train") == StdlibText(seq_len=32, max_files=3).selected_files("train")
+    assert set(a.selected_files("valid")) <= set(StdlibText(seq_len=32, max_files=10).selected_files("valid"))
+
+
+def test_text_score_freqs_render(text):
+    x, r = text.batch(3, "train", seed=0)
+    pred = x.clone()
+    pred[1, -1] = (pred[1, -1] + 1) % 256
+    pred[2, 0] = (pred[2, 0] + 1) % 256  # given context byte: not scored
+    assert text.score(pred, x, r).tolist() == [1.0, 0.0, 1.0]
+    f = text.token_freqs()
+    assert f.shape == (256,) and abs(float(f.sum()) - 1) < 1e-5
+    assert f[ord(" ")] > f[ord("q")] > 0 and f[0] == 0
+    s = "def f(x):\n    return 'é'\n"
+    assert text.render(text.encode(s)) == s
+    assert text.metric == "bits_per_byte" and text.pad_id == 0
+
+
+def test_text_bad_arguments():
+    with pytest.raises(ValueError, match="context"):
+        StdlibText(seq_len=8, context=8)
+    with pytest.raises(ValueError, match="valid splits"):
+        StdlibText(seq_len=8).batch(1, "validation")
