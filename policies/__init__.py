@@ -1,1 +1,32 @@
-"""orderlab.policies."""
+"""orderlab.policies: set-selection policies for decoding (DESIGN.md section 5).
+
+A policy is a candidate rule, a score and a count rule; the literature's samplers are
+registered presets (kind "policy"). Importing this package fills the registry.
+"""
+
+from .base import Policy, PolicyError, StepView
+from .compose import (
+    All, Block, CandidateRule, Composed, Count, EntropyBound, Factor, First, KFromSchedule, Last, Ranked,
+    Threshold, TopK, Window, rank_candidates, take_prefix,
+)
+from .scores import (
+    Confidence, Gumbel, Margin, NegEntropy, PCScore, PositionPrior, Scaled, Score, Sum, Uniform, score_from,
+)
+from .presets import (
+    ConfidenceThreshold, EBSampler, FactorRule, LeftToRight, LowEntropy, PCSampler, RightToLeft, SemiAR,
+    SlidingWindow, TopMargin, TopProb,
+)
+from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, RandomPolicy
+from .schedule import ScheduleSampler
+
+__all__ = [
+    "Policy", "PolicyError", "StepView",
+    "CandidateRule", "All", "Block", "Window", "First", "Last",
+    "Score", "Confidence", "Margin", "NegEntropy", "PositionPrior", "Uniform", "Gumbel", "PCScore", "Sum", "Scaled",
+    "score_from",
+    "Count", "TopK", "KFromSchedule", "Threshold", "Factor", "EntropyBound", "Ranked", "rank_candidates", "take_prefix",
+    "Composed",
+    "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
+    "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
+    "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
+]

@@ -1,0 +1,136 @@
+"""What a policy sees (``StepView``) and what it is (``Policy``): DESIGN.md section 5.
+
+The decoder calls, per step::
+
+    cand = policy.candidates(masked, step)         # before the forward: which queries to run
+    view = StepView(probs, cand, masked, step, given)
+    sel  = policy.select(view)                     # Bool[B, L], subset of cand, >= 1 per row with cand
+
+and ``policy.reset()`` before every new batch. Stochastic policies also give
+``log_prob(selected, view) -> Float[B]`` (RL, VI).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepView", "Policy", "PolicyError"]
+
+
+class PolicyError(ValueError):
+    """A step view or a selection is malformed."""
+
+
+def _check_mask(name: str, t: object, shape: tuple[int, int]) -> None:
+    if not isinstance(t, Tensor):
+        raise PolicyError(f"StepView.{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.bool:
+        raise PolicyError(f"StepView.{name} must be a bool tensor [B, L], got dtype {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise PolicyError(f"StepView.{name} must have shape [B, L] = {shape} (from probs), got {tuple(t.shape)}")
+
+
+@dataclass(eq=False)
+class StepView:
+    """The model's predictions at one decode step.
+
+    probs       Float[B, L, V]  predictive distribution per position (rows outside
+                                ``candidates`` are undefined: the decoder fills 1/V)
+    candidates  Bool[B, L]      positions the policy may reveal now (subset of ``masked``)
+    masked      Bool[B, L]      positions still masked
+    step        int             0-based decode step
+    given       Bool[B, L]|None positions given from the start (prompt, clues)
+
+    Derived on first use (``functools.cached_property``): ``confidence`` (max prob),
+    ``margin`` (top-1 minus top-2 prob), ``entropy`` (nats, 0·log 0 = 0), ``argmax``.
+    """
+
+    probs: Tensor
+    candidates: Tensor
+    masked: Tensor
+    step: int
+    given: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        p = self.probs
+        if not isinstance(p, Tensor):
+            raise PolicyError(f"StepView.probs must be a torch.Tensor, got {type(p).__name__}")
+        if p.dim() != 3:
+            raise PolicyError(f"StepView.probs must have shape [B, L, V], got shape {tuple(p.shape)}")
+        if not p.dtype.is_floating_point:
+            raise PolicyError(f"StepView.probs must be a float tensor, got dtype {p.dtype}")
+        if p.shape[2] < 1:
+            raise PolicyError(f"StepView.probs needs V >= 1 classes, got shape {tuple(p.shape)}")
+        shape = (p.shape[0], p.shape[1])
+        _check_mask("candidates", self.candidates, shape)
+        _check_mask("masked", self.masked, shape)
+        if self.given is not None:
+            _check_mask("given", self.given, shape)
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise PolicyError(f"StepView.step must be an int >= 0, got {self.step!r}")
+        stray = self.candidates & ~self.masked
+        if stray.any():
+            b, i = (int(v) for v in stray.nonzero()[0])
+            raise PolicyError(f"StepView.candidates must be a subset of masked; position [{b}, {i}] is a candidate but not masked")
+
+    @property
+    def batch_size(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.probs.shape[1]
+
+    @functools.cached_property
+    def confidence(self) -> Tensor:
+        """Float[B, L]: max_v p(v)."""
+        return self.probs.amax(dim=-1)
+
+    @functools.cached_property
+    def argmax(self) -> Tensor:
+        """Long[B, L]: the most likely token (lowest id on ties)."""
+        return self.probs.argmax(dim=-1)
+
+    @functools.cached_property
+    def margin(self) -> Tensor:
+        """Float[B, L]: p(v1) − p(v2) (Kim et al. 2025); equals confidence when V = 1."""
+        if self.probs.shape[-1] == 1:
+            return self.confidence
+        top = self.probs.topk(2, dim=-1).values  # [B, L, 2]
+        return top[..., 0] - top[..., 1]
+
+    @functools.cached_property
+    def entropy(self) -> Tensor:
+        """Float[B, L]: −Σ_v p log p in nats; xlogy makes p = 0 contribute 0."""
+        return -torch.special.xlogy(self.probs, self.probs).sum(dim=-1)
+
+
+class Policy(abc.ABC):
+    """Chooses the next set ``S_k`` of positions to reveal (registry kind "policy").
+
+    One required method, ``select(view) -> Bool[B, L]``: a subset of ``view.candidates``
+    with at least one position in every row that has candidates and none elsewhere.
+    """
+
+    def candidates(self, masked: Tensor, step: int) -> Tensor:
+        """Bool[B, L]: positions to run queries for at ``step`` (default: all masked)."""
+        return masked
+
+    @abc.abstractmethod
+    def select(self, view: StepView) -> Tensor:
+        """Bool[B, L]: the positions to reveal at this step."""
+
+    def reset(self) -> None:
+        """Forget per-batch state (called by the decoder before a new batch)."""
+
+    def log_prob(self, selected: Tensor, view: StepView) -> Tensor:
+        """Float[B]: log π(selected | view). Only stochastic policies define it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is deterministic and has no log_prob; use a stochastic policy "
+            "(random, plackett_luce, bernoulli) for RL or variational objectives"
+        )
