@@ -184,7 +184,7 @@ def _kind_of_annotation(ann: Any) -> str | None:
     for t in _flatten_union(ann):
         if not inspect.isclass(t):
             continue
-        for kind in _KINDS:
+        for kind in list(_KINDS):
             base = _base(kind)
             if base is not None and issubclass(t, base):
                 return kind

@@ -1,0 +1,164 @@
+"""One decoder for every configuration and every policy (DESIGN.md section 5).
+
+    while some position is masked:
+        stream = rule.step(...)              # new clean tokens (cache) + candidate queries
+        view   = StepView(probs, ...)        # one NFE
+        S_k    = policy.select(view)         # a non-empty set per unfinished row
+        x[S_k] = sample(view, S_k)           # greedy / temperature (float64 Gumbel) / top-p
+        (the cache appends S_k's K/V at the start of the next step's forward)
+
+Rows decode together with padding; each row reveals its own set per step. A position
+revealed at step ``s`` (0-based) gets rank ``s + 1`` in :attr:`Decoded.ranks`, so the
+returned ranks are the order actually used, and ``log_likelihood(model, x, d.ranks)``
+scores the decoded sequence under that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from orderlab.likelihood import _check_tokens, stream_log_probs
+from orderlab.policies.base import StepView
+from orderlab.ranks import validate
+from orderlab.rules import UNKNOWN
+
+__all__ = ["Decoded", "decode", "sample_tokens", "score_order"]
+
+
+@dataclass
+class Decoded:
+    tokens: Tensor  # Long[B, L]
+    ranks: Tensor  # Long[B, L]: 0 given, k revealed at step k (1-based), -1 padding
+    nfe: Tensor  # Long[B]: forwards in which the row still had masked positions
+    tokens_per_step: list[Tensor] = field(default_factory=list)  # Long[B] per step
+    steps: int = 0
+
+    @property
+    def generated(self) -> Tensor:
+        """Long ``[B]``: positions generated per row."""
+        return (self.ranks > 0).sum(1)
+
+
+def _top_p_filter(logp: Tensor, top_p: float) -> Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest prefix with mass >= top_p."""
+    sorted_lp, idx = logp.sort(dim=-1, descending=True)
+    cum = sorted_lp.exp().cumsum(-1)
+    drop = cum - sorted_lp.exp() >= top_p  # mass before this token already reaches top_p
+    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+    return torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
+
+
+def sample_tokens(probs: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Long ``[...]``: a token per distribution of ``probs [..., V]``.
+
+    ``temperature == 0``: argmax. Otherwise Gumbel-max in **float64**: float32 Gumbel noise
+    truncates the tail and lowers the effective temperature (Zheng et al. 2024).
+    """
+    if temperature == 0.0:
+        return probs.argmax(-1)
+    logp = probs.double().clamp_min(1e-300).log() / temperature
+    logp = logp - logp.logsumexp(-1, keepdim=True)
+    if top_p < 1.0:
+        logp = _top_p_filter(logp, top_p)
+    u = torch.rand(logp.shape, dtype=torch.float64, generator=generator, device=logp.device)
+    gumbel = -(-u.clamp_min(1e-300).log()).log()
+    return (logp + gumbel).argmax(-1)
+
+
+def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
+    """Scatter the streams' predictions to ``[B, L, V]``; rows not predicted get 1/V."""
+    B, N, V = logits.shape
+    probs = torch.full((B, L + 1, V), 1.0 / V, device=logits.device)  # slot L: dump for out == -1
+    idx = torch.where(out >= 0, out, L)
+    probs.scatter_(1, idx[..., None].expand(B, N, V), torch.softmax(logits.float(), -1))
+    return probs[:, :L]
+
+
+def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int) -> None:
+    """Open-ended generation: only the first ``max_new_tokens`` masked positions of a row are generated."""
+    if max_new_tokens is None:
+        return
+    order = (rank == UNKNOWN).long().cumsum(1)
+    drop = (rank == UNKNOWN) & (order > max_new_tokens)
+    rank[drop], tokens[drop] = -1, pad_id
+
+
+@torch.no_grad()
+def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, max_new_tokens: int | None = None,
+           pad_id: int | None = None) -> Decoded:
+    """Decode the positions with rank >= 1 of ``tokens`` (any token there is ignored).
+
+    ``cache``: keep an exact KV cache (set-causal and block-causal rules); bidirectional
+    rules always recompute. ``eos_id``: once a row reveals EOS, its masked positions
+    after it become padding filled with ``pad_id`` (default: EOS). Returns :class:`Decoded`.
+    """
+    validate(ranks, tokens)
+    B, L = tokens.shape
+    rule = model.rule
+    gen = torch.Generator(device=tokens.device).manual_seed(seed)
+    rank = torch.where(ranks >= 1, torch.full_like(ranks, UNKNOWN), ranks).long()
+    x = torch.where(ranks >= 1, torch.full_like(tokens, model.mask_id), tokens).long()
+    fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    _limit(rank, x, max_new_tokens, fill)
+    kv = model.new_cache(B, L) if cache and rule.cacheable else None
+    if hasattr(policy, "reset"):
+        policy.reset()
+    nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+    per_step: list[Tensor] = []
+    pos = torch.arange(L, device=x.device)
+    step = 0
+    while True:
+        masked = rank == UNKNOWN
+        active = masked.any(1)
+        if not active.any():
+            break
+        allowed = rule.candidates(masked)
+        cand = allowed & policy.candidates(masked, step)
+        cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
+        s = rule.step(x, rank, cand, step, kv is not None)
+        probs = _probs(model(s, kv), s.out, L)  # [B, L, V]
+        view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0)
+        sel = policy.select(view)
+        if (sel & ~cand).any() or (active & ~sel.any(1)).any():
+            raise RuntimeError(f"{policy!r}.select must return a non-empty subset of the candidates for every unfinished row (step {step})")
+        new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
+        x = torch.where(sel, new, x)
+        rank = torch.where(sel, torch.full_like(rank, step + 1), rank)
+        if eos_id is not None:  # everything masked after a revealed EOS becomes padding
+            first_eos = torch.where(sel & (new == eos_id), pos, L).amin(1, keepdim=True)
+            cut = (rank == UNKNOWN) & (pos > first_eos)
+            rank, x = torch.where(cut, -1, rank), torch.where(cut, fill, x)
+        nfe += active
+        per_step.append(sel.sum(1))
+        step += 1
+    return Decoded(tokens=x, ranks=rank, nfe=nfe, tokens_per_step=per_step, steps=step)
+
+
+@torch.no_grad()
+def score_order(model, x: Tensor, ranks: Tensor, cache: bool = True) -> Tensor:
+    """Float ``[B]``: ``log p(x | ranks)`` computed step by step, as a decoder would
+    (teacher-forced: step ``k`` reveals set ``S_k`` with its true tokens).
+
+    Equal to :func:`orderlab.log_likelihood` (one pass) when the cache is exact; the
+    tests check that identity for every rule.
+    """
+    from orderlab.ranks import dense
+
+    _check_tokens(model, x, ranks)
+    B, L = x.shape
+    d = dense(ranks)
+    rank = torch.where(d >= 1, torch.full_like(d, UNKNOWN), d)
+    cur = torch.where(d >= 1, torch.full_like(x, model.mask_id), x)
+    kv = model.new_cache(B, L) if cache and model.rule.cacheable else None
+    total = torch.zeros(B, device=x.device)
+    for step in range(int(d.max()) if (d > 0).any() else 0):
+        target = d == step + 1
+        s = model.rule.step(cur, rank, target, step, kv is not None)
+        total += stream_log_probs(model(s, kv), s, x).sum(1)
+        cur = torch.where(target, x, cur)
+        rank = torch.where(target, torch.full_like(rank, step + 1), rank)
+    return total

@@ -1,0 +1,143 @@
+"""The cached transformer: pre-norm, RoPE at logical positions, rank-masked attention.
+
+The model never decides *which* tokens see which: it reads a :class:`~orderlab.rules.Stream`
+(tokens, logical positions, and the ranks/groups of the attention rule) built by its
+:class:`~orderlab.rules.AttentionRule`. The same weights therefore serve the set-causal
+two-stream pass, block-causal and bidirectional passes, and cached decode steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from orderlab.cache import KVCache
+from orderlab.kernels import set_attention
+from orderlab.registry import build, register
+from orderlab.rules import AttentionRule, Stream
+
+__all__ = ["ModelConfig", "Transformer"]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # classes predicted; the [MASK] id is vocab_size
+    max_len: int
+    attention: dict[str, Any] = field(default_factory=lambda: {"name": "set_causal"})
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary embedding (Su et al. 2021) at logical positions. x ``[B, H, N, D]``, pos ``[B, N]``."""
+    D = x.shape[-1]
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    ang = pos.float()[:, None, :, None] * inv  # [B, 1, N, D/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # [B, H, N, D]
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.layer, self.rope_base = cfg.n_heads, layer, cfg.rope_base
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, h: Tensor, s: Stream, cache: KVCache | None) -> Tensor:
+        B, N, C = h.shape
+        q, k, v = self.qkv(h).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, D]
+        q, k = rope(q, s.pos, self.rope_base), rope(k, s.pos, self.rope_base)
+        if cache is None:
+            o = set_attention(q, k, v, s.q_rank, s.k_rank, s.q_group, s.k_group)
+        else:
+            kk, vv, kr, kg = cache.keys(self.layer, k, v, s.k_rank, s.k_group)
+            o = set_attention(q, kk, vv, s.q_rank, kr, s.q_group, kg)
+            if s.n_append is not None:
+                cache.write(self.layer, k, v, s.n_append)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, layer)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False),
+        )
+
+    def forward(self, h: Tensor, s: Stream, cache: KVCache | None) -> Tensor:
+        h = h + self.attn(self.norm1(h), s, cache)
+        return h + self.mlp(self.norm2(h))
+
+
+@register("model", "transformer")
+class Transformer(nn.Module):
+    """Pre-norm transformer over rank-masked streams.
+
+    Args (the YAML keys of ``model:``): ``vocab_size`` and ``max_len`` come from the task;
+    ``attention`` is an attention rule (name or mapping); sizes as in :class:`ModelConfig`.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, attention: AttentionRule | str | dict = "set_causal",
+                 d_model: int = 128, n_layers: int = 4, n_heads: int = 4, mlp_ratio: int = 4,
+                 tie_embeddings: bool = True, rope_base: float = 10000.0):
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
+        rule = build("attention", attention, path="model.attention")
+        self.rule: AttentionRule = rule
+        self.config = ModelConfig(vocab_size, max_len, rule.spec(), d_model, n_layers, n_heads, mlp_ratio,
+                                  tie_embeddings, rope_base)
+        self.vocab_size, self.mask_id, self.max_len = vocab_size, vocab_size, max_len
+        self.embed = nn.Embedding(vocab_size + 1, d_model)  # + [MASK]
+        self.blocks = nn.ModuleList(Block(self.config, i) for i in range(n_layers))
+        self.norm = nn.RMSNorm(d_model)
+        # the output layer never predicts [MASK] (SUBS parameterisation, MDLM)
+        self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig | dict) -> "Transformer":
+        return cls(**(asdict(cfg) if isinstance(cfg, ModelConfig) else cfg))
+
+    def head_weight(self) -> Tensor:
+        return self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c, p = self.config, next(self.parameters())
+        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.d_model // c.n_heads, p.dtype, p.device)
+
+    def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
+        """Logits ``[B, N, vocab_size]`` for every token of the stream."""
+        h = self.embed(s.tokens)  # [B, N, C]
+        for block in self.blocks:
+            h = block(h, s, cache)
+        if cache is not None and s.n_append is not None:
+            cache.commit(s.k_rank, s.k_group, s.n_append)
+        return F.linear(self.norm(h), self.head_weight())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}, params={self.num_params() / 1e6:.2f}M"

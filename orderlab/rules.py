@@ -1,0 +1,258 @@
+"""Attention rules: how ranks become the token streams the transformer reads.
+
+Every rule speaks the one attention rule of ``orderlab.kernels.set_attention``::
+
+    key j visible to query i  iff  k_rank[j] < q_rank[i]
+                                   or (q_group[i] >= 0 and k_group[j] == q_group[i])
+
+A rule turns ``(x, ranks)`` into one or more :class:`Stream` s (the *passes* of the exact
+likelihood) and, during decoding, the state of a partly decoded batch into the stream of
+one step. Streams are packed per row (left-aligned, padded), so rows with different
+prompts, padding and sets batch together.
+
+- :class:`SetCausal` (SetDLM two-stream; AR when ranks are 1..L): one pass over
+  ``[x_clean, x_query]``. A clean token of rank ``r`` has ``k_rank = r``,
+  ``q_rank = r + 1`` (it sees ranks ``<= r``: causal in reveal order, bidirectional
+  inside its set); the query for a position of rank ``k`` has ``q_rank = k`` and its own
+  group (it sees clean ranks ``< k`` and itself, never other queries).
+- :class:`BlockCausal` (BD3-LM): clean tokens of block ``b`` have ``k_rank = b + 1``,
+  ``q_rank = b + 2``; the noisy copy of block ``b`` has ``q_rank = b + 1`` and group ``b``
+  (bidirectional inside the block). One pass per within-block step.
+- :class:`Bidirectional` (MDM): one stream over ``x_t``, everything in group 0. One pass
+  per set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor
+
+from orderlab.ranks import NEVER, RanksError, dense
+from orderlab.registry import register
+
+__all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN"]
+
+UNKNOWN = NEVER  # decode-state rank of a position that is still masked
+
+
+@dataclass
+class Stream:
+    """Tokens one forward reads, all ``[B, N]``.
+
+    ``out[b, n]`` is the position whose token query ``n`` predicts (``-1``: none).
+    ``n_append[b]``: the first ``n_append[b]`` tokens of row ``b`` are clean tokens whose
+    K/V the cache keeps after this forward (decode only).
+    """
+
+    tokens: Tensor
+    pos: Tensor
+    q_rank: Tensor
+    k_rank: Tensor
+    q_group: Tensor
+    k_group: Tensor
+    out: Tensor
+    n_append: Tensor | None = None
+
+
+_FILL = {"tokens": 0, "pos": 0, "q_rank": 0, "k_rank": NEVER, "q_group": -1, "k_group": -1, "out": -1}
+
+
+def pack(*segments: tuple[Tensor, dict[str, Tensor | int]]) -> Stream:
+    """Concatenate segments and left-align each row's selected tokens.
+
+    Each segment is ``(select Bool[B, L], {field: Long[B, L] or int})`` for the fields of
+    :class:`Stream` (missing fields take the padding value). Within a row, tokens keep
+    segment order, then position order. Padding slots see nothing and are seen by no one.
+    """
+    sel = torch.cat([s for s, _ in segments], dim=1)  # [B, S*L]
+    B = sel.shape[0]
+    cols = {}
+    for name, fill in _FILL.items():
+        parts = []
+        for s, attrs in segments:
+            a = attrs.get(name, fill)
+            parts.append(a if isinstance(a, Tensor) else torch.full_like(s, a, dtype=torch.long))
+        cols[name] = torch.cat([p.long() for p in parts], dim=1)
+    counts = sel.sum(1)
+    N = int(counts.max()) if B else 0
+    order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :N]  # selected first
+    valid = sel.gather(1, order)  # [B, N]
+    out = {}
+    for name, col in cols.items():
+        out[name] = torch.where(valid, col.gather(1, order), torch.full_like(order, _FILL[name]))
+    return Stream(**out)
+
+
+def _positions(x: Tensor) -> Tensor:
+    return torch.arange(x.shape[1], device=x.device).expand_as(x)
+
+
+class AttentionRule:
+    """Base class of attention rules (registry kind ``"attention"``)."""
+
+    name: str = ""
+    cacheable: bool = True
+
+    def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
+        """The streams whose predictions together give the exact likelihood of ``ranks``."""
+        raise NotImplementedError
+
+    def candidates(self, unknown: Tensor) -> Tensor:
+        """Bool ``[B, L]``: masked positions this rule lets a decoder reveal now."""
+        return unknown
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+        """The stream of decode step ``step`` (0-based).
+
+        ``rank``: 0 given, k revealed at step k (1-based), -1 padding, ``UNKNOWN`` masked.
+        ``queries``: positions whose predictions are needed. With ``cached``, clean
+        tokens already in the cache are left out and new ones lead the stream.
+        """
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """The config mapping that rebuilds this rule."""
+        return {"name": self.name, **asdict(self)} if hasattr(self, "__dataclass_fields__") else {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)) if hasattr(self, "__dataclass_fields__") else ""
+        return f"{type(self).__name__}({args})"
+
+
+@register("attention", "set_causal")
+@dataclass(repr=False)
+class SetCausal(AttentionRule):
+    """Set-causal two-stream attention (SetDLM, Arriola & Kuleshov 2026, section 3).
+
+    One forward over ``[x_clean, x_query]`` gives ``log p(x_i | x_{S<k})`` for every
+    position of every set; with ranks ``1..L`` it is exactly causal (AR).
+    """
+
+    name = "set_causal"
+
+    def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
+        pos = _positions(x)
+        clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ranks, "q_rank": ranks + 1})
+        query = (ranks >= 1, {"tokens": mask_id, "pos": pos, "q_rank": ranks, "q_group": pos, "k_group": pos, "out": pos})
+        yield pack(clean, query)
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+        pos = _positions(tokens)
+        known = (rank >= 0) & (rank != UNKNOWN)
+        # cached: only the set revealed at the previous step (the given tokens at step 0)
+        new = (rank == step) & queries.any(1, keepdim=True) if cached else known
+        clean = (new, {"tokens": tokens, "pos": pos, "k_rank": rank, "q_rank": rank + 1})
+        query = (queries, {"tokens": tokens, "pos": pos, "q_rank": step + 1, "q_group": pos, "k_group": pos, "out": pos})
+        s = pack(clean, query)
+        s.n_append = new.sum(1) if cached else None
+        return s
+
+
+@register("attention", "block_causal")
+@dataclass(repr=False)
+class BlockCausal(AttentionRule):
+    """Block-causal attention (BD3-LM, Arriola et al. 2025): blocks left to right,
+    bidirectional inside the noisy block, exact block KV cache.
+
+    Ranks must be block-monotone: every generated position of block ``b`` comes before
+    every generated position of block ``b + 1``.
+    """
+
+    block_size: int = 4
+    name = "block_causal"
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    def _block(self, x: Tensor) -> Tensor:
+        return _positions(x) // self.block_size
+
+    def _check_monotone(self, ranks: Tensor) -> None:
+        blk = self._block(ranks)
+        gen = ranks >= 1
+        # max rank of each block must be below min rank of every later block
+        nb = int(blk.max()) + 1 if blk.numel() else 0
+        big = torch.full((ranks.shape[0], nb), NEVER, dtype=torch.long, device=ranks.device)
+        lo = big.scatter_reduce(1, blk, torch.where(gen, ranks, NEVER).long(), "amin")
+        hi = torch.full_like(big, -1).scatter_reduce(1, blk, torch.where(gen, ranks, -1).long(), "amax")
+        later_min = lo.flip(1).cummin(1).values.flip(1)  # min rank over blocks >= c
+        bad = hi[:, :-1] >= later_min[:, 1:]
+        if bad.any():
+            b, c = (int(v) for v in bad.nonzero()[0])
+            raise RanksError(
+                f"block_causal(block_size={self.block_size}) needs block-monotone ranks; row {b}: "
+                f"block {c} has rank {int(hi[b, c])} >= a rank of a later block"
+            )
+
+    def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
+        self._check_monotone(ranks)
+        pos, blk = _positions(x), self._block(x)
+        gen = ranks >= 1
+        # within-block step of each generated position: dense rank minus the block's first
+        d = dense(ranks)
+        first = torch.full((x.shape[0], int(blk.max()) + 1), NEVER, dtype=torch.long, device=x.device)
+        first = first.scatter_reduce(1, blk, torch.where(gen, d, NEVER).long(), "amin")
+        w = torch.where(gen, d - first.gather(1, blk) + 1, 0)  # 1.. inside each block
+        ck = torch.where(gen, blk + 1, ranks.clamp(max=0))
+        clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
+        for j in range(1, int(w.max()) + 1 if gen.any() else 1):
+            noisy_tok = torch.where(w < j, x, torch.full_like(x, mask_id))
+            noisy = (gen, {"tokens": noisy_tok, "pos": pos, "q_rank": blk + 1, "q_group": blk, "k_group": blk,
+                           "out": torch.where(w == j, pos, -1)})
+            yield pack(clean, noisy)
+
+    def candidates(self, unknown: Tensor) -> Tensor:
+        blk = self._block(unknown)
+        cur = torch.where(unknown, blk, NEVER).amin(1, keepdim=True)  # [B, 1] first unfinished block
+        return unknown & (blk == cur)
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+        pos, blk = _positions(tokens), self._block(tokens)
+        unknown = rank == UNKNOWN
+        active = unknown.any(1, keepdim=True)
+        cur = torch.where(unknown, blk, NEVER).amin(1, keepdim=True)  # [B, 1]
+        gen_done = (rank >= 1) & (rank != UNKNOWN) & (blk < cur)  # generated, in finished blocks
+        ck = torch.where(rank >= 1, blk + 1, 0)
+        if cached:
+            # given tokens at step 0; a block the moment it is finished
+            prev_cur = torch.where(unknown | (rank == step), blk, NEVER).amin(1, keepdim=True)
+            new = ((rank == 0) & (step == 0)) | (gen_done & (blk >= prev_cur))
+        else:
+            new = (rank == 0) | gen_done
+        new = new & active
+        clean = (new, {"tokens": tokens, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
+        in_block = (blk == cur) & (rank != 0) & (rank >= 0)
+        noisy = (in_block, {"tokens": tokens, "pos": pos, "q_rank": cur.expand_as(blk) + 1, "q_group": blk,
+                            "k_group": blk, "out": torch.where(queries, pos, -1)})
+        s = pack(clean, noisy)
+        s.n_append = new.sum(1) if cached else None
+        return s
+
+
+@register("attention", "bidirectional")
+@dataclass(repr=False)
+class Bidirectional(AttentionRule):
+    """Bidirectional attention over ``x_t`` (MDM: MDLM, MD4, LLaDA). No exact cache:
+    decoding recomputes the whole sequence every step; the exact likelihood takes one
+    pass per set."""
+
+    name = "bidirectional"
+    cacheable = False
+
+    def _stream(self, tokens: Tensor, keep: Tensor, out: Tensor) -> Stream:
+        return pack((keep, {"tokens": tokens, "pos": _positions(tokens), "q_group": 0, "k_group": 0, "out": out}))
+
+    def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
+        d = dense(ranks)
+        pos = _positions(x)
+        for j in range(1, int(d.max()) + 1 if (d > 0).any() else 1):
+            xt = torch.where(d >= j, torch.full_like(x, mask_id), x)
+            yield self._stream(xt, ranks >= 0, torch.where(d == j, pos, -1))
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+        keep = (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)
+        return self._stream(tokens, keep, torch.where(queries, _positions(tokens), -1))

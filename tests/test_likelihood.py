@@ -1,0 +1,137 @@
+"""The common likelihood: normalisation, AR identity, cache identity, rule masks."""
+
+import itertools
+
+import pytest
+import torch
+
+from orderlab.decode import score_order
+from orderlab.kernels import visible
+from orderlab.likelihood import log_likelihood
+from orderlab.model import Transformer
+from orderlab.ranks import NEVER, RanksError
+from orderlab.rules import Stream, pack
+
+RULES = ["set_causal", {"name": "block_causal", "block_size": 2}, "bidirectional"]
+
+
+def tiny(rule, vocab=3, length=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(vocab, length, rule, d_model=16, n_layers=2, n_heads=2, **kw).eval()
+
+
+def random_ranks(gen, length, rule, n_targets=3):
+    """Random ranks with multi-token sets over the first ``n_targets`` non-given positions."""
+    while True:
+        r = torch.zeros(length, dtype=torch.long)
+        r[-1] = -1  # one padding position
+        targets = torch.randperm(length - 1, generator=gen)[:n_targets].sort().values
+        sets = torch.randint(1, 3, (n_targets,), generator=gen)  # ties -> multi-token sets
+        if isinstance(rule, dict):  # block-causal needs block-monotone ranks
+            sets = (targets // rule["block_size"]) * 2 + sets
+        r[targets] = sets
+        if (sets[:, None] == sets[None, :]).sum() > n_targets:  # at least one set of size >= 2
+            return r, targets
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_normalisation_by_enumeration(rule, seed):
+    """Σ over all fillings of the targets of exp(log p(x | ranks)) is 1 (no leak of a target)."""
+    gen = torch.Generator().manual_seed(seed)
+    V, L = 3, 7
+    model = tiny(rule, vocab=V, length=L, seed=seed)
+    ranks, targets = random_ranks(gen, L, rule)
+    base = torch.randint(0, V, (L,), generator=gen)
+    fills = torch.tensor(list(itertools.product(range(V), repeat=len(targets))))  # [27, 3]
+    x = base.repeat(len(fills), 1)
+    x[:, targets] = fills
+    with torch.no_grad():
+        ll = log_likelihood(model, x, ranks.expand_as(x))
+    assert ll.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert (ll < 0).all()
+
+
+def test_ar_identity_chain_of_causal_conditionals():
+    """Ranks 1..L: one two-stream pass equals L separate forwards, each seeing only x_<i."""
+    V, L = 5, 6
+    model = tiny("set_causal", vocab=V, length=L)
+    x = torch.randint(0, V, (2, L))
+    ranks = torch.arange(1, L + 1).expand(2, L)
+    with torch.no_grad():
+        one_pass = log_likelihood(model, x, ranks)
+        chain = torch.zeros(2)
+        for i in range(L):
+            # prefix x_<i, causal among itself (token j sees tokens <= j), and one query at i
+            pos = torch.arange(L).expand(2, L)
+            prefix = pos < i
+            s = pack(
+                (prefix, {"tokens": x, "pos": pos, "k_rank": pos, "q_rank": pos + 1}),
+                (pos == i, {"tokens": model.mask_id, "pos": pos, "q_rank": i, "q_group": 0, "k_group": 0, "out": pos}),
+            )
+            logp = torch.log_softmax(model(s), -1)[:, -1]  # the query is last
+            chain += logp.gather(1, x[:, i : i + 1])[:, 0]
+    torch.testing.assert_close(one_pass, chain)
+
+
+def test_set_causal_mask_pattern():
+    """Clean->clean causal in rank (inclusive), query->clean strictly earlier, query->query itself."""
+    model = tiny("set_causal", length=4)
+    x = torch.tensor([[0, 1, 2, 1]])
+    ranks = torch.tensor([[0, 2, 1, 2]])
+    (s,) = model.rule.passes(x, ranks, model.mask_id)
+    vis = visible(s.q_rank, s.k_rank, s.q_group, s.k_group)[0].int()
+    # stream: clean 0..3 (ranks 0,2,1,2), then queries of positions 1,2,3 (ranks 2,1,2)
+    want = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 1, 0, 0],
+        [1, 0, 0, 0, 0, 1, 0],
+        [1, 0, 1, 0, 0, 0, 1],
+    ])
+    assert torch.equal(vis, want)
+
+
+@pytest.mark.parametrize("rule", ["set_causal", {"name": "block_causal", "block_size": 3}, "bidirectional"], ids=str)
+@pytest.mark.parametrize("cache", [True, False])
+def test_incremental_equals_one_pass(rule, cache):
+    """Step-by-step (KV cache appended after every set) equals the one-pass likelihood."""
+    torch.manual_seed(3)
+    model = tiny(rule, vocab=5, length=12)
+    x = torch.randint(0, 5, (3, 12))
+    ranks = torch.tensor([
+        [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, -1, -1],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        [0, 0, 0, 2, 1, 1, 3, 3, 4, 5, 5, 6],
+    ])
+    with torch.no_grad():
+        torch.testing.assert_close(score_order(model, x, ranks, cache=cache), log_likelihood(model, x, ranks))
+
+
+def test_padding_does_not_change_a_row():
+    model = tiny("set_causal", vocab=5, length=8)
+    x = torch.randint(0, 5, (1, 6))
+    ranks = torch.tensor([[0, 2, 1, 3, 3, 4]])
+    xp = torch.cat([x, torch.zeros(1, 2, dtype=torch.long)], 1)
+    rp = torch.cat([ranks, torch.full((1, 2), -1)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(log_likelihood(model, x, ranks), log_likelihood(model, xp, rp))
+
+
+def test_bad_inputs_name_the_problem():
+    model = tiny({"name": "block_causal", "block_size": 2}, vocab=3, length=4)
+    with pytest.raises(RanksError, match="block-monotone"):
+        log_likelihood(model, torch.zeros(1, 4, dtype=torch.long), torch.tensor([[2, 1, 1, 0]]).flip(1))
+    with pytest.raises(RanksError, match="vocab_size=3"):
+        log_likelihood(model, torch.tensor([[0, 3, 0, 0]]), torch.tensor([[0, 1, 2, 2]]))
+    with pytest.raises(RanksError, match="shape"):
+        log_likelihood(model, torch.zeros(1, 4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+def test_stream_padding_slots_are_invisible():
+    s = pack((torch.tensor([[True, False], [True, True]]), {"tokens": 5}))
+    assert s.tokens.tolist() == [[5, 0], [5, 5]]
+    assert s.k_rank[0, 1] == NEVER and s.q_rank[0, 1] == 0 and s.q_group[0, 1] == -1
+    assert isinstance(s, Stream)
