@@ -2,9 +2,30 @@
 
 The rule (DESIGN.md section 4): key ``j`` is visible to query ``i`` iff
 ``k_rank[j] < q_rank[i]`` or ``(q_group[i] >= 0 and k_group[j] == q_group[i])``.
-CPU tensors run the PyTorch reference; CUDA tensors run Triton when it is available.
+CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference; ``backend=``,
+``use_backend(...)`` or ``ORDERLAB_KERNELS`` override that (``kernels/dispatch.py``).
 """
 
-from .attention import append_kv, append_kv_reference, set_attention, set_attention_reference, visible
+from .attention import (
+    set_attention,
+    set_attention_reference,
+    set_attention_triton,
+    tile_lists,
+    tile_stats,
+    visible,
+)
+from .cache import append_kv, append_kv_reference, append_kv_triton
+from .dispatch import use_backend
 
-__all__ = ["set_attention", "set_attention_reference", "visible", "append_kv", "append_kv_reference"]
+__all__ = [
+    "set_attention",
+    "set_attention_reference",
+    "set_attention_triton",
+    "visible",
+    "tile_stats",
+    "tile_lists",
+    "append_kv",
+    "append_kv_reference",
+    "append_kv_triton",
+    "use_backend",
+]
