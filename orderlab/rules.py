@@ -197,13 +197,21 @@ class BlockCausal(AttentionRule):
         first = torch.full((x.shape[0], int(blk.max()) + 1), NEVER, dtype=torch.long, device=x.device)
         first = first.scatter_reduce(1, blk, torch.where(gen, d, NEVER).long(), "amin")
         w = torch.where(gen, d - first.gather(1, blk) + 1, 0)  # 1.. inside each block
+        for j in range(1, int(w.max()) + 1 if gen.any() else 1):
+            xt = torch.where(w < j, x, torch.full_like(x, mask_id))
+            yield self.noisy_stream(x, xt, ranks, w == j)
+
+    def noisy_stream(self, x: Tensor, xt: Tensor, ranks: Tensor, targets: Tensor) -> Stream:
+        """BD3-LM training input ``[x_0, x_t]``: clean blocks (block-causal) and the noisy
+        copy ``xt`` of every block (bidirectional inside a block, sees earlier clean blocks).
+        ``targets`` Bool[B, L]: positions whose prediction is read."""
+        pos, blk = _positions(x), self._block(x)
+        gen = ranks >= 1
         ck = torch.where(gen, blk + 1, ranks.clamp(max=0))
         clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
-        for j in range(1, int(w.max()) + 1 if gen.any() else 1):
-            noisy_tok = torch.where(w < j, x, torch.full_like(x, mask_id))
-            noisy = (gen, {"tokens": noisy_tok, "pos": pos, "q_rank": blk + 1, "q_group": blk, "k_group": blk,
-                           "out": torch.where(w == j, pos, -1)})
-            yield pack(clean, noisy)
+        noisy = (gen, {"tokens": xt, "pos": pos, "q_rank": blk + 1, "q_group": blk, "k_group": blk,
+                       "out": torch.where(targets & gen, pos, -1)})
+        return pack(clean, noisy)
 
     def candidates(self, unknown: Tensor) -> Tensor:
         blk = self._block(unknown)
@@ -243,16 +251,17 @@ class Bidirectional(AttentionRule):
     name = "bidirectional"
     cacheable = False
 
-    def _stream(self, tokens: Tensor, keep: Tensor, out: Tensor) -> Stream:
-        return pack((keep, {"tokens": tokens, "pos": _positions(tokens), "q_group": 0, "k_group": 0, "out": out}))
+    def noisy_stream(self, xt: Tensor, keep: Tensor, targets: Tensor) -> Stream:
+        """The denoiser's input: ``xt`` at the ``keep`` positions, predictions read at ``targets``."""
+        pos = _positions(xt)
+        return pack((keep, {"tokens": xt, "pos": pos, "q_group": 0, "k_group": 0, "out": torch.where(targets, pos, -1)}))
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
         d = dense(ranks)
-        pos = _positions(x)
         for j in range(1, int(d.max()) + 1 if (d > 0).any() else 1):
             xt = torch.where(d >= j, torch.full_like(x, mask_id), x)
-            yield self._stream(xt, ranks >= 0, torch.where(d == j, pos, -1))
+            yield self.noisy_stream(xt, ranks >= 0, d == j)
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
         keep = (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)
-        return self._stream(tokens, keep, torch.where(queries, _positions(tokens), -1))
+        return self.noisy_stream(tokens, keep, queries)
