@@ -152,8 +152,12 @@ class Ranked(NamedTuple):
 
 
 def rank_candidates(score: Tensor, candidates: Tensor, step: int | Tensor = 0) -> Ranked:
-    """Sort each row's candidates by ``score``; non-candidates (and NaN scores) go last."""
-    s = torch.where(candidates, torch.nan_to_num(score, nan=-math.inf), torch.full_like(score, -math.inf))
+    """Sort each row's candidates by ``score``; non-candidates go last. NaN scores of
+    candidates are an error (a NaN would silently sort as the lowest score)."""
+    if (torch.isnan(score) & candidates).any():
+        b, i = (int(v) for v in (torch.isnan(score) & candidates).nonzero()[0])
+        raise PolicyError(f"score is NaN at candidate position [{b}, {i}] (score shape {tuple(score.shape)})")
+    s = torch.where(candidates, score, torch.full_like(score, -math.inf))
     o1 = s.argsort(dim=1, descending=True, stable=True)  # by score; stable = lower position on ties
     v1 = candidates.gather(1, o1)
     o2 = v1.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # candidates first

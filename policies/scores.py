@@ -155,7 +155,7 @@ class Gumbel(_Seeded):
 
     def __call__(self, view: StepView) -> Tensor:
         u = self._uniform(view).clamp(1e-300, 1.0)
-        return (-self.scale * torch.log(-torch.log(u).clamp_min(1e-300))).to(view.probs.dtype)
+        return (-self.scale * torch.log((-torch.log(u)).clamp_min(1e-300))).to(view.probs.dtype)
 
     def __repr__(self) -> str:
         return f"Gumbel({self.scale}, seed={self.seed})"

@@ -73,7 +73,7 @@ class PlackettLuce:
     def sample(logits: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Long[B, L]: a full PL order of each row's valid positions (invalid ones last)."""
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
-        g = -torch.log(-torch.log(u.clamp(1e-300, 1.0)).clamp_min(1e-300))
+        g = -torch.log((-torch.log(u.clamp(1e-300, 1.0))).clamp_min(1e-300))
         return rank_candidates(logits.double() + g, valid).order
 
     @staticmethod
