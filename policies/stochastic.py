@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Policy, PolicyError, StepView
+from .base import PolicyError, StepView
 from .compose import All, Composed, KFromSchedule, Ranked, TopK, rank_candidates, take_prefix
 from .scores import Score, Uniform, _Seeded, score_from
 from orderlab.registry import register

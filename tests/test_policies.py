@@ -12,7 +12,7 @@ import orderlab
 from orderlab import registry
 from orderlab.policies import (
     All, Block, Composed, Confidence, EntropyBound, Factor, First, Gumbel, KFromSchedule, Last, Margin, NegEntropy,
-    PCScore, PlackettLuce, Policy, PolicyError, PositionPrior, StepView, Threshold, TopK, Uniform, Window,
+    PCScore, PlackettLuce, Policy, PolicyError, PositionPrior, StepView, Threshold, TopK, Window,
 )
 
 V = 10
