@@ -54,29 +54,46 @@ class Windowed(Process):
     def loc(self, length: int, like: Tensor) -> Tensor:
         """Float ``[1, L]``: window starts ``loc_i = (1 - b)(1 - i/(L-1))``."""
         b, _ = self.params(length)
-        i = positions(length, like.to(torch.float64))  # [1, L] float64
-        frac = i / (length - 1) if length > 1 else torch.zeros_like(i)
-        return ((1.0 - b) * (1.0 - frac)).to(like.dtype)
+        return (self.end(length, like.to(torch.float64)) - b).to(like.dtype)
 
-    def _x(self, t: Any, length: int) -> tuple[Tensor, float, float]:
-        t = as_times(t)
+    def end(self, length: int, like: Tensor) -> Tensor:
+        """Float ``[1, L]``: window ends ``loc_i + b = 1 - (1-b) i/(L-1)`` (exactly 1 at ``i = 0``)."""
+        b, _ = self.params(length)
+        i = positions(length, like)  # [1, L]
+        frac = i / (length - 1) if length > 1 else torch.zeros_like(i)
+        return 1.0 - (1.0 - b) * frac
+
+    def _left(self, t: Any, length: int) -> tuple[Tensor, float, float]:
+        """``(1 - x_i) = (loc_i + b - t) / b`` in float64, ``b``, ``k``.
+
+        The window end is computed directly (not as ``loc_i + b``) so that it is exactly 1
+        at ``i = 0``: with ``k < 1``, ``(1 - x)^k`` would turn a rounding error of 1e-8 in
+        ``1 - x`` into an ``α(1)`` of 1e-3.
+        """
+        t = as_times(t).to(torch.float64)
         b, k = self.params(length)
-        return (t - self.loc(length, t)) / b, b, k  # [B, L]
+        return (self.end(length, t) - t) / b, b, k  # [B, L]
 
     def alpha(self, t: Any, length: int) -> Tensor:  # noqa: D102
-        x, _, k = self._x(t, length)
-        return (1.0 - x.clamp(0.0, 1.0)) ** k
+        y, _, k = self._left(t, length)
+        return (y.clamp(0.0, 1.0) ** k).to(_dtype(t))
 
     def dalpha(self, t: Any, length: int) -> Tensor:  # noqa: D102
-        x, b, k = self._x(t, length)
-        inside = (x > 0) & (x < 1)
-        xs = torch.where(inside, x, torch.zeros_like(x))  # keep 0^(k-1) = inf out of the graph
-        return torch.where(inside, -(k / b) * (1.0 - xs) ** (k - 1.0), torch.zeros_like(x))
+        y, b, k = self._left(t, length)
+        inside = (y > 0) & (y < 1)
+        ys = torch.where(inside, y, torch.ones_like(y))  # keep 0^(k-1) = inf out of the graph
+        return torch.where(inside, -(k / b) * ys ** (k - 1.0), torch.zeros_like(y)).to(_dtype(t))
 
     def inverse_alpha(self, u: Tensor, length: int) -> Tensor:  # noqa: D102
+        # T = loc + b (1 - u^{1/k}) = (loc + b) - b u^{1/k}; the end form is exact at i = 0
         u = u.to(torch.float64)
         b, k = self.params(length)
-        return self.loc(length, u) + b * (1.0 - u ** (1.0 / k))  # [B, L]
+        return self.end(length, u) - b * u ** (1.0 / k)  # [B, L]
+
+
+def _dtype(t: Any) -> torch.dtype:
+    """The float dtype results are returned in: ``t``'s if a float tensor, else the default."""
+    return t.dtype if isinstance(t, Tensor) and t.is_floating_point() else torch.get_default_dtype()
 
 
 @register("process", "staggered")
