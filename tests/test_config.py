@@ -1,0 +1,177 @@
+"""orderlab.load: YAML + overrides, every key checked before anything is built."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import orderlab
+from orderlab import registry
+from orderlab.config import Experiment, load, policy_label
+from orderlab.registry import ConfigError
+
+TINY = textwrap.dedent(
+    """
+    task: {name: addition, digits: 2}
+    model: {name: transformer, d_model: 16, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
+    objective: {name: set_nll, process: {name: staggered, d: 2}}
+    policy: {name: l2r}
+    train: {steps: 5, batch_size: 8, lr: 1.0e-3, warmup: 1, ema: null, seed: 0}
+    evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 8, batch_size: 8}
+    run: {dir: runs}
+    """
+)
+
+
+class CountingTask:
+    """A stand-in task that counts its constructions (to see nothing is built on error)."""
+
+    built = 0
+
+    def __init__(self, digits: int = 2):
+        type(self).built += 1
+        self.inner = registry.build("task", {"name": "addition", "digits": digits})
+        self.vocab_size, self.seq_len = self.inner.vocab_size, self.inner.seq_len
+
+    def token_freqs(self):
+        return self.inner.token_freqs()
+
+
+registry.register("task", "test_counting")(CountingTask)
+
+
+@pytest.fixture
+def yaml_path(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    return p
+
+
+def test_load_builds_everything(yaml_path, tmp_path):
+    state = torch.get_rng_state()
+    exp = load(yaml_path, [f"run.dir={tmp_path / 'out'}", "train.steps=7", "evaluate.n=16"])
+    assert isinstance(exp, Experiment) and orderlab.load is load
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert not (tmp_path / "out").exists()  # side-effect free
+    assert exp.run_dir == tmp_path / "out" / "tiny"
+    assert exp.model.vocab_size == exp.task.vocab_size and exp.model.mask_id == exp.task.vocab_size
+    assert exp.model.config.max_len == exp.task.seq_len and exp.model.config.d_model == 16
+    assert type(exp.process).__name__ == "Staggered" and exp.process is exp.objective.process
+    assert exp.train.steps == 7 and exp.evaluate.n == 16 and exp.train.lr == 1e-3
+    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)"]
+    # defaults are filled into the resolved config
+    assert exp.config.train.clip == 1.0 and exp.config.evaluate.cache is True and exp.config.run.name is None
+    assert exp.config.train.steps == 7
+
+
+def test_init_is_seeded(yaml_path):
+    a, b = load(yaml_path), load(yaml_path)
+    c = load(yaml_path, ["train.seed=1"])
+    pa, pb, pc = (next(e.model.parameters()) for e in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_mapping_source_and_default_policies():
+    cfg = {
+        "task": "addition",
+        "model": {"name": "transformer", "d_model": 16, "n_layers": 1, "n_heads": 2},
+        "objective": {"name": "set_nll", "process": "linear"},
+        "policy": {"name": "threshold", "tau": 0.5},
+    }
+    exp = load(cfg, ["run.name=abc"])
+    assert list(exp.policies) == ["threshold(tau=0.5)"] and exp.policies["threshold(tau=0.5)"] is exp.policy
+    assert str(exp.run_dir).endswith("runs/abc")
+
+
+@pytest.mark.parametrize(
+    "override, path, message",
+    [
+        ("trian.steps=3", "trian", "did you mean 'train'"),
+        ("train.lrr=1", "train.lrr", "did you mean 'lr'"),
+        ("train.steps=abc", "train.steps", "must be int"),
+        ("train.lr=fast", "train.lr", "must be float"),
+        ("train.ema=2.0", "train.ema", r"in \(0, 1\)"),
+        ("evaluate.nn=3", "evaluate.nn", "did you mean 'n'"),
+        ("evaluate.policies=l2r", "evaluate.policies", "list"),
+        ("run.dirr=x", "run.dir", "did you mean 'dir'"),
+        ("policy.tau=0.9", "policy.tau", "unknown key"),
+        ("policy.name=threshhold", "policy.name", "did you mean 'threshold'"),
+        ("model.d_modl=8", "model.d_modl", "did you mean 'd_model'"),
+        ("model.attention.name=bidir", "model.attention.name", "unknown attention"),
+        ("objective.process.dd=2", "objective.process.dd", "did you mean 'd'"),
+        ("objective.process.d=fast", "objective.process.d", "must be float"),
+        ("task.digits=2.5", "task.digits", "must be int"),
+        ("task.name=additon", "task.name", "did you mean 'addition'"),
+    ],
+)
+def test_errors_name_the_key_path(yaml_path, override, path, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load(yaml_path, [override])
+    assert info.value.path.startswith(path)
+
+
+def test_error_in_a_late_section_is_found_before_building(yaml_path):
+    CountingTask.built = 0
+    text = TINY.replace("name: addition, digits: 2", "name: test_counting, digits: 2")
+    text = text.replace("{name: threshold, tau: 0.9}", "{name: threshold, tua: 0.9}")
+    yaml_path.write_text(text)
+    with pytest.raises(ConfigError, match=r"did you mean 'tau'") as info:
+        load(yaml_path)
+    assert info.value.path == "evaluate.policies[1].tua"
+    assert CountingTask.built == 0
+    load(yaml_path, ["evaluate.policies=[l2r]"])
+    assert CountingTask.built == 1
+
+
+def test_missing_file_section_and_bad_override(yaml_path, tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+    yaml_path.write_text(TINY.replace("policy: {name: l2r}", ""))
+    with pytest.raises(ConfigError, match="missing section") as info:
+        load(yaml_path)
+    assert info.value.path == "policy"
+    with pytest.raises(ConfigError, match="key=value"):
+        load(yaml_path, ["policy"])
+
+
+def test_token_freqs_injected(yaml_path, monkeypatch):
+    from orderlab.tasks.addition import Addition
+
+    freqs = torch.full((13,), 1 / 13)
+    monkeypatch.setattr(Addition, "token_freqs", lambda self: freqs)
+    seen = {}
+
+    class Spy:
+        def __init__(self, token_freqs=None, lam: float = 0.5):
+            seen["freqs"] = token_freqs
+
+    registry.register("policy", "test_spy")(Spy)
+    exp = load(yaml_path, ["evaluate.policies=[l2r,{name: test_spy, lam: 0.1}]"])
+    assert seen["freqs"] is freqs and list(exp.policies) == ["l2r", "test_spy(lam=0.1)"]
+    with pytest.raises(ConfigError, match="must be float") as info:
+        load(yaml_path, ["evaluate.policies=[{name: test_spy, lam: x}]"])
+    assert info.value.path == "evaluate.policies[0].lam"
+
+
+def test_policy_labels():
+    assert policy_label("l2r") == "l2r"
+    assert policy_label({"name": "threshold", "tau": 0.9}) == "threshold(tau=0.9)"
+    assert policy_label({"_target_": "mymod.MyPolicy", "k": 2}) == "MyPolicy(k=2)"
+    assert policy_label({"name": "eb", "proxy": {"name": "entropy"}}) == "eb(proxy=entropy)"
+
+
+def test_restore_loads_checkpoint_weights(yaml_path, tmp_path):
+    from orderlab.train import train
+
+    exp = load(yaml_path, [f"run.dir={tmp_path}", "train.ema=0.5", "train.valid_n=0"])
+    train(exp.model, exp.objective, exp.task, exp.train, exp.run_dir, progress=False)
+    trained = {k: v.clone() for k, v in exp.model.state_dict().items()}
+    fresh = load(yaml_path, [f"run.dir={tmp_path}", "train.ema=0.5"])
+    assert fresh.restore(ema=False) == 5
+    assert all(torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
+    fresh.restore()  # the EMA weights differ from the raw ones
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
+    with pytest.raises(FileNotFoundError):
+        fresh.restore(tmp_path / "missing.pt")
