@@ -255,6 +255,17 @@ def _mm(a, b, F32_DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _rtne(x, EMULATE: tl.constexpr):
+    """fp32 ``x`` rounded to the nearest bf16 value (kept in fp32). GPUs round to nearest
+    even on ``.to(tl.bfloat16)``; Triton's CPU interpreter truncates, which biases sums."""
+    if EMULATE:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _visible(qr, qg, kr_ptr, kg_ptr, offs_n, k_end, HAS_GROUP: tl.constexpr):
     """Bool [BLOCK_M, BLOCK_N] of the rule for one mixed tile."""
     live = offs_n < k_end
@@ -272,7 +283,7 @@ def _fwd_tiles(
     k_base, v_base, kr_ptr, kg_ptr, idx_ptr, num,
     stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     for t in range(0, num):
@@ -292,7 +303,7 @@ def _fwd_tiles(
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT, PREC)
+        acc = acc * alpha[:, None] + _mm(_rtne(p, RTNE).to(v.dtype), v, F32_DOT, PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -307,7 +318,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, nQ, nK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -334,16 +345,16 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, qr, qg, k_base, v_base, kr_ptr, kg_ptr, FULL_IDX + row * nK, tl.load(FULL_NUM + row),
         stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
-        D, BLOCK_D, BLOCK_N, False, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_N, False, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, qr, qg, k_base, v_base, kr_ptr, kg_ptr, MIX_IDX + row * nK, tl.load(MIX_NUM + row),
         stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
-        D, BLOCK_D, BLOCK_N, True, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_N, True, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no visible key: acc = 0 -> o = 0
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, _rtne(o, RTNE).to(O.dtype.element_ty), mask=q_mask)
     # log-sum-exp in log2 units; +inf for empty rows makes exp2(s - lse) = 0 in the backward
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("inf"))
     tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
@@ -355,7 +366,7 @@ def _bwd_dq_tiles(
     k_base, v_base, kr_ptr, kg_ptr, idx_ptr, num,
     stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     for t in range(0, num):
@@ -372,7 +383,7 @@ def _bwd_dq_tiles(
             p = tl.where(vis, p, 0.0)
         dp = _mm(do, tl.trans(v), F32_DOT, PREC)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, F32_DOT, PREC)
+        dq += _mm(_rtne(ds, RTNE).to(k.dtype), k, F32_DOT, PREC)
     return dq
 
 
@@ -387,7 +398,7 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Lq, Lk, nQ, nK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -414,15 +425,15 @@ def _bwd_dq_kernel(
     dq = _bwd_dq_tiles(
         dq, q, do, lse, delta, qr, qg, k_base, v_base, kr_ptr, kg_ptr, FULL_IDX + row * nK, tl.load(FULL_NUM + row),
         stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
-        D, BLOCK_D, BLOCK_N, False, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_N, False, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     dq = _bwd_dq_tiles(
         dq, q, do, lse, delta, qr, qg, k_base, v_base, kr_ptr, kg_ptr, MIX_IDX + row * nK, tl.load(MIX_NUM + row),
         stride_kn, stride_kd, stride_vn, stride_vd, Lk, k_end, qk_scale,
-        D, BLOCK_D, BLOCK_N, True, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_N, True, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, _rtne(dq, RTNE).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -431,7 +442,7 @@ def _bwd_dkdv_tiles(
     q_base, do_base, lse_ptr, delta_ptr, qr_ptr, qg_ptr, idx_ptr, num,
     stride_qm, stride_qd, stride_dom, stride_dod, Lq, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     for t in range(0, num):
@@ -453,10 +464,10 @@ def _bwd_dkdv_tiles(
                 visT = visT | ((qg[None, :] >= 0) & (kg[:, None] == qg[None, :]))
             visT = visT & k_live[:, None]
             pT = tl.where(visT, pT, 0.0)
-        dv += _mm(pT.to(do.dtype), do, F32_DOT, PREC)
+        dv += _mm(_rtne(pT, RTNE).to(do.dtype), do, F32_DOT, PREC)
         dpT = _mm(v, tl.trans(do), F32_DOT, PREC)  # [BN, BM]
         dsT = pT * (dpT - delta[None, :])
-        dk += _mm(dsT.to(q.dtype), q, F32_DOT, PREC)
+        dk += _mm(_rtne(dsT, RTNE).to(q.dtype), q, F32_DOT, PREC)
     return dk, dv
 
 
@@ -472,7 +483,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Lq, Lk, nQ, nK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_GROUP: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr, RTNE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -499,17 +510,17 @@ def _bwd_dkdv_kernel(
         dk, dv, k, v, offs_n, k_live, kr, kg, q_base, do_base, LSE + pid_bh * Lq, DELTA + pid_bh * Lq,
         QR + b * Lq, QG + b * Lq, FULL_IDX + row * nQ, tl.load(FULL_NUM + row),
         stride_qm, stride_qd, stride_dom, stride_dod, Lq, qk_scale,
-        D, BLOCK_D, BLOCK_M, False, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_M, False, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     dk, dv = _bwd_dkdv_tiles(
         dk, dv, k, v, offs_n, k_live, kr, kg, q_base, do_base, LSE + pid_bh * Lq, DELTA + pid_bh * Lq,
         QR + b * Lq, QG + b * Lq, MIX_IDX + row * nQ, tl.load(MIX_NUM + row),
         stride_qm, stride_qd, stride_dom, stride_dod, Lq, qk_scale,
-        D, BLOCK_D, BLOCK_M, True, HAS_GROUP, F32_DOT, PREC,
+        D, BLOCK_D, BLOCK_M, True, HAS_GROUP, F32_DOT, PREC, RTNE,
     )
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, _rtne(dk, RTNE).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, _rtne(dv, RTNE).to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -555,6 +566,7 @@ def _precision(dtype: torch.dtype) -> dict:
     return {
         "F32_DOT": interpreting(),  # the interpreter's bf16 tl.dot is wrong; fp32 there is exact anyway
         "PREC": "ieee" if dtype == torch.float32 else "tf32",  # fp32 inputs: no silent TF32
+        "RTNE": interpreting() and dtype == torch.bfloat16,
     }
 
 
