@@ -549,16 +549,22 @@ def _launch_check(q, k, v, q_rank, k_rank, q_group, k_group, k_len, block_m, blo
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
 
 
+def _int32(t: Tensor) -> Tensor:
+    if t.dtype != torch.int32:
+        t = t.clamp(_INT_MIN, _INT_MAX).to(torch.int32)
+    return t.contiguous()
+
+
 def _prep(q, k, q_rank, k_rank, q_group, k_group, k_len, block_m, block_n):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    qr = q_rank.to(torch.int32).contiguous()
-    kr = k_rank.to(torch.int32).contiguous()
+    # the kernels compare int32; clamping keeps the order of anything int64 callers pass
+    qr, kr = (_int32(t) for t in (q_rank, k_rank))
     has_group = q_group is not None
-    qg = q_group.to(torch.int32).contiguous() if has_group else qr
-    kg = k_group.to(torch.int32).contiguous() if has_group else kr
+    qg = _int32(q_group) if has_group else qr
+    kg = _int32(k_group) if has_group else kr
     k_end = _k_end(k_len, B, Lk, q.device)
-    tiles = TileLists(*tile_classes(qr, kr, q_group, k_group, k_end, block_m, block_n), block_m, block_n)
+    tiles = TileLists(*tile_classes(qr, kr, qg if has_group else None, kg if has_group else None, k_end, block_m, block_n), block_m, block_n)
     return qr, kr, qg, kg, k_end, has_group, tiles
 
 
@@ -677,7 +683,8 @@ def set_attention(
 
     ``backend``: ``"triton"``, ``"reference"`` or None (see ``orderlab.kernels.dispatch``).
     """
-    if resolve_backend(backend, q.device) == "triton":
+    supported = q.dtype in _DTYPES and q.shape[-1] <= 256
+    if resolve_backend(backend, q.device, supported) == "triton":
         return set_attention_triton(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
     return set_attention_reference(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
 

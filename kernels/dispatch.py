@@ -50,15 +50,19 @@ def use_backend(name: str | None) -> Iterator[None]:
         _override.reset(token)
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend a call on tensors living on ``device`` runs, following the precedence above."""
+def resolve_backend(backend: str | None, device: torch.device, supported: bool = True) -> str:
+    """The backend a call on tensors living on ``device`` runs, following the precedence above.
+
+    ``supported=False`` (e.g. float64 inputs) makes the *automatic* choice the reference; an
+    explicit request for Triton still returns ``"triton"`` (and its launcher says why not).
+    """
     name = (
         _normalise(backend, "backend=")
         or _override.get()
         or _normalise(os.environ.get("ORDERLAB_KERNELS"), "ORDERLAB_KERNELS")
     )
     if name is None:
-        return "triton" if device.type == "cuda" else "reference"
+        return "triton" if device.type == "cuda" and supported else "reference"
     if name == "triton" and device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"the Triton backend needs CUDA tensors (got {device.type}); to run the kernels on CPU, "

@@ -365,6 +365,8 @@ def test_dispatch_rules(monkeypatch):
     assert resolve_backend(None, torch.device("cuda")) == "triton"
     assert resolve_backend(None, cpu) == "reference"
     assert resolve_backend("reference", torch.device("cuda")) == "reference"
+    assert resolve_backend(None, torch.device("cuda"), supported=False) == "reference"  # e.g. float64
+    assert resolve_backend("triton", torch.device("cuda"), supported=False) == "triton"
     with use_backend("reference"):
         assert resolve_backend(None, torch.device("cuda")) == "reference"
         assert resolve_backend("triton", torch.device("cuda")) == "triton"  # keyword wins
