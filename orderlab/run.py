@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the run folder's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come after the flags
     try:
         exp = load(args.config, args.overrides)
     except ConfigError as e:

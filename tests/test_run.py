@@ -28,7 +28,8 @@ TINY = textwrap.dedent(
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
+    # one thread: tiny ops on a busy machine run faster without OpenMP spinning
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "orderlab.run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
