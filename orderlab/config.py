@@ -178,6 +178,8 @@ def check_component(kind: str, spec: Any, path: str, **inject: Any) -> Any:
         sub = registry._kind_of_annotation(hints[key]) if key in hints else None
         if sub is not None and registry._is_spec(value):
             check_component(sub, value, f"{path}.{key}")
+        elif sub is not None and isinstance(value, str):  # a nested component by name
+            registry.lookup(sub, value, f"{path}.{key}")
     return cls
 
 

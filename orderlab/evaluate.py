@@ -97,7 +97,6 @@ def evaluate(
     model.eval()
     tokens, ranks = task.batch(n, split="test", seed=seed)
     tokens, ranks = tokens.to(device), ranks.to(device)
-    gen = ranks >= 1  # [n, L]
     rows = []
     try:
         for label, policy in policies.items():
@@ -110,12 +109,13 @@ def evaluate(
                 _sync(device)
                 t0 = time.perf_counter()
                 out = decode(model, policy, masked, r, cache=cache, temperature=temperature, seed=seed + j,
-                             eos_id=task.eos_id)
+                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
                 _sync(device)
                 wall += time.perf_counter() - t0
                 scores.append(task.score(out.tokens, x, r).float().cpu())
                 nfes.append(out.nfe.cpu())
-                n_gen.append(gen[start : start + batch_size].sum(1).cpu())
+                revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
+                n_gen.append(revealed.cpu())  # < the positions to generate when EOS cut a row short
                 if first_ranks is None:
                     first_ranks = out.ranks.cpu()
             score, nfe, ngen = torch.cat(scores), torch.cat(nfes), torch.cat(n_gen)

@@ -102,6 +102,7 @@ def test_mapping_source_and_default_policies():
         ("model.attention.name=bidir", "model.attention.name", "unknown attention"),
         ("objective.process.dd=2", "objective.process.dd", "did you mean 'd'"),
         ("objective.process.d=fast", "objective.process.d", "must be float"),
+        ("objective.process=lineer", "objective.process", "did you mean 'linear'"),
         ("task.digits=2.5", "task.digits", "must be int"),
         ("task.name=additon", "task.name", "did you mean 'addition'"),
     ],

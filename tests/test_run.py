@@ -131,3 +131,24 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert results["status"] == "completed" and results["train"]["start_step"] == 5
     assert torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)["step"] == 10
+
+
+def test_evaluate_rows_cache_exact_and_l2r_ranks():
+    from orderlab.config import load
+    from orderlab.evaluate import evaluate, l2r_ranks
+
+    exp = load(_tiny_dict())
+    pols = {"l2r": exp.policy, "thr": exp.policies["threshold(tau=0.9)"]}
+    a = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=True)
+    b = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)  # the set-causal KV cache is exact
+    assert [r["n"] for r in a] == [12, 12] and a[0]["nfe_hist"] == {"nfe": [3], "count": [12]}
+    r = torch.tensor([[0, 1, 1, -1, 1], [0, 0, 1, 1, -1]])
+    assert l2r_ranks(r).tolist() == [[0, 1, 2, -1, 3], [0, 0, 1, 2, -1]]
+
+
+def _tiny_dict():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(TINY))
