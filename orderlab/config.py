@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +294,3 @@ def load(
         device=device,
     )
 
-
-def settings_keys(section: str) -> list[str]:
-    """The valid keys of a settings section (``train``, ``evaluate``, ``run``)."""
-    return [f.name for f in fields(_SETTINGS[section])]

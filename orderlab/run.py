@@ -5,7 +5,9 @@ creates the run folder ``run.dir / (run.name or <yaml stem>)`` with ``config.yam
 (resolved, every default filled in), trains (``metrics.jsonl``, ``checkpoint.pt``) unless
 ``train.steps=0`` or ``--eval-only`` (then the folder's checkpoint is loaded if there is
 one), evaluates every policy (``results.json``, ``order_<policy>.png``) and prints a
-table. The same objects in Python: ``orderlab.load(path, overrides)``.
+table. Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
+"interrupted" and exits with status 130. The same objects in Python:
+``orderlab.load(path, overrides)``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _console(stderr=True).print(f"[bold red]config error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    results = execute(exp, eval_only=args.eval_only, progress=not args.no_progress)
+    try:
+        results = execute(exp, eval_only=args.eval_only, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        _console(stderr=True).print(
+            f"interrupted: {exp.run_dir} keeps the last checkpoint and metrics (continue with train.resume=true)",
+            highlight=False, soft_wrap=True)
+        return 130
     _table(exp, results)
     return 0
 
