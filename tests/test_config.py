@@ -39,7 +39,13 @@ class CountingTask:
         return self.inner.token_freqs()
 
 
-registry.register("task", "test_counting")(CountingTask)
+@pytest.fixture
+def counting_task(monkeypatch):
+    """``test_counting`` registered for one test only (other tests iterate the registry)."""
+    registry.names("task")  # fill the table first
+    monkeypatch.setitem(registry._REGISTRY["task"], "test_counting", CountingTask)
+    CountingTask.built = 0
+    return CountingTask
 
 
 @pytest.fixture
@@ -113,8 +119,7 @@ def test_errors_name_the_key_path(yaml_path, override, path, message):
     assert info.value.path.startswith(path)
 
 
-def test_error_in_a_late_section_is_found_before_building(yaml_path):
-    CountingTask.built = 0
+def test_error_in_a_late_section_is_found_before_building(yaml_path, counting_task):
     text = TINY.replace("name: addition, digits: 2", "name: test_counting, digits: 2")
     text = text.replace("{name: threshold, tau: 0.9}", "{name: threshold, tua: 0.9}")
     yaml_path.write_text(text)
@@ -148,7 +153,8 @@ def test_token_freqs_injected(yaml_path, monkeypatch):
         def __init__(self, token_freqs=None, lam: float = 0.5):
             seen["freqs"] = token_freqs
 
-    registry.register("policy", "test_spy")(Spy)
+    registry.names("policy")
+    monkeypatch.setitem(registry._REGISTRY["policy"], "test_spy", Spy)
     exp = load(yaml_path, ["evaluate.policies=[l2r,{name: test_spy, lam: 0.1}]"])
     assert seen["freqs"] is freqs and list(exp.policies) == ["l2r", "test_spy(lam=0.1)"]
     with pytest.raises(ConfigError, match="must be float") as info:
