@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from orderlab.cache import KVCache
 from orderlab.kernels import set_attention
-from orderlab.registry import build, register
+from orderlab.registry import ConfigError, build, register
 from orderlab.rules import AttentionRule, Stream
 
 __all__ = ["ModelConfig", "Transformer"]
@@ -37,12 +37,15 @@ class ModelConfig:
     rope_base: float = 10000.0
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding (Su et al. 2021) at logical positions. x ``[B, H, N, D]``, pos ``[B, N]``."""
-    D = x.shape[-1]
-    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)``, each ``[B, 1, N, D/2]``, of the rotary embedding at logical positions."""
+    inv = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # [D/2]
     ang = pos.float()[:, None, :, None] * inv  # [B, 1, N, D/2]
-    cos, sin = ang.cos(), ang.sin()
+    return ang.cos(), ang.sin()
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding (Su et al. 2021), x ``[B, H, N, D]`` rotated pairwise (even, odd)."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # [B, H, N, D]
     return out.to(x.dtype)
@@ -55,10 +58,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, s: Stream, cache: KVCache | None) -> Tensor:
+    def forward(self, h: Tensor, s: Stream, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
         B, N, C = h.shape
         q, k, v = self.qkv(h).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, D]
-        q, k = rope(q, s.pos, self.rope_base), rope(k, s.pos, self.rope_base)
+        q, k = rope(q, *rot), rope(k, *rot)
         if cache is None:
             o = set_attention(q, k, v, s.q_rank, s.k_rank, s.q_group, s.k_group)
         else:
@@ -80,8 +83,8 @@ class Block(nn.Module):
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False),
         )
 
-    def forward(self, h: Tensor, s: Stream, cache: KVCache | None) -> Tensor:
-        h = h + self.attn(self.norm1(h), s, cache)
+    def forward(self, h: Tensor, s: Stream, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
+        h = h + self.attn(self.norm1(h), s, cache, rot)
         return h + self.mlp(self.norm2(h))
 
 
@@ -98,7 +101,7 @@ class Transformer(nn.Module):
                  tie_embeddings: bool = True, rope_base: float = 10000.0):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ValueError(f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
+            raise ConfigError("model.n_heads", f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
         rule = build("attention", attention, path="model.attention")
         self.rule: AttentionRule = rule
         self.config = ModelConfig(vocab_size, max_len, rule.spec(), d_model, n_layers, n_heads, mlp_ratio,
@@ -130,8 +133,10 @@ class Transformer(nn.Module):
     def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
         """Logits ``[B, N, vocab_size]`` for every token of the stream."""
         h = self.embed(s.tokens)  # [B, N, C]
+        c = self.config
+        rot = rope_angles(s.pos, c.d_model // c.n_heads, c.rope_base)  # shared by all layers
         for block in self.blocks:
-            h = block(h, s, cache)
+            h = block(h, s, cache, rot)
         if cache is not None and s.n_append is not None:
             cache.commit(s.k_rank, s.k_group, s.n_append)
         return F.linear(self.norm(h), self.head_weight())
