@@ -163,24 +163,15 @@ def _needs(cls: Any, arg: str) -> bool:
 def check_component(kind: str, spec: Any, path: str, **inject: Any) -> Any:
     """Check a component spec (and its nested components) without building anything.
 
-    ``inject`` holds the arguments the builder will add (placeholders are fine: only the
-    key names and scalar types are checked). Returns the component class.
+    ``inject`` holds the arguments the builder will add; a policy that takes
+    ``token_freqs`` gets them from the task at build time. Returns the component class.
     """
     if not isinstance(spec, (str, Mapping)):
         raise ConfigError(path, f"expected a {kind} name or a mapping with 'name'/'_target_', got {type(spec).__name__}")
-    cls, args = registry._split_spec(kind, spec, path)
+    cls, args = registry.split(kind, spec, path)
     if _needs(cls, "token_freqs") and "token_freqs" not in args:
         inject = {**inject, "token_freqs": None}
-    args.update(inject)
-    registry.check(cls, args, path)
-    hints = registry._hints(cls)
-    for key, value in args.items():
-        sub = registry._kind_of_annotation(hints[key]) if key in hints else None
-        if sub is not None and registry._is_spec(value):
-            check_component(sub, value, f"{path}.{key}")
-        elif sub is not None and isinstance(value, str):  # a nested component by name
-            registry.lookup(sub, value, f"{path}.{key}")
-    return cls
+    return registry.check_spec(kind, spec, path, **inject)
 
 
 def _settings(section: str, values: Any) -> Any:
@@ -230,7 +221,7 @@ def policy_label(spec: Any) -> str:
 
 
 def _build_policy(spec: Any, path: str, task: Any, freqs: dict[str, Any]) -> Any:
-    cls, args = registry._split_spec("policy", spec, path)
+    cls, args = registry.split("policy", spec, path)
     extra = {}
     if _needs(cls, "token_freqs") and "token_freqs" not in args:
         if "value" not in freqs:

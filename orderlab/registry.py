@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "register", "register_kind", "lookup", "build", "check", "names"]
+__all__ = ["ConfigError", "register", "register_kind", "lookup", "build", "check", "check_spec", "split", "names"]
 
 
 class ConfigError(ValueError):
@@ -166,6 +166,31 @@ def _split_spec(kind: str, spec: Any, path: str) -> tuple[Callable[..., Any], di
     key = "_target_" if target is not None else "name"
     cls = lookup(kind, str(target if target is not None else name), f"{path}.{key}" if path else key)
     return cls, d
+
+
+def split(kind: str, spec: Any, path: str = "") -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``(class, arguments)`` of a name / dotted path / mapping spec, nothing built."""
+    return _split_spec(kind, spec, path or kind)
+
+
+def check_spec(kind: str, spec: Any, path: str = "", **inject: Any) -> Callable[..., Any]:
+    """Check a spec and its nested component specs recursively, building nothing.
+
+    ``inject`` holds arguments the builder will add (placeholders: only the key names
+    and scalar types are checked). Returns the component's class.
+    """
+    path = path or kind
+    if not isinstance(spec, str) and _as_dict(spec) is None:
+        raise ConfigError(path, f"expected a {kind} name or a mapping with 'name'/'_target_', got {type(spec).__name__}")
+    cls, args = _split_spec(kind, spec, path)
+    args.update(inject)
+    check(cls, args, path)
+    hints = _hints(cls)
+    for key, value in args.items():
+        sub = _kind_of_annotation(hints[key]) if key in hints else None
+        if sub is not None and (_is_spec(value) or isinstance(value, str)):
+            check_spec(sub, value, f"{path}.{key}")
+    return cls
 
 
 def _signature(cls: Callable[..., Any]) -> inspect.Signature:

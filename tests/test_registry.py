@@ -137,3 +137,16 @@ def test_omegaconf_specs(kind):
 
     g = build(kind, OmegaConf.create({"name": "gear", "teeth": 9}))
     assert g.teeth == 9
+
+
+def test_check_spec_recurses_into_nested_components_without_building():
+    from orderlab.registry import ConfigError, check_spec
+
+    cls = check_spec("objective", {"name": "set_nll", "process": {"name": "staggered", "d": 2}})
+    assert cls.__name__ == "SetNLL"
+    with pytest.raises(ConfigError, match=r"objective\.process\.dd: unknown key.*did you mean 'd'"):
+        check_spec("objective", {"name": "set_nll", "process": {"name": "staggered", "dd": 2}})
+    with pytest.raises(ConfigError, match=r"objective\.process: unknown process 'staggerd'.*did you mean 'staggered'"):
+        check_spec("objective", {"name": "set_nll", "process": "staggerd"})
+    with pytest.raises(ConfigError, match=r"policy\.process: missing required argument"):
+        check_spec("policy", "schedule")
