@@ -4,9 +4,11 @@
     python benchmarks/decode.py --length 64 --reps 1   # quick
 
 Same model, same inputs, same outputs (asserted): the ratios are measured in one run.
-The model is untrained (random weights): throughput does not depend on the weights,
-except through how many tokens a confidence policy reveals per step, so the policies
-used here reveal a fixed number per step (l2r: 1; `random` with K per step).
+The model is untrained (random weights, scaled up so that its predictions are peaked and
+greedy argmax ties, which float rounding could flip between the two paths, do not
+occur): throughput does not depend on the weights, except through how many tokens a
+confidence policy reveals per step, so the policies used here reveal a fixed number per
+step (l2r: 1; `random` with K per step).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main(argv=None):
     torch.manual_seed(0)
     L, V = args.length, 256
     model = Transformer(V, L, "set_causal", d_model=256, n_layers=4, n_heads=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
     x = torch.randint(0, V, (args.batch, L))
     r = torch.ones(args.batch, L, dtype=torch.long)
     r[:, : args.prompt] = 0
@@ -61,7 +66,8 @@ def main(argv=None):
                 t, out = run(model, spec, x[:B], r[:B], cache, args.reps)
                 rows[B, cache] = (t, out, B * gen / t)
             a, b = rows[B, True][1], rows[B, False][1]
-            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe), "cache changed the output"
+            same = (a.tokens == b.tokens).float().mean().item()
+            assert same == 1.0 and torch.equal(a.nfe, b.nfe), f"cache changed the output ({same:.2%} tokens equal)"
         for B in (1, args.batch):
             for cache in (False, True):
                 t, out, tps = rows[B, cache]
