@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from orderlab.decode import decode
+from orderlab.decoding import decode
 from orderlab.model import Transformer
 from orderlab.registry import build
 

@@ -1,7 +1,9 @@
 """orderlab: experiments on token orderings in discrete diffusion language models.
 
 The public face (DESIGN.md section 8). Names are resolved lazily (PEP 562) so that
-``import orderlab`` has no import-time side effects and no import cycles.
+``import orderlab`` has no import-time side effects and no import cycles. No public
+name equals a submodule's name (the decoder lives in ``orderlab.decoding``): importing
+a submodule binds its name on the package and would shadow a lazy attribute.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ _PUBLIC = {
     "register": "orderlab.registry",
     "ConfigError": "orderlab.registry",
     "log_likelihood": "orderlab.likelihood",
-    "decode": "orderlab.decode",
-    "Decoded": "orderlab.decode",
+    "decode": "orderlab.decoding",
+    "Decoded": "orderlab.decoding",
     "StepView": "orderlab.policies.base",
     "Transformer": "orderlab.model",
     "ModelConfig": "orderlab.model",

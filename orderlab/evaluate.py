@@ -90,7 +90,7 @@ def evaluate(
     decode seed of the ``j``-th batch is ``seed + j``. With ``out_dir``, the order of the
     first batch is saved as ``order_<policy>.png``.
     """
-    from orderlab.decode import decode
+    from orderlab.decoding import decode
 
     device = _device_of(model)
     was_training = model.training

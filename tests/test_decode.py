@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orderlab.decode import decode, sample_tokens
+from orderlab.decoding import decode, sample_tokens
 from orderlab.likelihood import log_likelihood
 from orderlab.model import Transformer
 from orderlab.registry import build

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from orderlab.decode import score_order
+from orderlab.decoding import score_order
 from orderlab.kernels import visible
 from orderlab.likelihood import log_likelihood
 from orderlab.model import Transformer

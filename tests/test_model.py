@@ -51,3 +51,13 @@ def test_training_stream_lets_the_kernel_skip_most_tiles():
     (s,) = m.rule.passes(x, ranks, m.mask_id)
     stats = tile_stats(s.q_rank, s.k_rank, s.q_group, s.k_group)
     assert stats["skip_fraction"] > 0.7, stats
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    import importlib
+
+    import orderlab
+
+    for name in orderlab.__all__:
+        importlib.import_module("orderlab.decoding")  # binds submodules on the package
+        assert not isinstance(getattr(orderlab, name), type(orderlab)), f"orderlab.{name} is a module"

@@ -89,7 +89,7 @@ def test_cli_config_error_exits_2(yaml_path, tmp_path):
         ("train.steps=many", "train.steps: must be int"),
         ("objective.process.name=staggerd", "objective.process.name: unknown process 'staggerd'; did you mean 'staggered'?"),
         ("evaluate.policies=[l2r,{name: treshold}]", "evaluate.policies[1].name: unknown policy 'treshold'"),
-        ("model.n_heads=3", "model: Transformer: d_model=32 must split"),
+        ("model.n_heads=3", "model.n_heads: d_model=32 must split"),
     ],
 )
 def test_config_errors_exit_2_with_the_key_path(yaml_path, tmp_path, capsys, override, needle):
