@@ -1,10 +1,15 @@
 """Exact KV cache for set-causal and block-causal decoding.
 
 Preallocated per-layer buffers ``[B, H, C, D]`` with a rank and a group per slot and a
-length per row (gpt-fast / torchtune style: buffers indexed by position tensors). Each
-decode step appends a variable-size set of clean tokens per row (their K/V in stream
-order, i.e. position order inside a set). Slots past a row's length have key rank
-``NEVER`` and group ``-1``: no query ever sees them.
+length per row (gpt-fast / torchtune style: buffers indexed by position tensors).
+
+One decode forward writes the K/V of *all* its tokens after each row's cached ones
+(``append_kv``) and attends over the buffer with per-row lengths (``set_attention``'s
+``k_len``: the ragged decode-attention kernel on GPU, no concatenation). Only the first
+``n_append[b]`` tokens (the clean tokens of the set revealed last step, in position
+order) are kept: ``commit`` advances the lengths past them, and the queries written after
+them are scratch that the next step overwrites. A row holds at most ``L`` cached tokens
+plus at most ``L`` tokens of one step, so a capacity of ``2 L`` always suffices.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from orderlab.kernels import append_kv
+from orderlab.kernels import append_kv, set_attention
 from orderlab.ranks import NEVER
 
 __all__ = ["KVCache"]
@@ -28,34 +33,35 @@ class KVCache:
         self.group = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
+        self._end: Tensor | None = None  # [B] end of this forward's tokens per row
+        self._n = 0  # buffer prefix that the attention reads this forward
 
     def __repr__(self) -> str:
         n_layers, B, H, C, D = self.k.shape
         return f"KVCache(layers={n_layers}, batch={B}, heads={H}, capacity={C}, head_dim={D}, used={self.length.tolist()})"
 
-    def keys(self, layer: int, k: Tensor, v: Tensor, k_rank: Tensor, k_group: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Keys of the cache (used slots) followed by the current tokens' keys."""
-        n = int(self.length.max())  # slice to the longest row: shorter rows' extra slots are invisible
-        return (
-            torch.cat([self.k[layer, :, :, :n], k], dim=2),  # [B, H, n + N, D]
-            torch.cat([self.v[layer, :, :, :n], v], dim=2),
-            torch.cat([self.rank[:, :n], k_rank], dim=1),  # [B, n + N]
-            torch.cat([self.group[:, :n], k_group], dim=1),
-        )
-
-    def write(self, layer: int, k: Tensor, v: Tensor, n_append: Tensor) -> None:
-        """Store the K/V of the first ``n_append[b]`` current tokens of each row."""
-        if int((self.length + n_append).max()) > self.capacity:
-            raise RuntimeError(f"KV cache overflow: lengths {self.length.tolist()} + {n_append.tolist()} > capacity {self.capacity}")
-        append_kv(self.k[layer], self.v[layer], k.to(self.k.dtype), v.to(self.v.dtype), self.length, n_append)
-
-    def commit(self, k_rank: Tensor, k_group: Tensor, n_append: Tensor) -> None:
-        """After all layers: record ranks/groups of the appended tokens and advance lengths."""
+    def begin(self, k_rank: Tensor, k_group: Tensor) -> None:
+        """Before layer 0: place this forward's ``N`` tokens (their key ranks/groups) after
+        each row's cached tokens."""
         B, N = k_rank.shape
-        j = torch.arange(N, device=k_rank.device)
-        valid = j[None, :] < n_append[:, None]  # [B, N]
-        rows = torch.arange(B, device=k_rank.device)[:, None].expand(B, N)[valid]
-        slots = (self.length[:, None] + j[None, :])[valid]
-        self.rank[rows, slots] = k_rank[valid]
-        self.group[rows, slots] = k_group[valid]
+        end = self.length + N
+        if int(end.max()) > self.capacity:
+            raise RuntimeError(f"KV cache overflow: lengths {self.length.tolist()} + {N} new tokens > capacity {self.capacity}")
+        slots = self.length[:, None] + torch.arange(N, device=k_rank.device)  # [B, N]
+        self.rank.scatter_(1, slots, k_rank)
+        self.group.scatter_(1, slots, k_group)
+        self._end, self._n = end, int(end.max())
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, q_rank: Tensor, q_group: Tensor) -> Tensor:
+        """Write this forward's K/V of ``layer`` and attend over cache + them: ``[B, H, N, D]``."""
+        N = k.shape[2]
+        append_kv(self.k[layer], self.v[layer], k.to(self.k.dtype), v.to(self.v.dtype), self.length,
+                  torch.full_like(self.length, N))
+        n = self._n
+        return set_attention(q, self.k[layer, :, :, :n], self.v[layer, :, :, :n], q_rank, self.rank[:, :n],
+                             q_group, self.group[:, :n], k_len=self._end).to(q.dtype)
+
+    def commit(self, n_append: Tensor) -> None:
+        """After the last layer: keep the first ``n_append[b]`` tokens of each row."""
         self.length += n_append
+        self._end, self._n = None, 0

@@ -65,10 +65,7 @@ class Attention(nn.Module):
         if cache is None:
             o = set_attention(q, k, v, s.q_rank, s.k_rank, s.q_group, s.k_group)
         else:
-            kk, vv, kr, kg = cache.keys(self.layer, k, v, s.k_rank, s.k_group)
-            o = set_attention(q, kk, vv, s.q_rank, kr, s.q_group, kg)
-            if s.n_append is not None:
-                cache.write(self.layer, k, v, s.n_append)
+            o = cache.attend(self.layer, q, k, v, s.q_rank, s.q_group)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -126,19 +123,23 @@ class Transformer(nn.Module):
     def head_weight(self) -> Tensor:
         return self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """A cache for decoding ``batch`` rows of ``length`` positions (capacity ``2 * length``:
+        the cached tokens plus one step's tokens, see :class:`KVCache`)."""
         c, p = self.config, next(self.parameters())
-        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.d_model // c.n_heads, p.dtype, p.device)
+        return KVCache(c.n_layers, batch, c.n_heads, 2 * length, c.d_model // c.n_heads, p.dtype, p.device)
 
     def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
         """Logits ``[B, N, vocab_size]`` for every token of the stream."""
         h = self.embed(s.tokens)  # [B, N, C]
+        if cache is not None:
+            cache.begin(s.k_rank, s.k_group)
         c = self.config
         rot = rope_angles(s.pos, c.d_model // c.n_heads, c.rope_base)  # shared by all layers
         for block in self.blocks:
             h = block(h, s, cache, rot)
-        if cache is not None and s.n_append is not None:
-            cache.commit(s.k_rank, s.k_group, s.n_append)
+        if cache is not None:
+            cache.commit(s.n_append if s.n_append is not None else torch.zeros_like(cache.length))
         return F.linear(self.norm(h), self.head_weight())
 
     def num_params(self) -> int:
