@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from orderlab.likelihood import _check_tokens, stream_log_probs
+from orderlab.likelihood import check_tokens, stream_log_probs
 from orderlab.policies.base import StepView
-from orderlab.ranks import validate
+from orderlab.ranks import dense, validate
 from orderlab.rules import UNKNOWN
 
 __all__ = ["Decoded", "decode", "sample_tokens", "score_order"]
@@ -146,9 +146,7 @@ def score_order(model, x: Tensor, ranks: Tensor, cache: bool = True) -> Tensor:
     Equal to :func:`orderlab.log_likelihood` (one pass) when the cache is exact; the
     tests check that identity for every rule.
     """
-    from orderlab.ranks import dense
-
-    _check_tokens(model, x, ranks)
+    check_tokens(model, x, ranks)
     B, L = x.shape
     d = dense(ranks)
     rank = torch.where(d >= 1, torch.full_like(d, UNKNOWN), d)

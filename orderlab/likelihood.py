@@ -15,7 +15,7 @@ from torch import Tensor
 from orderlab.ranks import RanksError, validate
 from orderlab.rules import Stream
 
-__all__ = ["log_likelihood", "stream_log_probs"]
+__all__ = ["log_likelihood", "stream_log_probs", "check_tokens"]
 
 
 def stream_log_probs(logits: Tensor, s: Stream, x: Tensor) -> Tensor:
@@ -26,7 +26,7 @@ def stream_log_probs(logits: Tensor, s: Stream, x: Tensor) -> Tensor:
     return torch.where(s.out >= 0, lp, torch.zeros_like(lp))
 
 
-def _check_tokens(model, x: Tensor, ranks: Tensor) -> None:
+def check_tokens(model, x: Tensor, ranks: Tensor) -> None:
     validate(ranks, x)
     bad = (ranks >= 0) & ((x < 0) | (x >= model.vocab_size))
     if bad.any():
@@ -39,7 +39,7 @@ def _check_tokens(model, x: Tensor, ranks: Tensor) -> None:
 
 def log_likelihood(model, x: Tensor, ranks: Tensor) -> Tensor:
     """Float ``[B]``: ``log p_θ(x | ranks)`` in nats (ranks: 0 given, k >= 1 set k, -1 pad)."""
-    _check_tokens(model, x, ranks)
+    check_tokens(model, x, ranks)
     total = torch.zeros(x.shape[0], device=x.device)
     for s in model.rule.passes(x, ranks, model.mask_id):
         total = total + stream_log_probs(model(s), s, x).sum(1)
