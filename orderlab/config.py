@@ -136,7 +136,9 @@ def _read(source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequen
         except OmegaConfBaseException as e:
             raise ConfigError(key, f"bad override {item!r}: {e}") from None
         try:
-            cfg = OmegaConf.merge(cfg, dot)
+            # a mapping value replaces the node (``task={name: text}`` swaps the component
+            # and drops the old one's keys); a scalar or list value is set as usual
+            OmegaConf.update(cfg, key, OmegaConf.select(dot, key), merge=False)
         except OmegaConfBaseException as e:
             raise ConfigError(key, f"cannot apply override {item!r}: {e}") from None
     return cfg, stem

@@ -182,3 +182,10 @@ def test_restore_loads_checkpoint_weights(yaml_path, tmp_path):
     assert any(not torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
     with pytest.raises(FileNotFoundError):
         fresh.restore(tmp_path / "missing.pt")
+
+
+def test_mapping_override_replaces_a_component_scalar_override_merges(yaml_path):
+    exp = load(yaml_path, ["task={name: text, seq_len: 32}", "objective.process.d=1", "evaluate.policies=[r2l]"])
+    assert type(exp.task).__name__ == "StdlibText" and exp.task.seq_len == 32  # no stale 'digits' key
+    assert exp.objective.process.d == 1 and exp.config.objective.name == "set_nll"
+    assert list(exp.policies) == ["r2l"]
