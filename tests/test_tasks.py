@@ -148,7 +148,7 @@ def test_text_score_freqs_render(text):
     assert f[ord(" ")] > f[ord("q")] > 0 and f[0] == 0
     s = "def f(x):\n    return 'é'\n"
     assert text.render(text.encode(s)) == s
-    assert text.metric == "bits_per_byte" and text.pad_id == 0
+    assert text.metric == "exact_match" and text.pad_id == 0
 
 
 def test_text_bad_arguments():
