@@ -120,7 +120,13 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
         s = rule.step(x, rank, cand, step, kv is not None)
-        probs = _probs(model(s, kv), s.out, L)  # [B, L, V]
+        if kv is None and not active.all():  # recomputing: finished rows cost nothing
+            rows = active.nonzero()[:, 0]
+            sub = s.rows(rows)
+            probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
+            probs[rows] = _probs(model(sub), sub.out, L)
+        else:
+            probs = _probs(model(s, kv), s.out, L)  # [B, L, V]
         view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0)
         sel = policy.select(view)
         if (sel & ~cand).any() or (active & ~sel.any(1)).any():

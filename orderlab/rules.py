@@ -56,6 +56,10 @@ class Stream:
     out: Tensor
     n_append: Tensor | None = None
 
+    def rows(self, index: Tensor) -> "Stream":
+        """The sub-stream of the rows ``index`` (Long[b])."""
+        return Stream(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
+
 
 _FILL = {"tokens": 0, "pos": 0, "q_rank": 0, "k_rank": NEVER, "q_group": -1, "k_group": -1, "out": -1}
 
