@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from orderlab.likelihood import log_likelihood, stream_log_probs
@@ -22,6 +21,12 @@ def _times(batch: int, generator: torch.Generator | None, device, eps: float) ->
     u = torch.rand((), generator=generator).item()
     t = (u + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
     return (eps + (1 - eps) * t).to(device)
+
+
+def _weighted_nats(model, s, tokens: Tensor, weight: Tensor) -> Tensor:
+    """Float ``[B]``: ``Σ_targets w_i · (-log p_θ(x_i | stream))`` (``weight`` Float[B, L])."""
+    lp = stream_log_probs(model(s), s, tokens)  # [B, N]
+    return -(weight.float().gather(1, s.out.clamp(min=0)) * lp).sum(1)
 
 
 @register("objective", "set_nll")
@@ -66,9 +71,7 @@ class MDMNelbo(Objective):
         t = _times(B, generator, tokens.device, self.eps)  # [B]
         xt, noised = self.process.corrupt(tokens, t, model.mask_id, model.vocab_size, ranks=ranks, generator=generator)
         s = model.rule.noisy_stream(xt, ranks >= 0, noised)
-        lp = stream_log_probs(model(s), s, tokens)  # [B, N]
-        w = self.process.weight(t, L).float().gather(1, s.out.clamp(min=0))  # [B, N]
-        nats = -(w * lp).sum(1)
+        nats = _weighted_nats(model, s, tokens, self.process.weight(t, L))
         return self._output(nats, (ranks > 0).sum(1), exact=False)
 
 
@@ -92,11 +95,10 @@ class BlockNelbo(Objective):
         t = _times(B * n_blocks, generator, tokens.device, self.eps).view(B, n_blocks)  # [B, nb]
         t = t.repeat_interleave(model.rule.block_size, dim=1)[:, :L].reshape(-1)  # [B*L] time of each position's block
         alpha = self.process.alpha(t, 1).view(B, L)
-        w = self.process.weight(t, 1).view(B, L).float()
+        w = self.process.weight(t, 1).view(B, L)
         u = torch.rand(B, L, generator=generator, dtype=torch.float64).to(tokens.device)
         noised = (u >= alpha) & (ranks > 0)  # P(noised) = 1 - α(t_block)
         xt = torch.where(noised, torch.full_like(tokens, model.mask_id), tokens)
         s = model.rule.noisy_stream(tokens, xt, ranks, noised)
-        lp = stream_log_probs(model(s), s, tokens)
-        nats = -(w.gather(1, s.out.clamp(min=0)) * lp).sum(1)
+        nats = _weighted_nats(model, s, tokens, w)
         return self._output(nats, (ranks > 0).sum(1), exact=False)

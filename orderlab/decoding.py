@@ -36,11 +36,6 @@ class Decoded:
     tokens_per_step: list[Tensor] = field(default_factory=list)  # Long[B] per step
     steps: int = 0
 
-    @property
-    def generated(self) -> Tensor:
-        """Long ``[B]``: positions generated per row."""
-        return (self.ranks > 0).sum(1)
-
 
 def _top_p_filter(logp: Tensor, top_p: float) -> Tensor:
     """Nucleus filtering (Holtzman et al. 2020): keep the smallest prefix with mass >= top_p."""

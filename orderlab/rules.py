@@ -198,14 +198,22 @@ class BlockCausal(AttentionRule):
     def _block(self, x: Tensor) -> Tensor:
         return _positions(x) // self.block_size
 
+    def _per_block(self, values: Tensor, keep: Tensor, fill: int, reduce: str) -> Tensor:
+        """Long ``[B, n_blocks]``: ``reduce`` ("amin"/"amax") of ``values`` over each block's
+        ``keep`` positions (``fill`` for a block with none)."""
+        blk = self._block(values)
+        out = torch.full((values.shape[0], int(blk.max()) + 1), fill, dtype=torch.long, device=values.device)
+        return out.scatter_reduce(1, blk, torch.where(keep, values, fill).long(), reduce)
+
+    def _first_block(self, where: Tensor) -> Tensor:
+        """Long ``[B, 1]``: the first block holding a ``where`` position (``NEVER`` if none)."""
+        return torch.where(where, self._block(where), NEVER).amin(1, keepdim=True)
+
     def _check_monotone(self, ranks: Tensor) -> None:
-        blk = self._block(ranks)
         gen = ranks >= 1
         # max rank of each block must be below min rank of every later block
-        nb = int(blk.max()) + 1 if blk.numel() else 0
-        big = torch.full((ranks.shape[0], nb), NEVER, dtype=torch.long, device=ranks.device)
-        lo = big.scatter_reduce(1, blk, torch.where(gen, ranks, NEVER).long(), "amin")
-        hi = torch.full_like(big, -1).scatter_reduce(1, blk, torch.where(gen, ranks, -1).long(), "amax")
+        lo = self._per_block(ranks, gen, NEVER, "amin")
+        hi = self._per_block(ranks, gen, -1, "amax")
         later_min = lo.flip(1).cummin(1).values.flip(1)  # min rank over blocks >= c
         bad = hi[:, :-1] >= later_min[:, 1:]
         if bad.any():
@@ -217,13 +225,11 @@ class BlockCausal(AttentionRule):
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
         self._check_monotone(ranks)
-        pos, blk = _positions(x), self._block(x)
         gen = ranks >= 1
         # within-block step of each generated position: dense rank minus the block's first
         d = dense(ranks)
-        first = torch.full((x.shape[0], int(blk.max()) + 1), NEVER, dtype=torch.long, device=x.device)
-        first = first.scatter_reduce(1, blk, torch.where(gen, d, NEVER).long(), "amin")
-        w = torch.where(gen, d - first.gather(1, blk) + 1, 0)  # 1.. inside each block
+        first = self._per_block(d, gen, NEVER, "amin").gather(1, self._block(x))  # [B, L]
+        w = torch.where(gen, d - first + 1, 0)  # 1.. inside each block
         for j in range(1, int(w.max()) + 1 if gen.any() else 1):
             xt = torch.where(w < j, x, torch.full_like(x, mask_id))
             yield self.noisy_stream(x, xt, ranks, w == j)
@@ -241,20 +247,18 @@ class BlockCausal(AttentionRule):
         return pack(clean, noisy)
 
     def candidates(self, unknown: Tensor) -> Tensor:
-        blk = self._block(unknown)
-        cur = torch.where(unknown, blk, NEVER).amin(1, keepdim=True)  # [B, 1] first unfinished block
-        return unknown & (blk == cur)
+        return unknown & (self._block(unknown) == self._first_block(unknown))
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
         pos, blk = _positions(tokens), self._block(tokens)
         unknown = rank == UNKNOWN
         active = unknown.any(1, keepdim=True)
-        cur = torch.where(unknown, blk, NEVER).amin(1, keepdim=True)  # [B, 1]
+        cur = self._first_block(unknown)  # [B, 1] first unfinished block
         gen_done = (rank >= 1) & (rank != UNKNOWN) & (blk < cur)  # generated, in finished blocks
         ck = torch.where(rank >= 1, blk + 1, 0)
         if cached:
             # given tokens at step 0; a block the moment it is finished
-            prev_cur = torch.where(unknown | (rank == step), blk, NEVER).amin(1, keepdim=True)
+            prev_cur = self._first_block(unknown | (rank == step))  # the block current one step ago
             new = ((rank == 0) & (step == 0)) | (gen_done & (blk >= prev_cur))
         else:
             new = (rank == 0) | gen_done
