@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from orderlab.processes.base import Process
 from orderlab.registry import build
 
-__all__ = ["LossOutput", "Objective"]
+__all__ = ["LossOutput", "StepOutput", "Objective"]
 
 
 @dataclass
@@ -30,20 +30,49 @@ class LossOutput:
         return "nll" if self.exact else "nelbo (bound)"
 
 
-class Objective:
-    """Base class of kind "objective": a training loss over a process.
+@dataclass
+class StepOutput:
+    """What one training step of any objective returns to the training loop.
 
-    ``objective(model, tokens, ranks, generator=None) -> LossOutput`` with ``ranks`` as
-    tasks give them (0 given, 1 to generate, -1 padding).
+    The loop backpropagates ``loss`` and logs ``metrics`` without knowing what they are
+    (bits per token, reward, NFE, entropy, ...): a logged value is the ``weight``-weighted
+    mean over the steps of the log window, so a per-token metric weighted by its token
+    count aggregates exactly (total nats / total tokens).
+    """
+
+    loss: Tensor  # scalar to backpropagate
+    metrics: dict[str, float]  # scalars (plain floats, detached)
+    weight: float = 1.0  # this step's share when metrics are averaged (e.g. predicted tokens)
+    label: str | None = None  # what ``bits_per_token`` is: "nll", "nelbo (bound)"; None: no likelihood
+
+
+class Objective(nn.Module):
+    """Base class of kind "objective": a training loss, possibly with parameters of its
+    own (a policy network, a guide, a learned schedule).
+
+    ``step(model, tokens, ranks, generator=None) -> StepOutput`` is what the training loop
+    calls, with ``ranks`` as tasks give them (0 given, 1 to generate, -1 padding).
+    ``trains_model``: whether the loop optimises the model's parameters in this stage
+    (False: the model is frozen and only the objective's own parameters learn).
+
+    Likelihood objectives implement ``forward(model, tokens, ranks, generator) ->
+    LossOutput`` and inherit ``step``, which reports bits per predicted token.
     """
 
     exact: bool = False
+    trains_model: bool = True
 
     def __init__(self, process: Process | str = "linear"):
+        super().__init__()
         self.process: Process = build("process", process, path="objective.process")
 
-    def __call__(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        raise NotImplementedError
+    def forward(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} is not a likelihood objective; call step()")
+
+    def step(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> StepOutput:
+        out = self(model, tokens, ranks, generator=generator)
+        bits = float(out.nats.sum() / out.tokens.sum().clamp_min(1) / math.log(2))
+        return StepOutput(out.loss, {"bits_per_token": bits}, weight=float(out.tokens.sum()), label=out.label)
 
     @staticmethod
     def _output(nats: Tensor, tokens: Tensor, exact: bool) -> LossOutput:

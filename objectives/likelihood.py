@@ -43,7 +43,7 @@ class SetNLL(Objective):
         super().__init__(process)
         self.steps = steps
 
-    def __call__(self, model, tokens, ranks, generator=None) -> LossOutput:
+    def forward(self, model, tokens, ranks, generator=None) -> LossOutput:
         order = self.process.sample_ranks(ranks, generator=generator, steps=self.steps)
         nats = -log_likelihood(model, tokens, order)
         return self._output(nats, (ranks > 0).sum(1), exact=True)
@@ -64,7 +64,7 @@ class MDMNelbo(Objective):
         super().__init__(process)
         self.eps = eps
 
-    def __call__(self, model, tokens, ranks, generator=None) -> LossOutput:
+    def forward(self, model, tokens, ranks, generator=None) -> LossOutput:
         if not isinstance(model.rule, Bidirectional):
             raise ValueError(f"mdm_nelbo needs a bidirectional model, got attention {model.rule!r}")
         B, L = tokens.shape
@@ -87,7 +87,7 @@ class BlockNelbo(Objective):
             raise ValueError(f"block_nelbo needs a flat schedule inside blocks, got {self.process!r}")
         self.eps = eps
 
-    def __call__(self, model, tokens, ranks, generator=None) -> LossOutput:
+    def forward(self, model, tokens, ranks, generator=None) -> LossOutput:
         if not isinstance(model.rule, BlockCausal):
             raise ValueError(f"block_nelbo needs a block_causal model, got attention {model.rule!r}")
         B, L = tokens.shape
