@@ -3,20 +3,38 @@
 Importing this package registers every task (kind "task"): explicit imports, no scanning.
 """
 
-from orderlab.tasks import addition, text
+from orderlab.tasks import addition, chain, text
 from orderlab.tasks.addition import Addition, pair_split
-from orderlab.tasks.base import SPLITS, Task, exact_match
+from orderlab.tasks.base import (
+    SPLITS,
+    Task,
+    exact_match,
+    hash_rows,
+    hash_split,
+    position_accuracy,
+    sample_split,
+    token_accuracy,
+)
+from orderlab.tasks.chain import Chain, permutation_table
 from orderlab.tasks.text import StdlibText, file_split, stdlib_files
 
 __all__ = [
     "Task",
     "SPLITS",
     "exact_match",
+    "token_accuracy",
+    "position_accuracy",
+    "hash_rows",
+    "hash_split",
+    "sample_split",
+    "Chain",
+    "permutation_table",
     "Addition",
     "pair_split",
     "StdlibText",
     "stdlib_files",
     "file_split",
     "addition",
+    "chain",
     "text",
 ]
