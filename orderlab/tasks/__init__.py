@@ -3,7 +3,7 @@
 Importing this package registers every task (kind "task"): explicit imports, no scanning.
 """
 
-from orderlab.tasks import addition, chain, text
+from orderlab.tasks import addition, chain, sudoku, text
 from orderlab.tasks.addition import Addition, pair_split
 from orderlab.tasks.base import (
     SPLITS,
@@ -16,6 +16,7 @@ from orderlab.tasks.base import (
     token_accuracy,
 )
 from orderlab.tasks.chain import Chain, permutation_table
+from orderlab.tasks.sudoku import Sudoku, SudokuSolver
 from orderlab.tasks.text import StdlibText, file_split, stdlib_files
 
 __all__ = [
@@ -31,10 +32,13 @@ __all__ = [
     "permutation_table",
     "Addition",
     "pair_split",
+    "Sudoku",
+    "SudokuSolver",
     "StdlibText",
     "stdlib_files",
     "file_split",
     "addition",
     "chain",
+    "sudoku",
     "text",
 ]
