@@ -3,7 +3,7 @@
 Importing this package registers every task (kind "task"): explicit imports, no scanning.
 """
 
-from orderlab.tasks import addition, chain, sudoku, text
+from orderlab.tasks import addition, chain, stargraph, sudoku, text
 from orderlab.tasks.addition import Addition, pair_split
 from orderlab.tasks.base import (
     SPLITS,
@@ -16,6 +16,7 @@ from orderlab.tasks.base import (
     token_accuracy,
 )
 from orderlab.tasks.chain import Chain, permutation_table
+from orderlab.tasks.stargraph import StarGraph
 from orderlab.tasks.sudoku import Sudoku, SudokuSolver
 from orderlab.tasks.text import StdlibText, file_split, stdlib_files
 
@@ -32,6 +33,7 @@ __all__ = [
     "permutation_table",
     "Addition",
     "pair_split",
+    "StarGraph",
     "Sudoku",
     "SudokuSolver",
     "StdlibText",
@@ -39,6 +41,7 @@ __all__ = [
     "file_split",
     "addition",
     "chain",
+    "stargraph",
     "sudoku",
     "text",
 ]
