@@ -5,6 +5,7 @@ from orderlab import ranks as R
 from orderlab.registry import ConfigError, build, names
 from orderlab.tasks import (
     Addition,
+    Infill,
     StdlibText,
     Task,
     file_split,
@@ -206,3 +207,60 @@ def test_text_bad_arguments():
         StdlibText(seq_len=8, context=8)
     with pytest.raises(ValueError, match="valid splits"):
         StdlibText(seq_len=8).batch(1, "validation")
+
+
+# ---------------------------------------------------------------- infill
+
+
+@pytest.fixture(scope="module")
+def infill():
+    return Infill(seq_len=96, max_lines=3, min_context=12, max_bytes=400_000)
+
+
+def test_infill_masks_whole_lines_in_the_middle(infill):
+    x, r = infill.batch(200, "valid", seed=1)
+    assert x.shape == r.shape == (200, 96) and x.dtype == r.dtype == torch.long
+    R.validate(r, x, mask_id=infill.mask_id)
+    data = infill.data("valid")
+    for row, rk in zip(x.tolist(), r.tolist()):
+        gen = [i for i, v in enumerate(rk) if v == 1]
+        a, b = gen[0], gen[-1] + 1
+        assert gen == list(range(a, b))  # one contiguous span
+        assert a >= 12 and 96 - b >= 12  # context on both sides
+        span = bytes(row[a:b])
+        assert span.endswith(b"\n") and 1 <= span.count(b"\n") <= 3  # 1..3 whole lines ...
+        assert row[a - 1] == ord("\n")  # ... starting at a line start
+        assert span.strip()  # not only whitespace
+        assert bytes(row) in data  # a window of the split's bytes
+    nlines = [bytes(row)[rk.index(1) : len(rk) - rk[::-1].index(1)].count(b"\n") for row, rk in zip(x.tolist(), r.tolist())]
+    assert set(nlines) == {1, 2, 3}
+
+
+def test_infill_reuses_the_text_corpus_and_is_deterministic(infill):
+    text = StdlibText(seq_len=96, max_bytes=400_000)
+    for split in ("train", "valid", "test"):
+        assert infill.data(split) == text.data(split) and infill.files(split) == text.files(split)
+    x, r = infill.batch(8, "test", seed=3)
+    x2, r2 = Infill(seq_len=96, max_lines=3, min_context=12, max_bytes=400_000).batch(8, "test", seed=3)
+    assert torch.equal(x, x2) and torch.equal(r, r2)
+    assert not torch.equal(x, infill.batch(8, "test", seed=4)[0])
+    assert torch.equal(infill.token_freqs(), text.token_freqs())
+
+
+def test_infill_metrics_and_arguments(infill):
+    x, r = infill.batch(3, "train", seed=0)
+    pred = x.clone()
+    first = r[1].nonzero()[0, 0]
+    pred[1, first] = (pred[1, first] + 1) % 256  # one wrong character of the span
+    pred[2, 0] = (pred[2, 0] + 1) % 256  # the context is not scored
+    m = infill.metrics(pred, x, r)
+    assert m["exact_match"].tolist() == [1.0, 0.0, 1.0]
+    n1 = int(r[1].sum())
+    assert torch.allclose(m["token_accuracy"], torch.tensor([1.0, (n1 - 1) / n1, 1.0]))
+    with pytest.raises(ValueError, match="min_context"):
+        Infill(seq_len=32, min_context=16)
+    with pytest.raises(ValueError, match="max_lines"):
+        Infill(max_lines=0)
+    assert isinstance(build("task", {"name": "infill", "seq_len": 64}), Infill)
+    with pytest.raises(ConfigError, match="context"):
+        build("task", {"name": "infill", "context": 8})  # not an infill argument

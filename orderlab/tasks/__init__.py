@@ -18,7 +18,7 @@ from orderlab.tasks.base import (
 from orderlab.tasks.chain import Chain, permutation_table
 from orderlab.tasks.stargraph import StarGraph
 from orderlab.tasks.sudoku import Sudoku, SudokuSolver
-from orderlab.tasks.text import StdlibText, file_split, stdlib_files
+from orderlab.tasks.text import Infill, StdlibText, file_split, stdlib_files
 
 __all__ = [
     "Task",
@@ -37,6 +37,7 @@ __all__ = [
     "Sudoku",
     "SudokuSolver",
     "StdlibText",
+    "Infill",
     "stdlib_files",
     "file_split",
     "addition",
