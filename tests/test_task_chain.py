@@ -30,7 +30,7 @@ def test_answers_are_prefix_or_suffix_compositions(degree, length):
     t = Chain(chains=3, length=length, degree=degree)
     x, r = t.batch(200, "train", seed=2)
     elems = list(itertools.permutations(range(degree)))
-    p_pos, y_pos, d_pos = t.positions("p"), t.positions("y"), t.positions("dir")
+    p_pos, y_pos, d_pos = t.p_pos, t.y_pos, t.dir_pos
     seen = set()
     for row in x:
         for c in range(t.chains):
@@ -78,7 +78,7 @@ def test_splits_disjoint_exhaustive_on_a_tiny_space():
     p = torch.tensor(list(itertools.product(range(6), repeat=2))).repeat(2, 1)[:, None, :]  # [72, 1, 2]
     l2r = torch.arange(72)[:, None] < 36
     tok, _ = t.encode_chains(p, l2r)
-    prompt_pos = torch.cat([t.positions("dir"), t.positions("p").flatten()])
+    prompt_pos = torch.cat([t.dir_pos, t.p_pos.flatten()])
     table = {tuple(row.tolist()): int(s) for row, s in zip(tok[:, prompt_pos], hash_split(tok[:, prompt_pos]))}
     assert len(table) == 72 and set(table.values()) == {0, 1, 2}
     seen = {}
@@ -110,7 +110,7 @@ def test_oracle_ranks_follow_each_chain_and_run_chains_in_parallel():
         assert ((o == s).sum(1) == t.chains).all()  # one answer per chain per step
     # every revealed answer is one composition from a neighbour revealed just before it
     l2r = t.directions(x)
-    y_pos, p_pos = t.positions("y"), t.positions("p")
+    y_pos, p_pos = t.y_pos, t.p_pos
     for b in range(64):
         for c in range(t.chains):
             ranks_c = o[b, y_pos[c]].tolist()
@@ -131,8 +131,8 @@ def test_score_metrics_and_freqs():
     t = Chain(chains=2, length=3)
     x, r = t.batch(3, "train", seed=0)
     pred = x.clone()
-    pred[1, t.positions("y")[1, 2]] = (pred[1, t.positions("y")[1, 2]] + 1) % 6  # one wrong answer
-    pred[2, t.positions("p")[0, 0]] = (pred[2, t.positions("p")[0, 0]] + 1) % 6  # prompt: not scored
+    pred[1, t.y_pos[1, 2]] = (pred[1, t.y_pos[1, 2]] + 1) % 6  # one wrong answer
+    pred[2, t.p_pos[0, 0]] = (pred[2, t.p_pos[0, 0]] + 1) % 6  # prompt: not scored
     m = t.metrics(pred, x, r)
     assert set(m) == {"exact_match", "token_accuracy"}
     assert m["exact_match"].tolist() == [1.0, 0.0, 1.0]

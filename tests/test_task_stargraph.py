@@ -62,7 +62,9 @@ def test_reverse_targets_and_render():
 
 def test_splits_disjoint_by_graph_exhaustive_on_a_tiny_space():
     t = StarGraph(degree=2, path_len=2, nodes=4)  # 4 centres x 3 goals x 2 other leaves = 24 graphs
-    key = lambda row: (frozenset(map(tuple, t.edge_list(torch.tensor([row]))[0].tolist())), row[6], row[7])  # noqa: E731
+    def key(row):
+        return frozenset(map(tuple, t.edge_list(torch.tensor([row]))[0].tolist())), row[6], row[7]
+
     seen = {}
     for k, split in enumerate(("train", "valid", "test")):
         x, _ = t.batch(1500, split, seed=0)

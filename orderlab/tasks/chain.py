@@ -11,16 +11,20 @@ independently per chain and per example, and its answer is
 with ``(a ∘ b)(i) = a(b(i))`` (apply ``b`` first).
 
 **Why the order matters for a converged model.** Each answer is *one* composition away
-from its neighbour in the chain's direction, but ``k`` (or ``n - k + 1``) compositions
-away from the prompt alone, and a shallow transformer cannot compose a long chain of a
-non-abelian group in one forward pass (composition in ``S_3`` is not a sum; the model
-must track a state). So a decode that reveals each chain's answers in its own direction
-needs one composition per step and succeeds; left-to-right fails on r2l chains (its
-first answer ``y_1`` is the product of the whole chain), right-to-left fails on l2r
-chains, and random orders ask for multi-step compositions often. With two chains of
-independent directions, both fixed orders are right on only a quarter of the examples
-by construction. The best order (``oracle_ranks``) runs each chain in its direction,
-one token per chain per step, the chains in parallel: ``length`` steps.
+from its neighbour in the chain's direction, but a product of ``k`` (r2l: ``n - k + 1``)
+elements of the prompt alone, and a shallow transformer cannot compose a long chain of a
+non-abelian group in one forward pass: composition is not a sum, the model must track a
+state. (``S_3`` is solvable, so shortcuts of depth ~log n exist (Liu et al. 2023,
+"Transformers learn shortcuts to automata"), which a few layers do not reach in
+practice; the word problem of ``S_5``, ``degree=5``, is NC^1-complete (Barrington 1989),
+so no constant-depth shortcut is known.) So a decode that reveals each chain's answers
+in its own direction needs one composition per step and succeeds; left-to-right fails
+on r2l chains (its first answer ``y_1`` is the product of the whole chain: a guess right
+with chance 1/|S_d|), right-to-left fails on l2r chains, and random orders ask for
+multi-step compositions often. With two chains of independent directions, a fixed
+direction follows both chains on only a quarter of the examples. The best order
+(``oracle_ranks``) runs each chain in its direction, one token per chain per step, the
+chains in parallel: ``length`` steps.
 
 Layout (one block per chain, ``2 * length + 1`` tokens each)::
 
@@ -37,7 +41,7 @@ sequences are never padded).
 
 Splits hash the whole prompt (every chain's direction and permutations, ``hash_split``),
 so test prompts are never seen in training; the prompt space has ``(2 |S_d|^n)^chains``
-elements (~1.4e10 for the defaults), and ``batch`` samples uniformly by rejection.
+elements (~8.7e9 for the defaults), and ``batch`` samples uniformly by rejection.
 """
 
 from __future__ import annotations
@@ -92,23 +96,15 @@ class Chain(Task):
         self.eos_id = None
         self.block = 2 * length + 1  # dir, p_1..p_n, y_1..y_n
         self.seq_len = chains * self.block
+        start = torch.arange(chains)[:, None] * self.block  # [C, 1]
+        k = torch.arange(length)[None, :]  # [1, n]
+        self.dir_pos = start[:, 0]  # Long[C]: position of each chain's direction token
+        self.p_pos = start + 1 + k  # Long[C, n]: positions of p_1..p_n
+        self.y_pos = start + 1 + length + k  # Long[C, n]: positions of y_1..y_n
         self._freqs: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Chain(chains={self.chains}, length={self.length}, degree={self.degree})"
-
-    # ------------------------------------------------------------ layout
-    def positions(self, part: str) -> Tensor:
-        """Long ``[chains]`` (``part="dir"``) or ``[chains, length]`` (``"p"``, ``"y"``): positions."""
-        start = torch.arange(self.chains)[:, None] * self.block  # [C, 1]
-        k = torch.arange(self.length)[None, :]  # [1, n]
-        if part == "dir":
-            return start[:, 0]
-        if part == "p":
-            return start + 1 + k
-        if part == "y":
-            return start + 1 + self.length + k
-        raise ValueError(f"part must be 'dir', 'p' or 'y', got {part!r}")
 
     def answers(self, p: Tensor, l2r: Tensor) -> Tensor:
         """Long ``[B, C, n]``: prefix (``l2r``) or suffix products of ``p Long[B, C, n]``."""
@@ -133,21 +129,21 @@ class Chain(Task):
         blocks = torch.cat([dirs[..., None], p, y], dim=2)  # [B, C, 2n+1]
         tokens = blocks.reshape(B, self.seq_len)
         ranks = torch.zeros_like(tokens)
-        ranks[:, self.positions("y").flatten()] = 1
+        ranks[:, self.y_pos.flatten()] = 1
         return tokens, ranks
 
     def _draw(self, m: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         p = torch.randint(0, self.group_size, (m, self.chains, self.length), generator=g)
         l2r = torch.randint(0, 2, (m, self.chains), generator=g).bool()
         tokens, _ = self.encode_chains(p, l2r)
-        prompt = torch.cat([tokens[:, self.positions("dir")], tokens[:, self.positions("p").flatten()]], dim=1)
+        prompt = torch.cat([tokens[:, self.dir_pos], tokens[:, self.p_pos.flatten()]], dim=1)
         return tokens, prompt
 
     # ------------------------------------------------------------ the contract
     def batch(self, n: int, split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
         tokens = sample_split(self._draw, n, split, seed, what="chain prompts")
         ranks = torch.zeros_like(tokens)
-        ranks[:, self.positions("y").flatten()] = 1
+        ranks[:, self.y_pos.flatten()] = 1
         return tokens, ranks
 
     def score(self, pred: Tensor, tokens: Tensor, ranks: Tensor) -> Tensor:
@@ -175,7 +171,7 @@ class Chain(Task):
     # ------------------------------------------------------------ the best order
     def directions(self, tokens: Tensor) -> Tensor:
         """Bool ``[B, chains]``: True where the chain is l2r (read from its direction token)."""
-        d = tokens[:, self.positions("dir").to(tokens.device)]
+        d = tokens[:, self.dir_pos.to(tokens.device)]
         if not ((d == self.l2r_id) | (d == self.r2l_id)).all():
             raise ValueError(f"tokens {tuple(tokens.shape)} hold a non-direction token at a direction position")
         return d == self.l2r_id
@@ -193,5 +189,5 @@ class Chain(Task):
         k = torch.arange(1, self.length + 1, device=tokens.device)  # [n]
         step = torch.where(l2r[..., None], k, self.length + 1 - k)  # [B, C, n]
         ranks = torch.zeros_like(tokens)
-        ranks[:, self.positions("y").flatten().to(tokens.device)] = step.flatten(1)
+        ranks[:, self.y_pos.flatten().to(tokens.device)] = step.flatten(1)
         return ranks

@@ -108,10 +108,10 @@ class StarGraph(Task):
 
     def render(self, tokens: Tensor) -> str:
         """``"3,17|17,8|.../3,40=3,17,..."`` as in the reference data files; mask as ``?``."""
-        sym = lambda t: str(t) if 0 <= t < self.nodes else {self.bar: "|", self.slash: "/", self.equals: "="}.get(t, "?")  # noqa: E731
+        marks = {self.bar: "|", self.slash: "/", self.equals: "="}
         out = []
         for t in tokens.tolist():
-            s = sym(t)
+            s = str(t) if 0 <= t < self.nodes else marks.get(t, "?")
             if out and s not in "|/=" and out[-1] not in "|/=":
                 out.append(",")
             out.append(s)

@@ -218,7 +218,10 @@ class Infill(StdlibText):
         if max_lines < 1:
             raise ValueError(f"max_lines must be >= 1, got {max_lines}")
         if not 0 <= 2 * min_context < seq_len:
-            raise ValueError(f"min_context must be in 0..{(seq_len - 1) // 2} (two contexts and a span fit in seq_len={seq_len}), got {min_context}")
+            raise ValueError(
+                f"min_context must be in 0..{(seq_len - 1) // 2} (two contexts and a span fit in "
+                f"seq_len={seq_len}), got {min_context}"
+            )
         self.max_lines = max_lines
         self.min_context = min_context
         self._lines: dict[str, tuple[Tensor, Tensor]] = {}
