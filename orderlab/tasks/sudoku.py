@@ -14,7 +14,8 @@ count varies; if a grid cannot get down to ``clues`` a fresh grid is tried, and 
 the difficulty knob: fewer clues, harder puzzles).
 
 **Pools and splits.** Puzzle ``i`` of a split is a pure function of
-``(size, clues, split, i)`` (a ``random.Random`` seeded with that string), built on
+``(size, clues, split, i)`` (a ``random.Random`` seeded with that string: sha512 seeding,
+the same on every platform), built on
 first use and cached in memory per process; each split is a pool of ``pool`` puzzles
 and ``batch(n, split, seed)`` draws ``n`` distinct pool indices (with replacement when
 ``n > pool``). A grid belongs to the split ``hash_split`` of its *solution* (grids of
