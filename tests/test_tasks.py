@@ -3,7 +3,19 @@ import torch
 
 from orderlab import ranks as R
 from orderlab.registry import ConfigError, build, names
-from orderlab.tasks import Addition, StdlibText, Task, file_split, pair_split, stdlib_files
+from orderlab.tasks import (
+    Addition,
+    Infill,
+    StdlibText,
+    Task,
+    file_split,
+    hash_rows,
+    hash_split,
+    pair_split,
+    position_accuracy,
+    stdlib_files,
+    token_accuracy,
+)
 
 
 def test_registered_and_built_from_config():
@@ -13,6 +25,45 @@ def test_registered_and_built_from_config():
     assert (t.digits, t.reverse_answer, t.seq_len, t.vocab_size, t.mask_id) == (2, True, 9, 13, 13)
     with pytest.raises(ConfigError, match="digit"):
         build("task", {"name": "addition", "digitz": 2})
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def test_token_and_position_accuracy_hand_made():
+    tokens = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5]])
+    ranks = torch.tensor([[0, 1, 1, 1], [0, 2, 1, -1], [0, 0, 0, 0]])
+    pred = torch.tensor([[9, 2, 0, 4], [1, 0, 3, 9], [0, 0, 0, 0]])
+    assert torch.allclose(token_accuracy(pred, tokens, ranks), torch.tensor([2 / 3, 1 / 2, 1.0]))
+    pos = position_accuracy(pred, tokens, ranks)
+    assert torch.isnan(pos[0]) and torch.allclose(pos[1:], torch.tensor([0.5, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="shape of tokens"):
+        token_accuracy(pred[:, :3], tokens, ranks)
+
+
+def test_default_metrics_are_score_and_token_accuracy():
+    t = Addition(digits=2)
+    x, r = t.encode_pairs(torch.tensor([12, 50]), torch.tensor([34, 50]))
+    pred = x.clone()
+    pred[1, -1] = (pred[1, -1] + 1) % 10
+    m = t.metrics(pred, x, r)
+    assert set(m) == {"exact_match", "token_accuracy"} and m["exact_match"].tolist() == [1.0, 0.0]
+    assert torch.allclose(m["token_accuracy"], torch.tensor([1.0, 2 / 3]))
+
+
+def test_hash_rows_is_a_fixed_function_of_the_row():
+    x = torch.randint(0, 1000, (500, 7), generator=torch.Generator().manual_seed(0))
+    h = hash_rows(x)
+    assert torch.equal(h[100:200], hash_rows(x[100:200]))  # independent of the batch around it
+    assert len(set(h.tolist())) == 500  # no collisions on 500 random rows
+    assert int(hash_rows(torch.tensor([[0, 1, 2]]))) != int(hash_rows(torch.tensor([[0, 2, 1]])))  # order-sensitive
+    # pinned: a change of the hash would silently move examples between splits
+    assert hash_rows(torch.tensor([[1, 2, 3], [0, 0, 0]])).tolist() == [786945706, 1114090046]
+    s = hash_split(torch.arange(20_000)[:, None])
+    frac = torch.bincount(s, minlength=3) / s.numel()
+    assert 0.78 < frac[0] < 0.82 and 0.09 < frac[1] < 0.11 and 0.09 < frac[2] < 0.11
+    with pytest.raises(ValueError, match="integer tensor"):
+        hash_rows(torch.zeros(3, 2))
 
 
 # ---------------------------------------------------------------- addition
@@ -156,3 +207,61 @@ def test_text_bad_arguments():
         StdlibText(seq_len=8, context=8)
     with pytest.raises(ValueError, match="valid splits"):
         StdlibText(seq_len=8).batch(1, "validation")
+
+
+# ---------------------------------------------------------------- infill
+
+
+@pytest.fixture(scope="module")
+def infill():
+    return Infill(seq_len=96, max_lines=3, min_context=12, max_bytes=400_000)
+
+
+def test_infill_masks_whole_lines_in_the_middle(infill):
+    x, r = infill.batch(200, "valid", seed=1)
+    assert x.shape == r.shape == (200, 96) and x.dtype == r.dtype == torch.long
+    R.validate(r, x, mask_id=infill.mask_id)
+    data = infill.data("valid")
+    nlines = set()
+    for row, rk in zip(x.tolist(), r.tolist()):
+        gen = [i for i, v in enumerate(rk) if v == 1]
+        a, b = gen[0], gen[-1] + 1
+        assert gen == list(range(a, b))  # one contiguous span
+        assert a >= 12 and 96 - b >= 12  # context on both sides
+        span = bytes(row[a:b])
+        assert span.endswith(b"\n") and 1 <= span.count(b"\n") <= 3  # 1..3 whole lines ...
+        assert row[a - 1] == ord("\n")  # ... starting at a line start
+        assert span.strip()  # not only whitespace
+        assert bytes(row) in data  # a window of the split's bytes
+        nlines.add(span.count(b"\n"))
+    assert nlines == {1, 2, 3}  # every span length in lines occurs
+
+
+def test_infill_reuses_the_text_corpus_and_is_deterministic(infill):
+    text = StdlibText(seq_len=96, max_bytes=400_000)
+    for split in ("train", "valid", "test"):
+        assert infill.data(split) == text.data(split) and infill.files(split) == text.files(split)
+    x, r = infill.batch(8, "test", seed=3)
+    x2, r2 = Infill(seq_len=96, max_lines=3, min_context=12, max_bytes=400_000).batch(8, "test", seed=3)
+    assert torch.equal(x, x2) and torch.equal(r, r2)
+    assert not torch.equal(x, infill.batch(8, "test", seed=4)[0])
+    assert torch.equal(infill.token_freqs(), text.token_freqs())
+
+
+def test_infill_metrics_and_arguments(infill):
+    x, r = infill.batch(3, "train", seed=0)
+    pred = x.clone()
+    first = r[1].nonzero()[0, 0]
+    pred[1, first] = (pred[1, first] + 1) % 256  # one wrong character of the span
+    pred[2, 0] = (pred[2, 0] + 1) % 256  # the context is not scored
+    m = infill.metrics(pred, x, r)
+    assert m["exact_match"].tolist() == [1.0, 0.0, 1.0]
+    n1 = int(r[1].sum())
+    assert torch.allclose(m["token_accuracy"], torch.tensor([1.0, (n1 - 1) / n1, 1.0]))
+    with pytest.raises(ValueError, match="min_context"):
+        Infill(seq_len=32, min_context=16)
+    with pytest.raises(ValueError, match="max_lines"):
+        Infill(max_lines=0)
+    assert isinstance(build("task", {"name": "infill", "seq_len": 64}), Infill)
+    with pytest.raises(ConfigError, match="context"):
+        build("task", {"name": "infill", "context": 8})  # not an infill argument
