@@ -20,6 +20,12 @@ prompts, padding and sets batch together.
   (bidirectional inside the block). One pass per within-block step.
 - :class:`Bidirectional` (MDM): one stream over ``x_t``, everything in group 0. One pass
   per set.
+
+The clean given (rank-0) tokens of the two cached rules attend to each other as chosen by
+``prompt``: ``"bidirectional"`` (one set that sees itself both ways) or ``"causal"``
+(causal in position order, like an AR model and the released SetDLM mask, REFERENCES.md
+"Set diffusion"). The choice only changes the key ranks of given tokens (see
+:func:`given_key_rank`); the one visibility rule above decides the rest.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import Tensor
 from orderlab.ranks import NEVER, RanksError, dense
 from orderlab.registry import register
 
-__all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN"]
+__all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN", "PROMPTS", "given_key_rank"]
 
 UNKNOWN = NEVER  # decode-state rank of a position that is still masked
 
@@ -116,6 +122,31 @@ def _positions(x: Tensor) -> Tensor:
     return torch.arange(x.shape[1], device=x.device).expand_as(x)
 
 
+PROMPTS = ("bidirectional", "causal")  # how clean given (rank-0) tokens see each other
+
+
+def _check_prompt(prompt: str) -> str:
+    if prompt not in PROMPTS:
+        raise ValueError(f"attention.prompt must be one of {PROMPTS}, got {prompt!r}")
+    return prompt
+
+
+def given_key_rank(rank: Tensor, k_rank: Tensor, prompt: str) -> Tensor:
+    """``k_rank`` of clean tokens with the given (``rank == 0``) ones placed by ``prompt``.
+
+    Clean tokens use ``q_rank = k_rank + 1`` (a clean token sees key ranks ``<= k_rank``).
+    ``"bidirectional"``: given tokens keep key rank 0, one set, each sees all of them.
+    ``"causal"``: the given token at position ``p`` gets the sub-rank ``p − L`` (negative,
+    increasing in position, below every generated rank >= 1), so it sees the given tokens
+    at positions ``<= p`` only, never a generated token, while every generated query or
+    clean token (``q_rank >= 1``) still sees all given tokens: the prompt is causal in
+    position order, as in AR and SetDLM (REFERENCES.md, "Set diffusion").
+    """
+    if _check_prompt(prompt) == "bidirectional":
+        return k_rank
+    return torch.where(rank == 0, _positions(rank) - rank.shape[1], k_rank)
+
+
 class AttentionRule:
     """Base class of attention rules (registry kind ``"attention"``)."""
 
@@ -155,14 +186,21 @@ class SetCausal(AttentionRule):
 
     One forward over ``[x_clean, x_query]`` gives ``log p(x_i | x_{S<k})`` for every
     position of every set; with ranks ``1..L`` it is exactly causal (AR).
+    ``prompt``: how the given tokens see each other (``"causal"`` in position order, as in
+    SetDLM's release and AR; ``"bidirectional"``: one set), see :func:`given_key_rank`.
     """
 
+    prompt: str = "bidirectional"
     name = "set_causal"
+
+    def __post_init__(self):
+        _check_prompt(self.prompt)
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
         pos = _positions(x)
+        kr = given_key_rank(ranks, ranks, self.prompt)
         # both streams in reveal order: the rank mask is then close to block-triangular
-        clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ranks, "q_rank": ranks + 1, "sort": ranks})
+        clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": kr, "q_rank": kr + 1, "sort": ranks})
         query = (ranks >= 1, {"tokens": mask_id, "pos": pos, "q_rank": ranks, "out": pos, "sort": ranks})
         yield _own_groups(pack(clean, query))
 
@@ -171,7 +209,8 @@ class SetCausal(AttentionRule):
         known = (rank >= 0) & (rank != UNKNOWN)
         # cached: only the set revealed at the previous step (the given tokens at step 0)
         new = (rank == step) & queries.any(1, keepdim=True) if cached else known
-        clean = (new, {"tokens": tokens, "pos": pos, "k_rank": rank, "q_rank": rank + 1})
+        kr = given_key_rank(rank, rank, self.prompt)
+        clean = (new, {"tokens": tokens, "pos": pos, "k_rank": kr, "q_rank": kr + 1})
         query = (queries, {"tokens": tokens, "pos": pos, "q_rank": step + 1, "out": pos})
         s = _own_groups(pack(clean, query))
         s.n_append = new.sum(1) if cached else None
@@ -185,15 +224,18 @@ class BlockCausal(AttentionRule):
     bidirectional inside the noisy block, exact block KV cache.
 
     Ranks must be block-monotone: every generated position of block ``b`` comes before
-    every generated position of block ``b + 1``.
+    every generated position of block ``b + 1``. ``prompt``: how the given tokens see each
+    other, see :func:`given_key_rank`.
     """
 
     block_size: int = 4
+    prompt: str = "bidirectional"
     name = "block_causal"
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        _check_prompt(self.prompt)
 
     def _block(self, x: Tensor) -> Tensor:
         return _positions(x) // self.block_size
@@ -240,7 +282,7 @@ class BlockCausal(AttentionRule):
         ``targets`` Bool[B, L]: positions whose prediction is read."""
         pos, blk = _positions(x), self._block(x)
         gen = ranks >= 1
-        ck = torch.where(gen, blk + 1, ranks.clamp(max=0))
+        ck = given_key_rank(ranks, torch.where(gen, blk + 1, ranks.clamp(max=0)), self.prompt)
         clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
         noisy = (gen, {"tokens": xt, "pos": pos, "q_rank": blk + 1, "q_group": blk, "k_group": blk,
                        "out": torch.where(targets & gen, pos, -1)})
@@ -255,7 +297,7 @@ class BlockCausal(AttentionRule):
         active = unknown.any(1, keepdim=True)
         cur = self._first_block(unknown)  # [B, 1] first unfinished block
         gen_done = (rank >= 1) & (rank != UNKNOWN) & (blk < cur)  # generated, in finished blocks
-        ck = torch.where(rank >= 1, blk + 1, 0)
+        ck = given_key_rank(rank, torch.where(rank >= 1, blk + 1, 0), self.prompt)
         if cached:
             # given tokens at step 0; a block the moment it is finished
             prev_cur = self._first_block(unknown | (rank == step))  # the block current one step ago

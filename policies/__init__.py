@@ -6,7 +6,7 @@ registered presets (kind "policy"). Importing this package fills the registry.
 
 from .base import Policy, PolicyError, StepView
 from .compose import (
-    All, Block, CandidateRule, Composed, Count, EntropyBound, Factor, First, KFromSchedule, Last, Ranked,
+    All, Block, CandidateRule, Composed, Count, EntropyBound, EvenSplit, Factor, First, KFromSchedule, Last, Ranked,
     Threshold, TopK, Window, rank_candidates, take_prefix,
 )
 from .scores import (
@@ -24,7 +24,7 @@ __all__ = [
     "CandidateRule", "All", "Block", "Window", "First", "Last",
     "Score", "Confidence", "Margin", "NegEntropy", "PositionPrior", "Uniform", "Gumbel", "PCScore", "Sum", "Scaled",
     "score_from",
-    "Count", "TopK", "KFromSchedule", "Threshold", "Factor", "EntropyBound", "Ranked", "rank_candidates", "take_prefix",
+    "Count", "TopK", "KFromSchedule", "EvenSplit", "Threshold", "Factor", "EntropyBound", "Ranked", "rank_candidates", "take_prefix",
     "Composed",
     "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
     "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",

@@ -5,7 +5,7 @@ A policy = a **candidate rule** (which masked positions may be revealed now), a
 candidates sorted by score, descending; ties go to the lower position)::
 
     Window(8) >> Threshold(Confidence(), 0.9)            # SetDLM sliding window
-    Composed(Block(32), Confidence(), KFromSchedule(8))  # LLaDA-style semi-AR
+    Composed(Block(32), Confidence(), EvenSplit(8))      # LLaDA semi-AR
 
 Every count rule accepts at least one candidate per row that has candidates and at most
 all of them; rows without candidates select nothing. All ops are batched per row.
@@ -24,7 +24,7 @@ from .scores import Confidence, Score, _first_true
 
 __all__ = [
     "CandidateRule", "All", "Block", "Window", "First", "Last",
-    "Ranked", "Count", "TopK", "KFromSchedule", "Threshold", "Factor", "EntropyBound",
+    "Ranked", "Count", "TopK", "KFromSchedule", "EvenSplit", "Threshold", "Factor", "EntropyBound",
     "Composed", "rank_candidates", "take_prefix",
 ]
 
@@ -224,6 +224,33 @@ class KFromSchedule(Count):
     def k(self, view: StepView, r: Ranked) -> Tensor:
         left = torch.as_tensor(self.steps - r.step, device=r.n.device).clamp_min(1)  # steps left incl. this
         return torch.round(r.n.double() / left).long()
+
+    def _args(self) -> str:
+        return f"steps={self.steps}"
+
+
+class EvenSplit(Count):
+    """LLaDA's steps split (``get_num_transfer_tokens`` in LLaDA's generate.py, reused by
+    PC-sampler; REFERENCES.md "Semi-AR"): the ``n0`` candidates present when the schedule
+    starts are revealed in ``steps`` steps, ``n0 // steps`` per step and one more in the
+    first ``n0 % steps`` steps (4 in 3 steps: 2, 1, 1).
+
+    Computed without memory as ``K = ceil(n / (steps − step))`` from the ``n`` candidates
+    left: after ``s`` steps of that split ``n = (steps − s)·q + (r − s)⁺`` (``q, r`` the
+    quotient and remainder of ``n0``), whose ceiling share is the reference's count for
+    step ``s``. The last step (and any later one) takes all. Where ``n0 < steps`` the
+    reference spends its last ``steps − n0`` steps revealing nothing; here the schedule
+    simply ends after ``n0`` steps (same tokens, fewer forwards).
+    """
+
+    def __init__(self, score: Score | None = None, steps: int = 1):
+        if int(steps) < 1:
+            raise PolicyError(f"EvenSplit steps must be >= 1, got {steps}")
+        self.score, self.steps = score, int(steps)
+
+    def k(self, view: StepView, r: Ranked) -> Tensor:
+        left = torch.as_tensor(self.steps - r.step, device=r.n.device).clamp_min(1)  # steps left incl. this
+        return torch.div(r.n + left - 1, left, rounding_mode="floor")  # ceil(n / left), exact in integers
 
     def _args(self) -> str:
         return f"steps={self.steps}"

@@ -1,8 +1,9 @@
 """The literature's samplers as registered one-liners (REFERENCES.md, "Unmasking policies").
 
 Constructor arguments are the YAML keys: ``policy: {name: threshold, tau: 0.8}``.
-``steps`` is the number of decode steps of the linear schedule (K per step as in vanilla
-MDM, see ``KFromSchedule``); ``None`` reveals one position per step.
+``steps`` is the number of decode steps: of the linear schedule for the MDM samplers (K
+per step as in vanilla MDM, see ``KFromSchedule``), split evenly as LLaDA does for
+``semi_ar`` and ``pc_sampler`` (see ``EvenSplit``); ``None`` reveals one position per step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import Tensor
 from orderlab.registry import register
 
 from .base import StepView
-from .compose import All, Block, Composed, EntropyBound, Factor, First, KFromSchedule, Last, Threshold, TopK, Window
+from .compose import (
+    All, Block, Composed, Count, EntropyBound, EvenSplit, Factor, First, KFromSchedule, Last, Threshold, TopK, Window,
+)
 from .scores import Confidence, Gumbel, Margin, NegEntropy, PCScore, PositionPrior, Score, score_from
 
 __all__ = [
@@ -21,8 +24,8 @@ __all__ = [
 ]
 
 
-def _count(steps: int | None, score: Score | None = None) -> TopK | KFromSchedule:
-    return TopK(score, 1) if steps is None else KFromSchedule(score, steps)
+def _count(steps: int | None, rule: type[Count] = KFromSchedule) -> Count:
+    return TopK(k=1) if steps is None else rule(steps=steps)
 
 
 def _noisy(score: Score, noise: float, seed: int) -> Score:
@@ -48,12 +51,13 @@ class RightToLeft(Composed):
 @register("policy", "semi_ar")
 class SemiAR(Composed):
     """Semi-autoregressive low-confidence remasking (LLaDA, Nie et al. 2025): blocks of
-    ``block_size`` left to right, ``steps`` steps per block split evenly
-    (``KFromSchedule`` over the block; ``None``: one per step), the most confident first.
+    ``block_size`` left to right, ``steps`` steps per block split evenly as LLaDA's
+    ``get_num_transfer_tokens`` does (``EvenSplit`` over the block: 4 tokens in 3 steps →
+    2, 1, 1; ``None``: one per step), the most confident first.
     Blocks are aligned to position 0 (see ``Block``)."""
 
     def __init__(self, block_size: int = 32, steps: int | None = None):
-        super().__init__(Block(block_size), Confidence(), _count(steps))
+        super().__init__(Block(block_size), Confidence(), _count(steps, EvenSplit))
         self.steps = steps
         self._blk: Tensor | None = None  # Long[B] current block per row
         self._start: Tensor | None = None  # Long[B] step at which it started
@@ -129,10 +133,11 @@ class EBSampler(Composed):
 @register("policy", "pc_sampler")
 class PCSampler(Composed):
     """PC-sampler (Huang et al. 2025): score ``exp(−λ(i − |prompt|)) · min(−p_i log p_D(x̂_i), α)``
-    with ``p_D = token_freqs`` (``None``: uniform); K per step from ``steps``."""
+    with ``p_D = token_freqs`` (``None``: uniform); ``steps`` split evenly as in the
+    release, which reuses LLaDA's ``get_num_transfer_tokens`` (``EvenSplit``)."""
 
     def __init__(self, lam: float = 0.25, alpha: float = 10.0, token_freqs: Tensor | list | None = None, steps: int | None = None):
-        super().__init__(All(), PCScore(lam, alpha, token_freqs), _count(steps))
+        super().__init__(All(), PCScore(lam, alpha, token_freqs), _count(steps, EvenSplit))
 
 
 @register("policy", "sliding_window")

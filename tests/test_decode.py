@@ -41,7 +41,10 @@ POLICIES = ["l2r", "r2l", "top_prob", "margin", "entropy", {"name": "threshold",
             {"name": "semi_ar", "block_size": 4}, {"name": "random", "steps": 4}, "pc_sampler"]
 
 
-@pytest.mark.parametrize("rule", ["set_causal", BLOCK], ids=str)
+CACHED_RULES = ["set_causal", BLOCK, {"name": "set_causal", "prompt": "causal"}, {**BLOCK, "prompt": "causal"}]
+
+
+@pytest.mark.parametrize("rule", CACHED_RULES, ids=str)
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 def test_cache_equals_no_cache(rule, policy):
     model = tiny(rule)
@@ -51,7 +54,7 @@ def test_cache_equals_no_cache(rule, policy):
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.ranks, b.ranks) and torch.equal(a.nfe, b.nfe)
 
 
-@pytest.mark.parametrize("rule", ["set_causal", BLOCK, "bidirectional"], ids=str)
+@pytest.mark.parametrize("rule", CACHED_RULES + ["bidirectional"], ids=str)
 @pytest.mark.parametrize("policy", ["top_prob", {"name": "threshold", "tau": 0.5}, {"name": "eb", "gamma": 0.3}], ids=str)
 def test_batched_equals_row_by_row(rule, policy):
     model = tiny(rule, seed=1)

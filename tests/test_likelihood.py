@@ -12,7 +12,8 @@ from orderlab.model import Transformer
 from orderlab.ranks import NEVER, RanksError
 from orderlab.rules import Stream, pack
 
-RULES = ["set_causal", {"name": "block_causal", "block_size": 2}, "bidirectional"]
+RULES = ["set_causal", {"name": "block_causal", "block_size": 2}, "bidirectional",
+         {"name": "set_causal", "prompt": "causal"}, {"name": "block_causal", "block_size": 2, "prompt": "causal"}]
 
 
 def tiny(rule, vocab=3, length=8, seed=0, **kw):
@@ -27,7 +28,7 @@ def random_ranks(gen, length, rule, n_targets=3):
         r[-1] = -1  # one padding position
         targets = torch.randperm(length - 1, generator=gen)[:n_targets].sort().values
         sets = torch.randint(1, 3, (n_targets,), generator=gen)  # ties -> multi-token sets
-        if isinstance(rule, dict):  # block-causal needs block-monotone ranks
+        if isinstance(rule, dict) and "block_size" in rule:  # block-causal needs block-monotone ranks
             sets = (targets // rule["block_size"]) * 2 + sets
         r[targets] = sets
         if (sets[:, None] == sets[None, :]).sum() > n_targets:  # at least one set of size >= 2
@@ -52,16 +53,18 @@ def test_normalisation_by_enumeration(rule, seed):
     assert (ll < 0).all()
 
 
-def test_ar_identity_chain_of_causal_conditionals():
-    """Ranks 1..L: one two-stream pass equals L separate forwards, each seeing only x_<i."""
+@pytest.mark.parametrize("prompt_len", [0, 3])
+def test_ar_identity_chain_of_causal_conditionals(prompt_len):
+    """Ranks 1..L (after a causal prompt of ``prompt_len`` given tokens): one two-stream
+    pass equals separate forwards, each seeing only x_<i, causal among itself."""
     V, L = 5, 6
-    model = tiny("set_causal", vocab=V, length=L)
+    model = tiny({"name": "set_causal", "prompt": "causal"}, vocab=V, length=L)
     x = torch.randint(0, V, (2, L))
-    ranks = torch.arange(1, L + 1).expand(2, L)
+    ranks = (torch.arange(L) - prompt_len + 1).clamp_min(0).expand(2, L)
     with torch.no_grad():
         one_pass = log_likelihood(model, x, ranks)
         chain = torch.zeros(2)
-        for i in range(L):
+        for i in range(prompt_len, L):
             # prefix x_<i, causal among itself (token j sees tokens <= j), and one query at i
             pos = torch.arange(L).expand(2, L)
             prefix = pos < i
@@ -74,41 +77,99 @@ def test_ar_identity_chain_of_causal_conditionals():
     torch.testing.assert_close(one_pass, chain)
 
 
-def test_set_causal_mask_pattern():
-    """Clean->clean causal in rank (inclusive), query->clean strictly earlier, query->query itself."""
-    model = tiny("set_causal", length=4)
-    x = torch.tensor([[0, 1, 2, 1]])
-    ranks = torch.tensor([[0, 2, 1, 2]])
+def _given_sees(prompt, pi, pj):
+    """Clean given token at position pi sees clean given token at pj (the prompt rule)."""
+    return True if prompt == "bidirectional" else pj <= pi
+
+
+@pytest.mark.parametrize("prompt", ["bidirectional", "causal"])
+def test_set_causal_mask_pattern(prompt):
+    """Clean->clean causal in rank (inclusive; among given tokens as ``prompt`` says),
+    query->clean strictly earlier, query->query itself."""
+    model = tiny({"name": "set_causal", "prompt": prompt}, length=7)
+    x = torch.tensor([[0, 1, 2, 1, 0, 2, 1]])
+    ranks = torch.tensor([[0, 2, 0, 1, 2, 0, -1]])  # given tokens before, between and after
     (s,) = model.rule.passes(x, ranks, model.mask_id)
     vis = visible(s.q_rank, s.k_rank, s.q_group, s.k_group)[0]
     is_query = s.out[0] >= 0
-    r = ranks[0, s.pos[0]]  # rank of the position each stream token stands for
-    assert sorted(s.pos[0, ~is_query].tolist()) == [0, 1, 2, 3] and sorted(s.pos[0, is_query].tolist()) == [1, 2, 3]
-    n = len(r)
+    live = s.k_rank[0] != NEVER
+    p = s.pos[0]
+    r = ranks[0, p]  # rank of the position each stream token stands for
+    assert sorted(p[~is_query & live].tolist()) == [0, 1, 2, 3, 4, 5] and sorted(p[is_query].tolist()) == [1, 3, 4]
+    n = int((live | is_query).sum())
     for i in range(n):
         for j in range(n):
             if is_query[j]:
                 want = i == j  # a query is seen only by itself
             elif is_query[i]:
                 want = bool(r[j] < r[i])
+            elif r[i] == 0 and r[j] == 0:
+                want = _given_sees(prompt, int(p[i]), int(p[j]))
             else:
                 want = bool(r[j] <= r[i])
             assert bool(vis[i, j]) == want, (i, j)
     # the streams are laid out in reveal order (near block-triangular mask for the kernel)
-    assert r[~is_query].tolist() == sorted(r[~is_query].tolist())
+    assert r[~is_query & live].tolist() == sorted(r[~is_query & live].tolist())
 
 
-@pytest.mark.parametrize("rule", ["set_causal", {"name": "block_causal", "block_size": 3}, "bidirectional"], ids=str)
+@pytest.mark.parametrize("prompt", ["bidirectional", "causal"])
+def test_block_causal_mask_pattern(prompt):
+    """BD3-LM's mask written out: clean->clean block-causal (given tokens: seen by every
+    generated token, among themselves as ``prompt`` says, never seeing a generated one),
+    noisy->clean strictly earlier blocks and all given tokens, noisy->noisy same block."""
+    bs = 2
+    model = tiny({"name": "block_causal", "block_size": bs, "prompt": prompt}, length=8)
+    x = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 0]])
+    ranks = torch.tensor([[0, 0, 1, 0, 2, 3, 0, 4]])
+    s = model.rule.noisy_stream(x, x, ranks, ranks >= 1)
+    vis = visible(s.q_rank, s.k_rank, s.q_group, s.k_group)[0]
+    noisy = s.out[0] >= 0
+    p = s.pos[0]
+    r, blk = ranks[0, p], p // bs
+    for i in range(len(p)):
+        for j in range(len(p)):
+            if noisy[j]:
+                want = bool(noisy[i] and blk[i] == blk[j])
+            elif r[j] == 0:  # a clean given key
+                want = bool(noisy[i] or r[i] >= 1) or _given_sees(prompt, int(p[i]), int(p[j]))
+            elif noisy[i]:
+                want = bool(blk[j] < blk[i])
+            else:
+                want = bool(r[i] >= 1 and blk[j] <= blk[i])
+            assert bool(vis[i, j]) == want, (i, j)
+
+
+@pytest.mark.parametrize("rule", ["set_causal", "block_causal"])
+def test_prompt_choice_is_a_different_model(rule):
+    """The same weights give different likelihoods under the two prompt rules (the option
+    reaches the attention), and a bad value is an error naming the key."""
+    kw = {"block_size": 2} if rule == "block_causal" else {}
+    a = tiny({"name": rule, **kw}, vocab=5, length=6)
+    b = tiny({"name": rule, "prompt": "causal", **kw}, vocab=5, length=6)
+    x = torch.randint(0, 5, (2, 6))
+    ranks = torch.tensor([[0, 0, 0, 1, 2, 2], [0, 0, 0, 0, 1, 2]])
+    with torch.no_grad():
+        la, lb = log_likelihood(a, x, ranks), log_likelihood(b, x, ranks)
+    assert (la - lb).abs().min() > 1e-4
+    assert b.rule.spec()["prompt"] == "causal"
+    with pytest.raises(ValueError, match="attention.prompt"):
+        tiny({"name": rule, "prompt": "sideways", **kw})
+
+
+@pytest.mark.parametrize("rule", ["set_causal", {"name": "block_causal", "block_size": 3}, "bidirectional",
+                                  {"name": "set_causal", "prompt": "causal"},
+                                  {"name": "block_causal", "block_size": 3, "prompt": "causal"}], ids=str)
 @pytest.mark.parametrize("cache", [True, False])
 def test_incremental_equals_one_pass(rule, cache):
     """Step-by-step (KV cache appended after every set) equals the one-pass likelihood."""
     torch.manual_seed(3)
     model = tiny(rule, vocab=5, length=12)
-    x = torch.randint(0, 5, (3, 12))
+    x = torch.randint(0, 5, (4, 12))
     ranks = torch.tensor([
         [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, -1, -1],
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
         [0, 0, 0, 2, 1, 1, 3, 3, 4, 5, 5, 6],
+        [1, 0, 2, 0, 3, 3, 4, 0, 5, 6, 0, -1],  # given tokens between generated ones
     ])
     with torch.no_grad():
         torch.testing.assert_close(score_order(model, x, ranks, cache=cache), log_likelihood(model, x, ranks))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import orderlab
 from orderlab import registry
 from orderlab.policies import (
-    All, Block, Composed, Confidence, EntropyBound, Factor, First, Gumbel, KFromSchedule, Last, Margin, NegEntropy,
+    All, Block, Composed, Confidence, EntropyBound, EvenSplit, Factor, First, Gumbel, KFromSchedule, Last, Margin, NegEntropy,
     PCScore, PlackettLuce, Policy, PolicyError, PositionPrior, StepView, Threshold, TopK, Window,
 )
 
@@ -193,6 +193,63 @@ def test_kfromschedule_counts_sum_to_n_over_steps():
     assert select(KFromSchedule(Confidence(), 4), v).sum().item() == round(10 / 4)
     v = view_of([[0.5] * 10], step=3)
     assert select(KFromSchedule(Confidence(), 4), v).sum().item() == 10
+
+
+def llada_num_transfer_tokens(n0: int, steps: int) -> list[int]:
+    """LLaDA's get_num_transfer_tokens written out (REFERENCES.md, Semi-AR): n0 // steps
+    per step, the first n0 % steps steps one more."""
+    return [n0 // steps + (i < n0 % steps) for i in range(steps)]
+
+
+def test_even_split_reference_example_4_in_3_steps():
+    probs = conf_probs(torch.tensor([[0.9, 0.8, 0.7, 0.6]]))
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    for pol in [All() >> EvenSplit(Confidence(), 3), orderlab.build("policy", "semi_ar", block_size=4, steps=3),
+                orderlab.build("policy", "pc_sampler", steps=3)]:
+        assert [int(s.sum()) for s in decode_loop(pol, probs, masked)] == [2, 1, 1], pol
+    # the MDM linear-schedule count keeps rounding the expected share n / steps_left
+    assert [int(s.sum()) for s in decode_loop(All() >> KFromSchedule(Confidence(), 3), probs, masked)] == [1, 2, 1]
+    assert repr(All() >> EvenSplit(Confidence(), 3)) == "All() >> EvenSplit(Confidence(), steps=3)"
+    with pytest.raises(PolicyError, match="EvenSplit steps"):
+        EvenSplit(steps=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_even_split_matches_llada_split(n0, steps, B, seed):
+    """Counts sum to n0, are non-increasing, differ by at most one and equal LLaDA's
+    precomputed split (its zero-token steps dropped), per row of a batch with different n0."""
+    g = torch.Generator().manual_seed(seed)
+    L = n0 + B
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    n_rows = [max(1, n0 - b) for b in range(B)]
+    for b, n in enumerate(n_rows):
+        masked[b, torch.randperm(L, generator=g)[:n]] = True
+    probs = conf_probs(torch.rand(B, L, generator=g) * 0.8 + 0.15)
+    sets = decode_loop(All() >> EvenSplit(Confidence(), steps), probs, masked)
+    for b, n in enumerate(n_rows):
+        counts = [int(s[b].sum()) for s in sets]
+        counts = [c for c in counts if c > 0]  # rows finish at different steps
+        assert sum(counts) == n
+        assert all(a >= c for a, c in zip(counts, counts[1:]))
+        assert max(counts) - min(counts) <= 1
+        assert counts == [c for c in llada_num_transfer_tokens(n, steps) if c > 0]
+
+
+def test_semi_ar_even_split_restarts_in_every_block():
+    """4 + 3 + 2 masked positions in blocks of 4, 3 steps per block: the LLaDA split of each
+    block's own count (2,1,1 / 1,1,1 / 1,1), whatever step the block starts at."""
+    pol = orderlab.build("policy", "semi_ar", block_size=4, steps=3)
+    masked = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1]]).bool()
+    probs = conf_probs(torch.rand(1, 12) * 0.8 + 0.15)
+    sets = decode_loop(pol, probs, masked)
+    counts = [int(s.sum()) for s in sets]
+    blocks = [int(s[0].nonzero()[0]) // 4 for s in sets]
+    assert counts == [2, 1, 1, 1, 1, 1, 1, 1] and blocks == [0, 0, 0, 1, 1, 1, 2, 2]
+    # a block of 4 entered mid-decode (step 2) still splits 2, 1, 1
+    masked = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 1]]).bool()
+    counts = [int(s.sum()) for s in decode_loop(pol, conf_probs(torch.rand(1, 8) * 0.8 + 0.15), masked)]
+    assert counts == [1, 1, 2, 1, 1]
 
 
 # ----------------------------------------------------------------------------- candidates
