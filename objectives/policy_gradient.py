@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from orderlab.decoding import Decoded, decode
 from orderlab.likelihood import log_likelihood
-from orderlab.policies.base import Policy
+from orderlab.policies.base import Policy, PolicyError
 from orderlab.policies.learned import LearnedPolicy, Replay, Trajectory
 from orderlab.registry import ConfigError, build, register
 
@@ -118,9 +118,8 @@ class PolicyGradient(Objective):
         adv = self.advantages(ro.reward.view(-1, self.group)).reshape(-1).detach()  # [B·G]
         rep = self.policy.replay(ro.traj)
         loss, metrics = self.surrogate(rep, ro, adv)
-        ent = rep.step_entropy[rep.active]  # [active steps]: one entry per (row, decode step)
         if self.entropy:
-            loss = loss - self.entropy * ent.mean()
+            loss = loss - self.entropy * rep.step_entropy[rep.active].mean()  # mean over (row, decode step)
         if self.trains_model:
             loss = loss - (adv.to(torch.float32) * log_likelihood(model, ro.decoded.tokens, ro.decoded.ranks)).mean()
         d = ro.decoded
@@ -131,11 +130,21 @@ class PolicyGradient(Objective):
             "score": float(ro.score.mean()),
             "nfe": float(d.nfe.double().mean()),
             "tokens_per_step": float(revealed.sum()) / max(int(d.nfe.sum()), 1),
-            "entropy": float(ent.detach().mean()) if ent.numel() else 0.0,
+            "entropy": self._entropy_metric(rep),
             "log_prob": float(rep.log_prob.detach().mean()),
             **metrics,
         }
         return StepOutput(loss, metrics)
+
+    @staticmethod
+    def _entropy_metric(rep: Replay) -> float:
+        """Mean per-step policy entropy; NaN where the exact entropy is out of reach (top-k
+        sets with C(n, k) beyond the enumeration limit) and no entropy bonus needs it."""
+        try:
+            ent = rep.step_entropy[rep.active]
+        except PolicyError:
+            return math.nan
+        return float(ent.detach().mean()) if ent.numel() else 0.0
 
     def extra_repr(self) -> str:
         return f"group={self.group}, entropy={self.entropy}, temperature={self.temperature}, train_model={self.trains_model}"

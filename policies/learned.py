@@ -38,6 +38,7 @@ them and threading them through the decoder was not worth it for these tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,16 +257,22 @@ class Trajectory:
 
 @dataclass
 class Replay:
-    """A trajectory re-scored with gradients: per step ``[T, B]`` and summed ``[B]``."""
+    """A trajectory re-scored with gradients: per step ``[T, B]`` and summed ``[B]``.
+    The entropies are computed on first use (exact; costly for top-k with k > 1)."""
 
     step_log_prob: Tensor  # Float[T, B]
-    step_entropy: Tensor  # Float[T, B]
     active: Tensor  # Bool[T, B]: the row had candidates at that step
+    dist: SetDistribution  # the step distributions, rows [T·B]
 
     @property
     def log_prob(self) -> Tensor:
         """Float[B]: log π(trajectory) = Σ_k log π(S_k | state_k)."""
         return self.step_log_prob.sum(0)
+
+    @functools.cached_property
+    def step_entropy(self) -> Tensor:
+        """Float[T, B]: H(π(· | state_k)) (0 where the row had no candidates)."""
+        return self.dist.entropy().view_as(self.step_log_prob)
 
     @property
     def entropy(self) -> Tensor:
@@ -407,7 +414,7 @@ class LearnedPolicy(Policy, nn.Module):
         logits = self.net(f.to(dev).reshape(T * B, L, Fdim), keep)  # [T·B, L]
         dist = self.distribution(logits, cand.to(dev).reshape(T * B, L), k.to(dev).reshape(T * B))
         lp = dist.log_prob(sel.to(dev).reshape(T * B, L)).view(T, B)
-        return Replay(lp, dist.entropy().view(T, B), cand.any(-1).to(dev))
+        return Replay(lp, cand.any(-1).to(dev), dist)
 
     def extra_repr(self) -> str:
         return f"features={self.features.names}, greedy={self.greedy}, seed={self.seed}"

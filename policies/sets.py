@@ -175,19 +175,20 @@ class PlackettLuceTopK(SetDistribution):
     def entropy(self) -> Tensor:
         if bool((self.k <= 1).all()):
             return -(self.log_pi.exp() * self.log_pi).sum(1)
-        out = []
-        for b in range(self.logits.shape[0]):  # enumeration: meant for small rows
-            idx = self.valid[b].nonzero()[:, 0].tolist()
-            k = int(self.k[b])
-            if k == 0 or k == len(idx):
-                out.append(self.logits.new_zeros(()))
-                continue
-            if math.comb(len(idx), k) > self.max_sets:
-                raise PolicyError(f"PlackettLuceTopK.entropy enumerates C({len(idx)}, {k}) > max_sets = {self.max_sets} sets")
-            sets = torch.zeros(math.comb(len(idx), k), self.valid.shape[1], dtype=torch.bool, device=self.valid.device)
-            for c, combo in enumerate(itertools.combinations(idx, k)):
-                sets[c, list(combo)] = True
-            n = sets.shape[0]
-            lp = PlackettLuce.log_prob_set(self.logits[b].expand(n, -1), sets, self.valid[b].expand(n, -1))
-            out.append(-(lp.exp() * lp).sum())
-        return torch.stack(out)
+        out = self.logits.new_zeros(self.logits.shape[0])  # rows with k = 0 or k = n: one set, certain
+        L = self.logits.shape[1]
+        cand = self.valid.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # candidates first
+        for n, k in {(int(n), int(k)) for n, k in zip(self.n.tolist(), self.k.tolist()) if 0 < k < n}:
+            if math.comb(n, k) > self.max_sets:
+                raise PolicyError(f"PlackettLuceTopK.entropy enumerates C({n}, {k}) > max_sets = {self.max_sets} sets; "
+                                  "use k = 1 or the Bernoulli family for long rows")
+            rows = ((self.n == n) & (self.k == k)).nonzero()[:, 0]  # [r]
+            combos = torch.tensor(list(itertools.combinations(range(n), k)), device=rows.device)  # [C, k]
+            pos = cand[rows][:, combos]  # [r, C, k]: positions of each k-subset of the candidates
+            sets = torch.zeros(len(rows), len(combos), L, dtype=torch.bool, device=rows.device)
+            sets.scatter_(2, pos, True)
+            lp = PlackettLuce.log_prob_set(self.logits[rows].repeat_interleave(len(combos), 0), sets.flatten(0, 1),
+                                           self.valid[rows].repeat_interleave(len(combos), 0)).view(len(rows), -1)
+            plogp = torch.where(torch.isfinite(lp), lp.exp() * lp, torch.zeros_like(lp))  # 0 log 0 = 0
+            out = out.index_put((rows,), -plogp.sum(1))  # [r]: −Σ_S P log P
+        return out

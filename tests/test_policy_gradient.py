@@ -299,7 +299,7 @@ def test_sampled_trajectories_follow_the_replayed_distribution(cls):
         decode(model, pol, torch.where(r >= 1, model.mask_id, x), r, cache=False)
     with torch.no_grad():
         p = pol.replay(traj).log_prob.exp()
-    n = 6000
+    n = 4000
     x, r = task.batch(n)
     with pol.recording(seed=7, greedy=False):
         d = decode(model, pol, torch.where(r >= 1, model.mask_id, x), r, cache=False)
