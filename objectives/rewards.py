@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 
-import torch
 from torch import Tensor
 
 from orderlab.registry import register
