@@ -1,7 +1,14 @@
-"""Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO."""
+"""Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, and the
+policy-gradient objectives (REINFORCE, RLOO, GRPO) with their rewards (kind "reward")."""
 
-from . import likelihood  # noqa: F401  (fills the registry)
-from .base import LossOutput, Objective
+from . import likelihood, policy_gradient, rewards  # noqa: F401  (fill the registry)
+from .base import LossOutput, Objective, StepOutput
 from .likelihood import BlockNelbo, MDMNelbo, SetNLL
+from .policy_gradient import GRPO, RLOO, PolicyGradient, Reinforce, Rollout
+from .rewards import NFEPenalty, Reward, StepDiscount, TaskScore
 
-__all__ = ["LossOutput", "Objective", "SetNLL", "MDMNelbo", "BlockNelbo"]
+__all__ = [
+    "LossOutput", "StepOutput", "Objective", "SetNLL", "MDMNelbo", "BlockNelbo",
+    "PolicyGradient", "Reinforce", "RLOO", "GRPO", "Rollout",
+    "Reward", "TaskScore", "NFEPenalty", "StepDiscount",
+]

@@ -62,9 +62,10 @@ class Objective(nn.Module):
     exact: bool = False
     trains_model: bool = True
 
-    def __init__(self, process: Process | str = "linear"):
+    def __init__(self, process: Process | str | None = "linear"):
         super().__init__()
-        self.process: Process = build("process", process, path="objective.process")
+        # None: an objective that samples no forward process (policy gradient)
+        self.process: Process | None = None if process is None else build("process", process, path="objective.process")
 
     def forward(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} is not a likelihood objective; call step()")

@@ -49,7 +49,9 @@ class ConfigError(ValueError):
 _KINDS: dict[str, tuple[str, str | None]] = {
     "process": ("orderlab.processes", "orderlab.processes.base:Process"),
     "policy": ("orderlab.policies", "orderlab.policies.base:Policy"),
+    "policy_net": ("orderlab.policies", "orderlab.policies.learned:PolicyNet"),
     "objective": ("orderlab.objectives", "orderlab.objectives.base:Objective"),
+    "reward": ("orderlab.objectives", "orderlab.objectives.rewards:Reward"),
     "task": ("orderlab.tasks", "orderlab.tasks.base:Task"),
     "attention": ("orderlab.rules", "orderlab.rules:AttentionRule"),
     "model": ("orderlab.model", None),

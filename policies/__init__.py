@@ -18,6 +18,11 @@ from .presets import (
 )
 from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, RandomPolicy
 from .schedule import ScheduleSampler
+from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution, rank_random_ties
+from .learned import (
+    FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
+    Trajectory, TransformerNet,
+)
 
 __all__ = [
     "Policy", "PolicyError", "StepView",
@@ -29,4 +34,7 @@ __all__ = [
     "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
     "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
     "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
+    "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "rank_random_ties",
+    "FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",
+    "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
 ]

@@ -88,26 +88,38 @@ class PlackettLuce:
 
     @staticmethod
     def log_prob_set(logits: Tensor, selected: Tensor, valid: Tensor, max_size: int = 16) -> Tensor:
-        """Float[B]: exact log P(first |S| draws = S). Rows with |S| > max_size raise."""
-        out = torch.full((logits.shape[0],), -math.inf, dtype=torch.float64, device=logits.device)
-        for b in range(logits.shape[0]):  # 2^|S| terms per row: a loop over rows is the small part
-            S, R = selected[b] & valid[b], valid[b] & ~selected[b]
-            if (selected[b] & ~valid[b]).any():
-                continue
-            m = int(S.sum())
-            if m > max_size:
-                raise PolicyError(f"log_prob_set: |S| = {m} > max_size = {max_size} (2^|S| terms)")
-            if m == 0 or not R.any():  # nothing drawn, or every valid position: certain
-                out[b] = 0.0
-                continue
-            lse = torch.logsumexp(logits[b][valid[b]].double(), 0)
-            s_S = (logits[b][S].double() - lse).exp()  # [m] normalised weights
-            s_R = (logits[b][R].double() - lse).exp().sum()
-            bits = (torch.arange(2**m, device=logits.device)[:, None] >> torch.arange(m, device=logits.device)) & 1
-            s_A = bits.double() @ s_S  # [2^m]
-            sign = 1.0 - 2.0 * (bits.sum(1) % 2).double()
-            p = (sign * s_R / (s_R + s_A)).sum()
-            out[b] = p.clamp_min(0).log()
+        """Float[B]: exact log P(first |S| draws = S). Rows with |S| > max_size raise.
+
+        Batched over the rows with the same ``|S| = m`` (a ``[rows, 2^m]`` sum each), so
+        it is differentiable and fast for many rows with small sets.
+        """
+        B, L = logits.shape
+        out = torch.full((B,), -math.inf, dtype=torch.float64, device=logits.device)
+        ok = ~(selected & ~valid).any(1)
+        S = selected & valid
+        size = S.sum(1)
+        certain = ok & ((size == 0) | ~(valid & ~S).any(1))  # nothing drawn, or every valid position
+        out = torch.where(certain, torch.zeros_like(out), out)
+        todo = ok & ~certain
+        if not todo.any():
+            return out
+        too_big = todo & (size > max_size)
+        if too_big.any():
+            raise PolicyError(f"log_prob_set: |S| = {int(size[too_big].max())} > max_size = {max_size} (2^|S| terms)")
+        masked = torch.where(valid, logits.double(), torch.full_like(logits, -math.inf, dtype=torch.float64))
+        masked = torch.where(valid.any(1, keepdim=True), masked, torch.zeros_like(masked))
+        w = torch.where(valid, torch.softmax(masked, 1), torch.zeros_like(masked))  # [B, L] normalised weights s
+        s_R = (w * (valid & ~S)).sum(1)  # [B]
+        first = (~S).to(torch.uint8).argsort(dim=1, stable=True)  # [B, L]: the positions of S first
+        for m in size[todo].unique().tolist():
+            rows = (todo & (size == m)).nonzero()[:, 0]  # [n]
+            s_S = w[rows].gather(1, first[rows, :m])  # [n, m]
+            bits = ((torch.arange(2**m, device=logits.device)[:, None] >> torch.arange(m, device=logits.device)) & 1).double()
+            s_A = s_S @ bits.T  # [n, 2^m]: Σ_{i∈A} s_i for every A ⊆ S
+            sign = 1.0 - 2.0 * (bits.sum(1) % 2)  # (−1)^|A|
+            r = s_R[rows, None]
+            p = (sign * r / (r + s_A)).sum(1)
+            out = out.index_put((rows,), p.clamp_min(0).log())
         return out
 
 
