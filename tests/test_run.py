@@ -18,9 +18,11 @@ TINY = textwrap.dedent(
     """
     task: {name: addition, digits: 2}
     model: {name: transformer, d_model: 32, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    objective: {name: set_nll, process: {name: staggered, d: 2}}
+    stages:
+      lm:
+        objective: {name: set_nll, process: {name: staggered, d: 2}}
+        train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
     policy: {name: l2r}
-    train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
     evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 16, batch_size: 16}
     run: {dir: runs}
     """
@@ -46,33 +48,37 @@ def test_cli_trains_evaluates_and_writes_the_run_folder(yaml_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "tiny"
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoint.pt"} <= names
+    assert {"config.yaml", "results.json", "lm"} <= names
+    assert {p.name for p in (run / "lm").iterdir()} == {"metrics.jsonl", "checkpoint.pt"}
     assert {"order_l2r.png", "order_threshold_tau=0.9.png"} <= names
     results = json.loads((run / "results.json").read_text())
-    assert results["status"] == "completed" and results["checkpoint_step"] == 20
-    assert results["train"]["step"] == 20 and results["train"]["valid"]["label"] == "nll"
-    rows = {r["policy"]: r for r in results["evaluate"]}
+    assert results["status"] == "completed" and results["checkpoints"] == {"lm": 20}
+    lm = results["stages"]["lm"]
+    assert lm["step"] == 20 and lm["valid"]["label"] == "nll" and lm["valid"]["bits_per_token"] > 0
+    rows = {r["policy"]: r for r in results["evaluations"]}
     assert set(rows) == {"l2r", "threshold(tau=0.9)"}
     l2r = rows["l2r"]
     assert l2r["n"] == 16 and l2r["metric"] == "exact_match" and 0.0 <= l2r["score"] <= 1.0
+    assert l2r["accuracy"] == l2r["score"]  # exact match is an accuracy
     assert l2r["nfe_min"] == l2r["nfe_max"] == 3 and l2r["tokens_per_step"] == 1.0  # digits=2: 3 answer tokens
     assert sum(l2r["nfe_hist"]["count"]) == 16
     assert results["likelihood"]["bits_per_token"] > 0
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
     assert "exact_match" in proc.stdout and "threshold(tau=0.9)" in proc.stdout  # the table
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(run / "config.yaml")
-    assert saved.train.steps == 20 and saved.train.clip == 1.0 and saved.run.dir == str(tmp_path / "runs")
+    assert saved.stages.lm.train.steps == 20 and saved.stages.lm.train.clip == 1.0
+    assert saved.run.dir == str(tmp_path / "runs")
 
     # --eval-only (in process): the same weights give the same scores
-    before = {r["policy"]: r["score"] for r in results["evaluate"]}
+    before = {r["policy"]: r["score"] for r in results["evaluations"]}
     assert main([str(yaml_path), f"run.dir={tmp_path / 'runs'}", "--eval-only", "--no-progress"]) == 0
     again = json.loads((run / "results.json").read_text())
-    assert "train" not in again and again["checkpoint_step"] == 20
-    assert {r["policy"]: r["score"] for r in again["evaluate"]} == before
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20  # untouched
+    assert again["stages"] == {} and again["checkpoints"] == {"lm": 20}
+    assert {r["policy"]: r["score"] for r in again["evaluations"]} == before
+    assert json.loads((run / "lm" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20  # untouched
 
 
 def test_cli_config_error_exits_2(yaml_path, tmp_path):
@@ -85,9 +91,10 @@ def test_cli_config_error_exits_2(yaml_path, tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("train.lrr=0.1", "train.lrr: unknown key for TrainConfig; did you mean 'lr'?"),
-        ("train.steps=many", "train.steps: must be int"),
-        ("objective.process.name=staggerd", "objective.process.name: unknown process 'staggerd'; did you mean 'staggered'?"),
+        ("stages.lm.train.lrr=0.1", "stages.lm.train.lrr: unknown key for TrainConfig; did you mean 'lr'?"),
+        ("stages.lm.train.steps=many", "stages.lm.train.steps: must be int"),
+        ("stages.lm.objective.process.name=staggerd",
+         "stages.lm.objective.process.name: unknown process 'staggerd'; did you mean 'staggered'?"),
         ("evaluate.policies=[l2r,{name: treshold}]", "evaluate.policies[1].name: unknown policy 'treshold'"),
         ("model.n_heads=3", "model.n_heads: d_model=32 must split"),
     ],
@@ -101,14 +108,12 @@ def test_config_errors_exit_2_with_the_key_path(yaml_path, tmp_path, capsys, ove
 
 def test_steps_zero_evaluates_untrained_model(yaml_path, tmp_path):
     run_dir = tmp_path / "runs"
-    args = [str(yaml_path), f"run.dir={run_dir}", "run.name=zero", "train.steps=0", "evaluate.policies=[l2r]",
-            "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
+    args = [str(yaml_path), f"run.dir={run_dir}", "run.name=zero", "stages.lm.train.steps=0",
+            "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
     assert main(args) == 0
     results = json.loads((run_dir / "zero" / "results.json").read_text())
-    assert results["checkpoint_step"] is None and [r["policy"] for r in results["evaluate"]] == ["l2r"]
-    assert not (run_dir / "zero" / "checkpoint.pt").exists() and "likelihood" not in results
-    with pytest.raises(FileNotFoundError):
-        main([str(yaml_path), f"run.dir={run_dir}", "run.name=none", "--eval-only", "--no-progress"])
+    assert results["checkpoints"] == {} and [r["policy"] for r in results["evaluations"]] == ["l2r"]
+    assert not (run_dir / "zero" / "lm" / "checkpoint.pt").exists() and "likelihood" not in results
 
 
 def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
@@ -120,16 +125,17 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(T, "validate", boom)
-    args = [str(yaml_path), f"run.dir={tmp_path}", "train.steps=10", "train.ckpt_every=5", "evaluate.policies=[l2r]",
-            "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
+    args = [str(yaml_path), f"run.dir={tmp_path}", "stages.lm.train.steps=10", "stages.lm.train.ckpt_every=5",
+            "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
     assert main(args) == 130  # interrupted at the validation of step 10
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    assert results["status"] == "interrupted" and results["train"]["checkpoint_step"] == 5
+    assert results["status"] == "interrupted" and results["error"] == "KeyboardInterrupt: "
+    assert results["stages"]["lm"]["checkpoint_step"] == 5 and results["stages"]["lm"]["status"] == "interrupted"
     monkeypatch.setattr(T, "validate", real)
-    assert main([*args, "train.resume=true"]) == 0
+    assert main([*args, "run.resume=true"]) == 0
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    assert results["status"] == "completed" and results["train"]["start_step"] == 5
-    assert torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)["step"] == 10
+    assert results["status"] == "completed" and results["stages"]["lm"]["start_step"] == 5
+    assert torch.load(tmp_path / "tiny" / "lm" / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
 def test_evaluate_rows_cache_exact_and_l2r_ranks():
