@@ -227,3 +227,81 @@ def test_mapping_override_replaces_a_component_scalar_override_merges(yaml_path)
     assert type(exp.task).__name__ == "StdlibText" and exp.task.seq_len == 32  # no stale 'digits' key
     assert exp.objective.process.d == 1 and exp.config.stages.lm.objective.name == "set_nll"
     assert list(exp.policies) == ["r2l"]
+
+
+class TaskAware:
+    """An objective that needs the experiment's task (required, so the check pass must know)."""
+
+    trains_model = True
+
+    def __init__(self, task, scale: float = 1.0):
+        self.task, self.scale = task, scale
+
+    def parameters(self):
+        return iter(())
+
+
+def test_task_is_injected_into_objectives(yaml_path, monkeypatch):
+    registry.names("objective")
+    monkeypatch.setitem(registry._REGISTRY["objective"], "test_task_aware", TaskAware)
+    exp = load(yaml_path, ["stages.pg={objective: {name: test_task_aware, scale: 2.0}}"])
+    assert list(exp.stages) == ["lm", "pg"] and exp.stages["pg"].objective.task is exp.task
+    assert exp.stages["pg"].train.steps == 1000  # every train field defaulted
+    with pytest.raises(ConfigError, match="is set by the experiment") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_task_aware, task: addition}}"])
+    assert info.value.path == "stages.pg.objective.task"
+    with pytest.raises(ConfigError, match="must be float") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_task_aware, scale: x}}"])
+    assert info.value.path == "stages.pg.objective.scale"
+
+
+def test_learned_stage_policies_are_evaluated_and_nothing_to_train_is_an_error(yaml_path, monkeypatch):
+    from torch import nn
+
+    from orderlab.objectives.base import Objective
+
+    class Learns(Objective):
+        trains_model = False
+
+        def __init__(self, frozen: bool = False):
+            super().__init__("linear")
+            self.policy = nn.Linear(2, 2)
+            self.policy.requires_grad_(not frozen)
+
+    registry.names("objective")
+    monkeypatch.setitem(registry._REGISTRY["objective"], "test_learns", Learns)
+    exp = load(yaml_path, ["stages.pg={objective: test_learns}"])
+    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)", "pg"] and exp.policies["pg"] is exp.stages["pg"].objective.policy
+    with pytest.raises(ConfigError, match="nothing to train: Learns has trains_model=False") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_learns, frozen: true}}"])
+    assert info.value.path == "stages.pg.objective"
+    with pytest.raises(ConfigError, match="rename the stage") as info:
+        load(yaml_path, ["stages={l2r: {objective: test_learns}}"])
+    assert info.value.path == "stages.l2r"
+
+
+def test_stages_may_be_empty(yaml_path):
+    exp = load(yaml_path, ["stages={}"])
+    assert exp.stages == {} and exp.objective is None and exp.process is None
+
+
+def test_block_nelbo_rejects_non_absorbing_corruption(yaml_path):
+    block = ["model.attention={name: block_causal, block_size: 2}"]
+    ok = load(yaml_path, [*block, "stages.lm.objective={name: block_nelbo, process: linear}"])
+    assert type(ok.objective).__name__ == "BlockNelbo"
+    for corruption in ("uniform", "{name: hybrid, gamma: 0.1}"):
+        spec = f"stages.lm.objective={{name: block_nelbo, process: {{name: linear, corruption: {corruption}}}}}"
+        with pytest.raises(ConfigError, match="block_nelbo supports only absorbing corruption") as info:
+            load(yaml_path, [*block, spec])
+        assert info.value.path == "stages.lm.objective"
+
+
+def test_malformed_yaml_and_override_are_one_line_errors(yaml_path, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {name: addition\nmodel: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot read .*bad.yaml") as info:
+        load(bad)
+    assert "\n" not in str(info.value) and "line" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load(yaml_path, ["evaluate.policies=[l2r"])
+    assert info.value.path == "evaluate.policies" and "\n" not in str(info.value)
