@@ -75,6 +75,12 @@ class Objective(nn.Module):
         bits = float(out.nats.sum() / out.tokens.sum().clamp_min(1) / math.log(2))
         return StepOutput(out.loss, {"bits_per_token": bits}, weight=float(out.tokens.sum()), label=out.label)
 
+    def validate(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> StepOutput:
+        """What validation reports (called under ``no_grad``, model and objective in eval
+        mode): ``step`` by default. Override to validate otherwise than training, e.g.
+        decode greedily where training samples."""
+        return self.step(model, tokens, ranks, generator=generator)
+
     @staticmethod
     def _output(nats: Tensor, tokens: Tensor, exact: bool) -> LossOutput:
         tokens = tokens.float()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from orderlab.likelihood import log_likelihood, stream_log_probs
 from orderlab.processes.base import Process
-from orderlab.processes.corruption import Corruption
+from orderlab.processes.corruption import Absorbing, Corruption
 from orderlab.processes.flat import Flat
 from orderlab.registry import register
 from orderlab.rules import Bidirectional, BlockCausal
@@ -190,12 +190,16 @@ class MDMNelbo(Objective):
 class BlockNelbo(Objective):
     """BD3-LM NELBO (Arriola et al. 2025, eq. 7): one ``t`` per block, a flat schedule
     inside each block, loss read from the noisy copy of each block, which sees earlier
-    clean blocks. For a block-causal model. A bound on the NLL."""
+    clean blocks. For a block-causal model. A bound on the NLL. Absorbing corruption only:
+    the noisy blocks hold [MASK] (eq. 7 is the absorbing-state ELBO)."""
 
     def __init__(self, process: Process | str = "linear", eps: float = 1e-3):
         super().__init__(process)
         if not isinstance(self.process, Flat):
             raise ValueError(f"block_nelbo needs a flat schedule inside blocks, got {self.process!r}")
+        if not isinstance(self.process.corruption, Absorbing):
+            raise ValueError(f"block_nelbo supports only absorbing corruption (its noisy blocks hold [MASK]); "
+                             f"got process.corruption={self.process.corruption!r}")
         self.eps = eps
 
     def forward(self, model, tokens, ranks, generator=None) -> LossOutput:

@@ -2,26 +2,39 @@
 
 The only module (with run.py) that sees a whole config (DESIGN.md section 9.4). Layout::
 
-    task:      {name: addition, digits: 3}
-    model:     {name: transformer, d_model: 128, n_layers: 4, n_heads: 4, attention: {name: set_causal}}
-    objective: {name: set_nll, process: {name: staggered, d: 2}}
-    policy:    {name: l2r}                       # the decode policy
-    train:     {steps: 1000, batch_size: 64, lr: 1.0e-3, ...}     # TrainConfig fields
-    evaluate:  {policies: [l2r, {name: threshold, tau: 0.9}], ...} # EvaluateConfig fields
-    run:       {dir: runs, name: null, device: auto}              # RunConfig fields
+    task:   {name: addition, digits: 3}
+    model:  {name: transformer, d_model: 128, n_layers: 4, n_heads: 4, attention: {name: set_causal},
+             checkpoint: null}          # optional: start from an earlier run's weights
+    stages:                             # trained in this order, each with its own checkpoint
+      denoiser: {objective: {name: set_nll, process: {name: staggered, d: 2}},
+                 train: {steps: 1000, batch_size: 64, lr: 1.0e-3}}          # TrainConfig fields
+      policy:   {objective: {name: grpo, ...}, train: {steps: 300}}
+    policy:    {name: l2r}                                                 # the decode policy
+    evaluate:  {policies: [l2r, {name: threshold, tau: 0.9}], ...}         # EvaluateConfig fields
+    run:       {dir: runs, name: null, device: auto, resume: false}        # RunConfig fields
+
+A stage has exactly the keys ``objective`` (required) and ``train`` (optional, every
+field defaulted). ``stages: {}`` trains nothing (evaluate the model as built or loaded).
+The model and the task's size are the task's: ``model.vocab_size`` / ``model.max_len``
+are errors. ``model.checkpoint`` is a checkpoint file, a stage folder or a run folder
+(``orderlab.checkpoint.resolve``); its final (EMA) weights are loaded into the model.
+A component whose constructor takes ``task`` gets the built task (a policy-gradient
+objective scores samples with ``task.score``); one that takes ``token_freqs`` gets the
+task's token frequencies unless the YAML gives them.
 
 Loading is two passes: first every key of every section and component is checked
 against its constructor (``registry.check``, recursively into nested components), so a
 typo in ``evaluate.policies[1]`` is reported before a model is built; then everything
 is built. Errors are :class:`~orderlab.registry.ConfigError` naming the key path and,
-for a typo, the nearest valid key. ``load`` has no side effects: it creates no folder
-and loads no weights (see :meth:`Experiment.restore`).
+for a typo, the nearest valid key. ``load`` creates no folder and loads no weights
+other than ``model.checkpoint`` (the run's own checkpoints: :meth:`Experiment.restore`).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,21 +44,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orderlab import checkpoint as ckpt
 from orderlab import registry
 from orderlab.evaluate import EvaluateConfig
 from orderlab.registry import ConfigError
-from orderlab.train import CHECKPOINT, TrainConfig, derive_seed, load_checkpoint
+from orderlab.train import TrainConfig, derive_seed
 
-__all__ = ["load", "Experiment", "RunConfig", "SECTIONS", "policy_label"]
+__all__ = ["load", "Experiment", "Stage", "RunConfig", "SECTIONS", "policy_label"]
 
 
 @dataclass
 class RunConfig:
-    """The ``run:`` section: where the run folder lives and what it runs on."""
+    """The ``run:`` section: where the run folder lives, what it runs on, whether to resume."""
 
     dir: str = "runs"
     name: str | None = None  # null: the YAML file's stem
     device: str = "auto"  # "auto": cuda when available, else cpu
+    resume: bool = False  # skip completed stages, continue the interrupted one exactly
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -55,26 +70,37 @@ class RunConfig:
                 raise ConfigError("run.device", f"not a torch device: {e}") from None
 
 
-# section -> component kind (built by the registry) or settings dataclass
-_COMPONENTS = {"task": "task", "model": "model", "objective": "objective", "policy": "policy"}
-_SETTINGS: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig, "run": RunConfig}
-SECTIONS = (*_COMPONENTS, *_SETTINGS)
+SECTIONS = ("task", "model", "stages", "policy", "evaluate", "run")
+_STAGE_KEYS = ("objective", "train")
+_FROM_TASK = {"vocab_size": "task.vocab_size", "max_len": "task.seq_len"}  # model keys the task sets
+_STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+@dataclass
+class Stage:
+    """One training stage: an objective and its ``train`` settings. ``files``: its folder."""
+
+    name: str
+    objective: Any
+    train: TrainConfig
+    files: ckpt.StageFiles
 
 
 @dataclass
 class Experiment:
     """Everything an experiment needs, built from one config.
 
-    ``policy`` is the decode policy; ``policies`` the evaluation policies by label
-    (``evaluate.policies``, or just ``policy`` when that is null).
+    ``stages`` in training order. ``policy`` is the decode policy; ``policies`` the
+    evaluation policies by label: ``evaluate.policies`` (or just ``policy`` when that is
+    null), then the policy every stage learned (a stage whose objective has a ``policy``
+    attribute that is an ``nn.Module``), labelled with the stage's name.
     """
 
     config: DictConfig  # resolved, with every default filled in
     task: Any
     model: torch.nn.Module
-    objective: Any
+    stages: dict[str, Stage]
     policy: Any
-    train: TrainConfig
     evaluate: EvaluateConfig
     run: RunConfig
     run_dir: Path
@@ -82,32 +108,38 @@ class Experiment:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
-    def process(self) -> Any:
-        """The objective's forward process (the training order distribution)."""
-        return self.objective.process
+    def files(self) -> ckpt.RunFiles:
+        return ckpt.RunFiles(self.run_dir)
 
     @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT
+    def objective(self) -> Any:
+        """The first stage's objective (None without stages)."""
+        return next(iter(self.stages.values())).objective if self.stages else None
 
-    def restore(self, checkpoint: str | Path | None = None, ema: bool = True) -> int:
-        """Load weights from ``checkpoint`` (default: the run folder's) into ``model``.
+    @property
+    def process(self) -> Any:
+        """The training order distribution: the process of the first stage's objective
+        that has one (a likelihood objective's; None if no stage has a process)."""
+        return next((s.objective.process for s in self.stages.values() if hasattr(s.objective, "process")), None)
 
-        With ``ema`` and an EMA in the checkpoint, loads the averaged weights (the ones
-        evaluated). Returns the checkpoint's step.
-        """
-        path = Path(checkpoint) if checkpoint is not None else self.checkpoint_path
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        state = load_checkpoint(path, map_location=self.device)
-        weights = state["ema"]["shadow"] if ema and state.get("ema") is not None else state["model"]
-        self.model.load_state_dict(weights)
-        if state.get("objective") is not None and isinstance(self.objective, torch.nn.Module):
-            self.objective.load_state_dict(state["objective"])
-        return int(state["step"])
+    def restore(self, ema: bool = True) -> dict[str, int]:
+        """Load every stage's checkpoint that exists, in stage order, into the model and
+        the stage's objective (EMA weights when ``ema`` and present: the ones evaluated).
+        Returns ``{stage: checkpoint step}``. Raises ``CheckpointError`` naming the file
+        if one is unreadable or does not fit the config."""
+        steps = {}
+        for stage in self.stages.values():
+            if stage.files.checkpoint.exists():
+                steps[stage.name] = ckpt.restore_final(stage.files.checkpoint, self.model, stage.objective,
+                                                       ema=ema, map_location=self.device)
+        return steps
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def _read(source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
@@ -118,8 +150,8 @@ def _read(source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequen
             raise ConfigError("", f"config file {str(path)!r} not found")
         try:
             cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml syntax errors
-            raise ConfigError("", f"cannot read {str(path)!r}: {e}") from None
+        except Exception as e:  # yaml syntax errors: "... in <file>, line 3, column 7"
+            raise ConfigError("", f"cannot read {str(path)!r}: {_one_line(e)}") from None
         stem = path.stem
     else:
         cfg, stem = OmegaConf.create(dict(source) if isinstance(source, Mapping) else source), "experiment"
@@ -133,14 +165,14 @@ def _read(source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequen
         key = item.split("=", 1)[0].strip()
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(key, f"bad override {item!r}: {e}") from None
+        except Exception as e:  # omegaconf or yaml errors in the value
+            raise ConfigError(key, f"bad override {item!r}: {_one_line(e).split(' full_key:')[0]}") from None
         try:
             # a mapping value replaces the node (``task={name: text}`` swaps the component
             # and drops the old one's keys); a scalar or list value is set as usual
             OmegaConf.update(cfg, key, OmegaConf.select(dot, key), merge=False)
         except OmegaConfBaseException as e:
-            raise ConfigError(key, f"cannot apply override {item!r}: {e}") from None
+            raise ConfigError(key, f"cannot apply override {item!r}: {_one_line(e).split(' full_key:')[0]}") from None
     return cfg, stem
 
 
@@ -162,50 +194,109 @@ def _needs(cls: Any, arg: str) -> bool:
         return False
 
 
+def _injections(cls: Any, args: Mapping[str, Any], path: str, task: Any = None, freqs: Any = None) -> dict[str, Any]:
+    """What the builder adds to a component's arguments: ``task`` (always the experiment's;
+    a YAML value is an error) and ``token_freqs`` (unless the YAML gives them).
+    ``freqs`` is a callable giving the task's frequencies (None: a placeholder)."""
+    extra: dict[str, Any] = {}
+    if _needs(cls, "task"):
+        if "task" in args:
+            raise ConfigError(f"{path}.task", "is set by the experiment (its built task section); remove this key")
+        extra["task"] = task
+    if _needs(cls, "token_freqs") and "token_freqs" not in args:
+        extra["token_freqs"] = freqs() if freqs is not None else None
+    return extra
+
+
 def check_component(kind: str, spec: Any, path: str, **inject: Any) -> Any:
     """Check a component spec (and its nested components) without building anything.
 
-    ``inject`` holds the arguments the builder will add; a policy that takes
-    ``token_freqs`` gets them from the task at build time. Returns the component class.
+    ``inject`` holds the arguments the builder will add besides ``task`` and
+    ``token_freqs`` (see :func:`_injections`). Returns the component class.
     """
     if not isinstance(spec, (str, Mapping)):
         raise ConfigError(path, f"expected a {kind} name or a mapping with 'name'/'_target_', got {type(spec).__name__}")
     cls, args = registry.split(kind, spec, path)
-    if _needs(cls, "token_freqs") and "token_freqs" not in args:
-        inject = {**inject, "token_freqs": None}
-    return registry.check_spec(kind, spec, path, **inject)
+    return registry.check_spec(kind, spec, path, **{**_injections(cls, args, path), **inject})
 
 
-def _settings(section: str, values: Any) -> Any:
-    cls = _SETTINGS[section]
+def _settings(cls: type, path: str, values: Any) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
-        raise ConfigError(section, f"must be a mapping of {cls.__name__} keys, got {type(values).__name__}")
-    registry.check(cls, values, section)
-    return cls(**values)
+        raise ConfigError(path, f"must be a mapping of {cls.__name__} keys, got {type(values).__name__}")
+    registry.check(cls, values, path)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # range checks name "train.<key>": say which stage
+        if path != e.path.split(".")[0]:
+            raise ConfigError(f"{path}.{e.path.split('.', 1)[-1]}", str(e).split(": ", 1)[-1]) from None
+        raise
 
 
-def _check(raw: dict[str, Any]) -> tuple[TrainConfig, EvaluateConfig, RunConfig]:
+def _check_model(spec: Any) -> tuple[Any, str | None]:
+    """The model spec without ``checkpoint``, and that checkpoint (checked to exist)."""
+    if not isinstance(spec, Mapping):
+        check_component("model", spec, "model", vocab_size=1, max_len=1)
+        return spec, None
+    spec = dict(spec)
+    for key, source in _FROM_TASK.items():
+        if key in spec:
+            raise ConfigError(f"model.{key}", f"is set by the task ({source}); remove this key")
+    path = spec.pop("checkpoint", None)
+    if path is not None:
+        try:
+            ckpt.resolve(path)
+        except ckpt.CheckpointError as e:
+            raise ConfigError("model.checkpoint", str(e)) from None
+    check_component("model", spec, "model", vocab_size=1, max_len=1)
+    return spec, path
+
+
+def _check_stages(raw: Any) -> dict[str, tuple[Any, TrainConfig]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("stages", f"must be a mapping of stage name -> {{objective: ..., train: ...}}, got "
+                                    f"{type(raw).__name__}")
+    stages = {}
+    for name, stage in raw.items():
+        path = f"stages.{name}"
+        if not _STAGE_NAME.fullmatch(str(name)):
+            raise ConfigError(path, "a stage name is a folder name: letters, digits, '_' and '-'")
+        if not isinstance(stage, Mapping):
+            raise ConfigError(path, f"must be a mapping with keys {', '.join(_STAGE_KEYS)}, got {type(stage).__name__}")
+        for key in stage:
+            if key not in _STAGE_KEYS:
+                close = difflib.get_close_matches(key, _STAGE_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{path}.{key}", f"unknown stage key{hint} (valid keys: {', '.join(_STAGE_KEYS)})")
+        if stage.get("objective") is None:
+            raise ConfigError(f"{path}.objective", "missing: every stage trains an objective")
+        check_component("objective", stage["objective"], f"{path}.objective")
+        stages[str(name)] = (stage["objective"], _settings(TrainConfig, f"{path}.train", stage.get("train")))
+    return stages
+
+
+def _check(raw: dict[str, Any]) -> tuple[Any, str | None, dict[str, tuple[Any, TrainConfig]], EvaluateConfig, RunConfig]:
     """The check pass: every key of every section, nothing built."""
     for key in raw:
+        if key in ("objective", "train"):
+            raise ConfigError(key, f"'{key}' belongs to a stage: stages: {{<name>: {{objective: ..., train: ...}}}}")
         if key not in SECTIONS:
             close = difflib.get_close_matches(key, SECTIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(key, f"unknown section{hint} (valid sections: {', '.join(SECTIONS)})")
-    for section in _COMPONENTS:
+    for section in ("task", "model", "stages", "policy"):
         if raw.get(section) is None:
             raise ConfigError(section, "missing section")
-    train = _settings("train", raw.get("train"))
-    evaluate = _settings("evaluate", raw.get("evaluate"))
-    run = _settings("run", raw.get("run"))
+    evaluate = _settings(EvaluateConfig, "evaluate", raw.get("evaluate"))
+    run = _settings(RunConfig, "run", raw.get("run"))
     check_component("task", raw["task"], "task")
-    check_component("model", raw["model"], "model", vocab_size=1, max_len=1)
-    check_component("objective", raw["objective"], "objective")
+    model, model_ckpt = _check_model(raw["model"])
+    stages = _check_stages(raw["stages"])
     check_component("policy", raw["policy"], "policy")
     for i, spec in enumerate(evaluate.policies or []):
         check_component("policy", spec, f"evaluate.policies[{i}]")
-    return train, evaluate, run
+    return model, model_ckpt, stages, evaluate, run
 
 
 # --------------------------------------------------------------------------- building
@@ -222,14 +313,21 @@ def policy_label(spec: Any) -> str:
     return f"{head}({args})" if args else head
 
 
-def _build_policy(spec: Any, path: str, task: Any, freqs: dict[str, Any]) -> Any:
-    cls, args = registry.split("policy", spec, path)
-    extra = {}
-    if _needs(cls, "token_freqs") and "token_freqs" not in args:
-        if "value" not in freqs:
-            freqs["value"] = task.token_freqs()
-        extra["token_freqs"] = freqs["value"]
-    return registry.build("policy", spec, path=path, **extra)
+class _Freqs:
+    """The task's token frequencies, computed once on first use."""
+
+    def __init__(self, task: Any):
+        self.task, self.value = task, None
+
+    def __call__(self) -> Any:
+        if self.value is None:
+            self.value = self.task.token_freqs()
+        return self.value
+
+
+def _build(kind: str, spec: Any, path: str, task: Any, freqs: _Freqs) -> Any:
+    cls, args = registry.split(kind, spec, path)
+    return registry.build(kind, spec, path=path, **_injections(cls, args, path, task, freqs))
 
 
 def _device(name: str) -> torch.device:
@@ -243,24 +341,40 @@ def load(
 ) -> Experiment:
     """Read a YAML experiment (or a mapping), apply ``key=value`` overrides, check, build.
 
-    The model is initialised from ``train.seed`` (inside a forked RNG: the global torch
-    RNG is left as it was) and moved to ``run.device``.
+    The model is initialised from the first stage's ``train.seed`` (0 without stages;
+    inside a forked RNG: the global torch RNG is left as it was), loaded from
+    ``model.checkpoint`` when given, and moved to ``run.device``.
     """
     cfg, stem = _read(source, overrides)
     raw = _resolve(cfg)
-    train, evaluate, run = _check(raw)
+    model_spec, model_ckpt, stage_specs, evaluate, run = _check(raw)
+    run_files = ckpt.RunFiles(Path(run.dir) / (run.name or stem))
 
     task = registry.build("task", raw["task"], path="task")
+    freqs = _Freqs(task)
     device = _device(run.device)
+    seed = next(iter(stage_specs.values()))[1].seed if stage_specs else 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(train.seed, 0, "init"))
-        model = registry.build("model", raw["model"], path="model", vocab_size=task.vocab_size, max_len=task.seq_len)
+        torch.manual_seed(derive_seed(seed, 0, "init"))
+        model = registry.build("model", model_spec, path="model", vocab_size=task.vocab_size, max_len=task.seq_len)
+    if model_ckpt is not None:
+        try:
+            ckpt.restore_final(ckpt.resolve(model_ckpt), model)
+        except ckpt.CheckpointError as e:
+            raise ConfigError("model.checkpoint", str(e)) from None
     model = model.to(device)
-    objective = registry.build("objective", raw["objective"], path="objective")
-    if isinstance(objective, torch.nn.Module):
-        objective = objective.to(device)
-    freqs: dict[str, Any] = {}
-    policy = _build_policy(raw["policy"], "policy", task, freqs)
+
+    stages: dict[str, Stage] = {}
+    for name, (spec, train) in stage_specs.items():
+        objective = _build("objective", spec, f"stages.{name}.objective", task, freqs)
+        if isinstance(objective, torch.nn.Module):
+            objective = objective.to(device)
+        if not getattr(objective, "trains_model", True) and not any(p.requires_grad for p in objective.parameters()):
+            raise ConfigError(f"stages.{name}.objective", f"nothing to train: {type(objective).__name__} has "
+                                                          "trains_model=False and no parameters of its own")
+        stages[name] = Stage(name, objective, train, run_files.stage(name))
+
+    policy = _build("policy", raw["policy"], "policy", task, freqs)
     policies: dict[str, Any] = {}
     if evaluate.policies is None:
         policies[policy_label(raw["policy"])] = policy
@@ -268,22 +382,27 @@ def load(
         label = policy_label(spec)
         while label in policies:
             label += "'"
-        policies[label] = _build_policy(spec, f"evaluate.policies[{i}]", task, freqs)
+        policies[label] = _build("policy", spec, f"evaluate.policies[{i}]", task, freqs)
+    for stage in stages.values():
+        learned = getattr(stage.objective, "policy", None)
+        if isinstance(learned, torch.nn.Module):
+            if stage.name in policies:
+                raise ConfigError(f"stages.{stage.name}", f"the stage's learned policy would be labelled "
+                                                          f"{stage.name!r}, as an evaluate policy is: rename the stage")
+            policies[stage.name] = learned
 
-    full = {key: raw[key] for key in _COMPONENTS}
-    full.update(train=asdict(train), evaluate=asdict(evaluate), run=asdict(run))
-    run_dir = Path(run.dir) / (run.name or stem)
+    full = {"task": raw["task"], "model": raw["model"],
+            "stages": {n: {"objective": s[0], "train": asdict(s[1])} for n, s in stage_specs.items()},
+            "policy": raw["policy"], "evaluate": asdict(evaluate), "run": asdict(run)}
     return Experiment(
         config=OmegaConf.create(full),
         task=task,
         model=model,
-        objective=objective,
+        stages=stages,
         policy=policy,
-        train=train,
         evaluate=evaluate,
         run=run,
-        run_dir=run_dir,
+        run_dir=run_files.dir,
         policies=policies,
         device=device,
     )
-

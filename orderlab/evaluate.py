@@ -1,7 +1,9 @@
 """Evaluation: decode the task's test set with each policy and score it.
 
-Per policy: the task score (``task.metric``), NFE (mean, min/median/max, histogram),
-tokens per step, wall time and tokens/s; optionally an order heatmap of the first rows
+Per policy: the task score (``score``, named by ``metric`` = ``task.metric``; also as
+``accuracy`` when the metric is a fraction solved, ``ACCURACY_METRICS``), NFE (mean,
+min/median/max, histogram), tokens per step, wall time and tokens/s; optionally an order
+heatmap of the first rows
 (``orderlab.report.order_heatmap``). :func:`test_likelihood` gives the test set's
 bits per generated token under the left-to-right order (the common likelihood).
 """
@@ -21,7 +23,10 @@ from torch import Tensor
 
 from orderlab.registry import ConfigError
 
-__all__ = ["EvaluateConfig", "evaluate", "test_likelihood", "l2r_ranks"]
+__all__ = ["EvaluateConfig", "evaluate", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
+
+# task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
+ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
 
 
 @dataclass
@@ -141,6 +146,8 @@ def evaluate(
                 path = Path(out_dir) / f"order_{_slug(label)}.png"
                 order_heatmap(first_ranks, path, title=f"{label}: reveal step per position")
                 row["heatmap"] = path.name
+            if task.metric in ACCURACY_METRICS:
+                row["accuracy"] = row["score"]
             rows.append(row)
     finally:
         model.train(was_training)

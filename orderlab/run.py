@@ -1,13 +1,35 @@
 """``python -m orderlab.run experiments/X.yaml key=value ... [--eval-only]``
 
-Loads the experiment (a config error exits with status 2 and the message on stderr),
-creates the run folder ``run.dir / (run.name or <yaml stem>)`` with ``config.yaml``
-(resolved, every default filled in), trains (``metrics.jsonl``, ``checkpoint.pt``) unless
-``train.steps=0`` or ``--eval-only`` (then the folder's checkpoint is loaded if there is
-one), evaluates every policy (``results.json``, ``order_<policy>.png``) and prints a
-table. Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
-"interrupted" and exits with status 130. The same objects in Python:
-``orderlab.load(path, overrides)``.
+Loads the experiment, creates the run folder ``run.dir / (run.name or <yaml stem>)``
+with ``config.yaml`` (resolved, every default filled in), trains its stages in order
+(each in ``<stage>/``: ``checkpoint.pt``, ``metrics.jsonl``; each stage starts from the
+previous stage's final, EMA when present, weights), evaluates every policy (the
+``evaluate`` policies and each stage's learned policy) and prints a table.
+
+- A fresh run (no ``run.resume``) starts every stage over. With ``run.resume=true``,
+  stages whose checkpoint reached their ``train.steps`` are skipped (their weights
+  loaded) and the interrupted stage continues exactly where its checkpoint left it.
+- ``--eval-only`` trains nothing: it loads every stage's checkpoint (a stage with
+  ``train.steps > 0`` and none is an error) and evaluates.
+- Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
+  "interrupted" and exits with status 130.
+- A config error, or a checkpoint that is missing (``--eval-only``), truncated or does
+  not fit the config, exits with status 2 and one line on stderr naming the key or file.
+
+``results.json`` (written here only, atomically, also on failure) holds::
+
+    status        "running" | "completed" | "failed" | "interrupted"
+    error         "<Type>: <message>" (failed / interrupted only)
+    run_dir       the run folder
+    stages        {<stage>: TrainResult.summary() | {status: "completed", skipped: true, step}}
+                  for the stages this invocation trained or skipped
+    checkpoints   {<stage>: step} of the stage checkpoints whose weights were evaluated
+    evaluations   one row per policy (orderlab.evaluate.evaluate: policy, metric, score,
+                  accuracy (exact-match metrics only), nfe_mean, tokens_per_step, ...)
+    likelihood    test bits per token under the l2r order (``evaluate.likelihood``)
+    wall_s        seconds
+
+The same objects in Python: ``orderlab.load(path, overrides)`` and :func:`execute`.
 """
 
 from __future__ import annotations
@@ -19,11 +41,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
+from torch import nn
 
-from orderlab.config import Experiment, load
+from orderlab import checkpoint as ckpt
+from orderlab.config import Experiment, Stage, load
 from orderlab.evaluate import evaluate, test_likelihood
 from orderlab.registry import ConfigError
-from orderlab.train import RESULTS, train
+from orderlab.train import TrainResult, train
 
 __all__ = ["main", "execute"]
 
@@ -34,41 +58,77 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr)
 
 
-def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (unless ``eval_only`` or ``train.steps == 0``) and evaluate ``exp``; write the run folder."""
-    from orderlab.report import write_json
+def _write(exp: Experiment, results: dict[str, Any]) -> dict[str, Any]:
+    stages = {k: v.summary() if isinstance(v, TrainResult) else v for k, v in results["stages"].items()}
+    out = {**results, "stages": stages}
+    ckpt.write_results(exp.files, out)
+    return out
 
-    run_dir = exp.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(exp.config, run_dir / "config.yaml")
-    results: dict[str, Any] = {"status": "running", "run_dir": str(run_dir)}
+
+def _completed_step(stage: Stage) -> int | None:
+    """The stage checkpoint's step when it reached ``train.steps`` (a stage to skip)."""
+    if not stage.files.checkpoint.exists():
+        return None
+    step = int(ckpt.load(stage.files.checkpoint)["step"])
+    return step if step >= stage.train.steps else None
+
+
+def _train_stages(exp: Experiment, results: dict[str, Any], progress: bool) -> None:
+    resume, retrained = exp.run.resume, False
+    config = OmegaConf.to_container(exp.config)
+    if not resume:  # a fresh run: no stale checkpoint of any stage survives a failure
+        for stage in exp.stages.values():
+            stage.files.clear()
+    for stage in exp.stages.values():
+        if stage.train.steps > 0:
+            done = _completed_step(stage) if resume and not retrained else None
+            if done is not None:
+                results["stages"][stage.name] = {"status": "completed", "skipped": True, "step": done}
+            else:
+                res = results["stages"][stage.name] = TrainResult()
+                # a stage that trains again invalidates the checkpoints of the stages after it
+                train(exp.model, stage.objective, exp.task, stage.train, stage.files.dir, resume=resume and not retrained,
+                      progress=progress, name=stage.name, extra={"config": config, "stage": stage.name}, result=res)
+                retrained = retrained or res.step > res.start_step
+        if stage.files.checkpoint.exists():  # the next stage starts from this one's final (EMA) weights
+            results["checkpoints"][stage.name] = ckpt.restore_final(
+                stage.files.checkpoint, exp.model, stage.objective, map_location=exp.device)
+
+
+def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the stages (unless ``eval_only``) and evaluate ``exp``; write the run folder."""
+    files = exp.files
+    files.dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(exp.config, files.config)
+    results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "stages": {}, "checkpoints": {}}
     t0 = time.perf_counter()
-    if exp.train.steps > 0 and not eval_only:
-        config = OmegaConf.to_container(exp.config)
-        tr = train(exp.model, exp.objective, exp.task, exp.train, run_dir, progress=progress, extra={"config": config})
-        results["train"] = tr.summary()
-    if exp.checkpoint_path.exists():
-        results["checkpoint_step"] = exp.restore(ema=True)  # the EMA weights when there are
-    elif eval_only:
-        raise FileNotFoundError(f"--eval-only: no checkpoint at {exp.checkpoint_path}")
-    else:
-        results["checkpoint_step"] = None  # an untrained model: train.steps=0 and no checkpoint
-    ev = exp.evaluate
     try:
-        rows = evaluate(exp.model, exp.task, exp.policies, ev.n, ev.batch_size, cache=ev.cache,
-                        temperature=ev.temperature, seed=ev.seed, out_dir=run_dir if ev.heatmaps else None)
-        results["evaluate"] = rows
+        if eval_only:
+            for stage in exp.stages.values():
+                if stage.train.steps > 0 and not stage.files.checkpoint.exists():
+                    raise ckpt.CheckpointError(stage.files.checkpoint, f"--eval-only: stage {stage.name!r} has no "
+                                               "checkpoint (train it first, or set its train.steps=0)")
+            results["checkpoints"] = exp.restore(ema=True)
+        else:
+            _train_stages(exp, results, progress)
+        for policy in exp.policies.values():
+            if isinstance(policy, nn.Module):
+                policy.eval()  # a learned policy decodes without dropout
+        ev = exp.evaluate
+        results["evaluations"] = evaluate(
+            exp.model, exp.task, exp.policies, ev.n, ev.batch_size, cache=ev.cache, temperature=ev.temperature,
+            seed=ev.seed, out_dir=files.dir if ev.heatmaps else None)
         if ev.likelihood:
             results["likelihood"] = test_likelihood(exp.model, exp.task, ev.n, ev.batch_size, seed=ev.seed)
     except BaseException as e:
         results["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         results["error"] = f"{type(e).__name__}: {e}"
-        write_json(run_dir / RESULTS, results)
+        results["wall_s"] = time.perf_counter() - t0
+        _write(exp, results)
         raise
     results["status"] = "completed"
     results["wall_s"] = time.perf_counter() - t0
-    write_json(run_dir / RESULTS, results)
-    return results
+    return _write(exp, results)
 
 
 def _table(exp: Experiment, results: dict[str, Any]) -> None:
@@ -84,38 +144,48 @@ def _table(exp: Experiment, results: dict[str, Any]) -> None:
             "tok/s": round(r["tokens_per_s"], 1),
             "wall s": round(r["wall_s"], 2),
         }
-        for r in results.get("evaluate", [])
+        for r in results.get("evaluations", [])
     ]
     title = f"{exp.run_dir.name}: {exp.task!r}, n={exp.evaluate.n}"
-    valid = (results.get("train") or {}).get("valid")
-    if valid:
-        title += f" | valid {valid['label']} {valid['bits_per_token']:.4f} bits/token"
+    for name, stage in results["stages"].items():
+        valid = stage.get("valid")
+        if valid:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if k not in ("step", "label", "loss")
+                              and isinstance(v, float))
+            title += f" | {name} valid{' ' + valid['label'] if valid.get('label') else ''} {shown}"
     if "likelihood" in results:
         title += f" | test l2r nll {results['likelihood']['bits_per_token']:.4f} bits/token"
     print_table(rows, title)
+
+
+def _error(kind: str, e: Exception) -> int:
+    from rich.markup import escape
+
+    message = " ".join(str(e).split())  # one line, whatever the message
+    _console(stderr=True).print(f"[bold red]{kind}[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orderlab.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
-    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the run folder's checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the run folder's checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)  # overrides may come after the flags
     try:
         exp = load(args.config, args.overrides)
     except ConfigError as e:
-        from rich.markup import escape
-
-        _console(stderr=True).print(f"[bold red]config error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 2
+        return _error("config error", e)
     try:
         results = execute(exp, eval_only=args.eval_only, progress=not args.no_progress)
     except KeyboardInterrupt:
         _console(stderr=True).print(
-            f"interrupted: {exp.run_dir} keeps the last checkpoint and metrics (continue with train.resume=true)",
+            f"interrupted: {exp.run_dir} keeps the last checkpoints and metrics (continue with run.resume=true)",
             highlight=False, soft_wrap=True)
         return 130
+    except ckpt.CheckpointError as e:
+        return _error("checkpoint error", e)
     _table(exp, results)
     return 0
 

@@ -1,38 +1,49 @@
-"""The training loop: AdamW, warmup + cosine LR, clipping, EMA, exact resume.
+"""The training loop, one for every objective: AdamW, warmup + cosine LR, clipping, EMA,
+exact resume.
+
+The loop knows nothing about what it trains: each step it calls ``objective.step(model,
+tokens, ranks, generator) -> StepOutput``, backpropagates ``loss`` and logs ``metrics``
+(their ``weight``-weighted mean over the log window, e.g. bits per token weighted by
+predicted tokens; reward, NFE, ... weighted by rows). Validation calls
+``objective.validate`` (by default ``step``) under ``no_grad`` on the task's valid split
+and logs ``valid_<metric>`` and ``valid_label``.
+
+What is optimised: the model's parameters when ``objective.trains_model`` (else the
+model is frozen for the call: ``requires_grad`` off and eval mode, so no dropout), plus
+the objective's own parameters. EMA averages the same modules.
 
 Every source of randomness is a function of ``(seed, step)``: the training batch is
 ``task.batch(batch_size, "train", seed=derive_seed(seed, step, "data"))`` and the
-objective samples its orders with a generator seeded ``derive_seed(seed, step,
-"objective")``. The global torch RNG (dropout) is seeded once at the start and saved in
-every checkpoint, so a run of ``2N`` steps and a run of ``N`` steps resumed for ``N``
-more give bit-identical loss curves on CPU.
+objective gets a generator seeded ``derive_seed(seed, step, "objective")``. The global
+torch RNG (dropout) is seeded once at the start and saved in every checkpoint, so a run
+of ``2N`` steps and a run of ``N`` steps resumed for ``N`` more give bit-identical loss
+curves and metrics records on CPU.
 
-Files written in ``run_dir`` (all optional, ``run_dir=None`` writes nothing):
-
-- ``checkpoint.pt`` every ``ckpt_every`` steps and at the end, atomically (tmp + replace);
-- ``metrics.jsonl``: one JSON object per logged step (``step, loss, bits_per_token, lr,
-  tokens_per_s``; plus ``valid_bits_per_token, valid_label`` at validation steps);
-- ``results.json`` when the run is interrupted or fails (status, last metrics), before
-  the exception is re-raised; a completed run's results are the caller's (run.py).
+Files (names and contents: ``orderlab.checkpoint``), in ``run_dir`` when given:
+``checkpoint.pt`` every ``ckpt_every`` steps and at the end, and ``metrics.jsonl``, one
+record per logged step: ``step``, the objective's metrics, ``loss`` (mean of the steps'
+losses), ``lr``, ``tokens_per_s`` (non-padding input tokens per second); plus
+``valid_<metric>``, ``valid_loss``, ``valid_label`` at validation steps. On failure or
+Ctrl-C the last checkpoint is kept and the exception propagates; the caller's
+:class:`TrainResult` (``result=``) holds the status (run.py writes ``results.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from orderlab import checkpoint as ckpt
 from orderlab.registry import ConfigError
 
 __all__ = [
@@ -40,25 +51,16 @@ __all__ = [
     "TrainResult",
     "EMA",
     "WarmupCosine",
+    "WindowMeans",
     "derive_seed",
     "train",
     "validate",
-    "save_checkpoint",
-    "load_checkpoint",
-    "CHECKPOINT",
-    "METRICS",
-    "RESULTS",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"
-LN2 = math.log(2.0)
 
 
 @dataclass
 class TrainConfig:
-    """The ``train:`` section of an experiment; the keys are these fields."""
+    """The ``train:`` section of a stage; the keys are these fields."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -66,13 +68,12 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.0
     clip: float | None = 1.0  # max gradient norm; null: no clipping
-    ema: float | None = None  # EMA decay of the weights (e.g. 0.999); null: no EMA
+    ema: float | None = None  # EMA decay of the trained weights (e.g. 0.999); null: no EMA
     seed: int = 0
     log_every: int = 25
     eval_every: int = 250  # 0: validate only at the end
-    valid_n: int = 256  # validation examples (task's "valid" split)
+    valid_n: int = 256  # validation examples (task's "valid" split); 0: no validation
     ckpt_every: int = 250  # 0: checkpoint only at the end
-    resume: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -163,150 +164,129 @@ class EMA:
             module.load_state_dict(backup)
 
 
+class WindowMeans:
+    """Weighted means of named scalars over a window of steps.
+
+    One ``torchmetrics.aggregation.MeanMetric`` (float64) per name: ``update(metrics,
+    weight)`` adds ``weight * value`` and ``weight``; ``compute()`` divides (and, under
+    DDP, sums over processes first). A name whose window saw a NaN computes to NaN.
+    The updates since the last ``reset`` are kept so that a checkpoint can carry an
+    unfinished window (``state_dict``) and a resumed run logs the same records.
+    """
+
+    def __init__(self) -> None:
+        self._means: dict[str, Any] = {}
+        self._nan: set[str] = set()
+        self._updates: list[tuple[dict[str, float], float]] = []
+
+    def update(self, metrics: Mapping[str, float], weight: float = 1.0) -> None:
+        from torchmetrics.aggregation import MeanMetric
+
+        values = {k: float(v) for k, v in metrics.items()}
+        self._updates.append((values, float(weight)))
+        for name, value in values.items():
+            if math.isnan(value):
+                self._nan.add(name)
+                continue
+            if name not in self._means:
+                # "ignore", not "disable": torchmetrics 1.9 drops the weights under "disable"
+                self._means[name] = MeanMetric(nan_strategy="ignore").set_dtype(torch.float64)
+            self._means[name].update(value, float(weight))
+
+    def compute(self) -> dict[str, float]:
+        out = {k: float(m.compute()) for k, m in self._means.items()}
+        out.update({k: math.nan for k in self._nan})
+        return out
+
+    def reset(self) -> None:
+        self._means, self._nan, self._updates = {}, set(), []
+
+    def __len__(self) -> int:
+        return len(self._updates)
+
+    def state_dict(self) -> list[tuple[dict[str, float], float]]:
+        return list(self._updates)
+
+    def load_state_dict(self, updates: list) -> None:
+        self.reset()
+        for values, weight in updates:
+            self.update(values, weight)
+
+
+def _label(labels: set[str | None]) -> str | None:
+    """One label for a window: the objective's, or all of them when steps disagreed."""
+    found = sorted(x for x in labels if x is not None)
+    return " / ".join(found) if found else None
+
+
 @dataclass
 class TrainResult:
     """What a call of :func:`train` did. ``losses`` holds the loss of every step it ran."""
 
-    status: str
-    start_step: int
-    step: int
+    status: str = "running"  # running, completed, interrupted, failed
+    start_step: int = 0
+    step: int = 0
+    checkpoint_step: int | None = None  # step of the last checkpoint written or resumed from
     losses: list[float] = field(default_factory=list)
     last: dict[str, Any] | None = None  # last logged metrics record
-    valid: dict[str, Any] | None = None  # last validation
+    valid: dict[str, Any] | None = None  # last validation: {step, <metric>..., loss, label}
     wall_s: float = 0.0
+    error: str | None = None
     ema: EMA | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary (no tensors)."""
-        return {
+        out = {
             "status": self.status,
             "start_step": self.start_step,
             "step": self.step,
+            "checkpoint_step": self.checkpoint_step,
             "final_loss": self.losses[-1] if self.losses else None,
             "last": self.last,
             "valid": self.valid,
             "wall_s": round(self.wall_s, 3),
             "ema": self.ema is not None,
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- pieces
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace``: never a half-written file."""
-    path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (plain containers and tensors)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from orderlab.report import write_json
-
-    write_json(path, obj)
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    from orderlab.report import append_jsonl
-
-    append_jsonl(path, record)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a resume starts from)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        _atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in keep)))
-
-
-# --------------------------------------------------------------------------- loop
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases, norms, ...): the nanoGPT/GPT-2 rule."""
-    seen: set[int] = set()
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def _stateful(obj: Any) -> bool:
-    return isinstance(obj, nn.Module) and len(obj.state_dict()) > 0
+def _trained(model: nn.Module, objective: nn.Module) -> nn.ModuleDict:
+    """The modules this call optimises (and averages): ``model`` when the objective
+    trains it, the objective when it has trainable parameters of its own."""
+    out = nn.ModuleDict()
+    if getattr(objective, "trains_model", True):
+        out["model"] = model
+    if any(p.requires_grad for p in objective.parameters()):
+        out["objective"] = objective
+    return out
 
 
-@torch.no_grad()
-def validate(
-    model: nn.Module,
-    objective: Any,
-    task: Any,
-    n: int,
-    batch_size: int,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """The objective on the task's valid split: bits per predicted token.
-
-    The label is ``"nll"`` when every ``LossOutput.exact`` is true (an exact NLL of the
-    sampled orders) and ``"nelbo (bound)"`` otherwise. The orders are sampled with a
-    generator seeded from ``seed`` alone, so validations at different steps compare.
-    """
-    device = torch.device(device) if device is not None else _device_of(model)
-    was_training = model.training
-    model.eval()
-    nats = tokens_sum = 0.0
-    exact = True
+@contextlib.contextmanager
+def _frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """``requires_grad`` off for the block when ``frozen``; restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    if frozen:
+        model.requires_grad_(False)
     try:
-        for i, start in enumerate(range(0, n, batch_size)):
-            m = min(batch_size, n - start)
-            tokens, ranks = task.batch(m, split="valid", seed=derive_seed(seed, i, "valid-data"))
-            g = torch.Generator(device=device).manual_seed(derive_seed(seed, i, "valid-objective"))
-            out = objective(model, tokens.to(device), ranks.to(device), generator=g)
-            nats += float(out.nats.sum())
-            tokens_sum += float(out.tokens.sum())
-            exact = exact and bool(out.exact)
+        yield
     finally:
-        model.train(was_training)
-    bpt = nats / max(tokens_sum, 1.0) / LN2
-    return {"bits_per_token": bpt, "label": "nll" if exact else "nelbo (bound)", "tokens": tokens_sum}
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -314,128 +294,183 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _progress(enabled: bool):
+def _format(record: Mapping[str, Any]) -> str:
+    """The progress bar's text: every metric of a record, 4 significant digits."""
+    parts = [f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr", "tokens_per_s")
+             and isinstance(v, (int, float)) and not k.startswith("valid_")]
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+    return " · ".join(parts)
+
+
+def _progress(name: str, enabled: bool):
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]train"),
+        TextColumn(f"[bold]{name}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
         disable=not enabled,
     )
 
 
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    objective: nn.Module,
+    task: Any,
+    n: int,
+    batch_size: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """``objective.validate`` on ``n`` examples of the task's valid split, in eval mode.
+
+    Returns the weighted means of the metrics (as in training), ``loss`` (mean over
+    batches, weighted by rows) and ``label`` (the objective's, e.g. "nll" or "nelbo
+    (bound)"; None when it reports none). Batches and generators are seeded from ``seed``
+    alone, so validations at different steps compare.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    modes = model.training, objective.training
+    model.eval()
+    objective.eval()
+    means, loss, labels = WindowMeans(), WindowMeans(), set()
+    try:
+        for i, start in enumerate(range(0, n, batch_size)):
+            m = min(batch_size, n - start)
+            tokens, ranks = task.batch(m, split="valid", seed=derive_seed(seed, i, "valid-data"))
+            g = torch.Generator(device=device).manual_seed(derive_seed(seed, i, "valid-objective"))
+            out = objective.validate(model, tokens.to(device), ranks.to(device), generator=g)
+            means.update(out.metrics, out.weight)
+            loss.update({"loss": float(out.loss)}, m)
+            labels.add(out.label)
+    finally:
+        model.train(modes[0])
+        objective.train(modes[1])
+    return {**means.compute(), **loss.compute(), "label": _label(labels)}
+
+
+# --------------------------------------------------------------------------- loop
+
+
 def train(
     model: nn.Module,
-    objective: Any,
+    objective: nn.Module,
     task: Any,
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     *,
+    resume: bool = False,
     progress: bool = True,
+    name: str = "train",
     on_step: Callable[[int, dict[str, Any] | None], None] | None = None,
     extra: dict[str, Any] | None = None,
+    result: TrainResult | None = None,
 ) -> TrainResult:
-    """Train ``model`` with ``objective`` on ``task`` for ``cfg.steps`` steps.
+    """Train with ``objective`` on ``task`` for ``cfg.steps`` steps (see the module docstring).
 
-    With ``cfg.resume`` and a checkpoint in ``run_dir``, continues from its step exactly
-    (model, optimizer, scheduler, EMA, RNG states). ``on_step(step, record)`` is called
-    after each step (``record``: the metrics record of a logged step, else ``None``).
-    ``extra`` is stored in the checkpoint as is (e.g. the resolved config).
-    On ``KeyboardInterrupt`` or an exception, ``results.json`` records the status and
-    the last metrics, the last checkpoint is kept, and the exception is re-raised.
+    With ``resume`` and a checkpoint in ``run_dir``, continues from its step exactly
+    (model, objective, optimizer, scheduler, EMA, RNG states, the unfinished log window);
+    without, a stale checkpoint and metrics file there are removed first.
+    ``on_step(step, record)`` is called after each step (``record``: the metrics record of
+    a logged step, else ``None``). ``extra`` is stored in the checkpoint as is (e.g. the
+    resolved config). ``result`` (filled in place and returned) lets a caller read the
+    status, step and last checkpoint step when the call raises.
+    Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
+    False and the objective has no trainable parameters).
     """
     device = _device_of(model)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_dir / CHECKPOINT if run_dir else None
-    metrics_path = run_dir / METRICS if run_dir else None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
+    result = result if result is not None else TrainResult()
+    frozen = not getattr(objective, "trains_model", True)
+    with _frozen(model, frozen):
+        trained = _trained(model, objective)
+        params = [p for p in trained.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"nothing to train: {type(objective).__name__} has trains_model=False and no "
+                             "trainable parameters of its own")
+        opt = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps))
+        ema = EMA(trained, cfg.ema) if cfg.ema is not None else None
+        means, losses = WindowMeans(), WindowMeans()
 
-    modules = [model] + ([objective] if isinstance(objective, nn.Module) else [])
-    opt = torch.optim.AdamW(_param_groups(modules, cfg.weight_decay), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps))
-    ema = EMA(model, cfg.ema) if cfg.ema is not None else None
+        start = 0
+        if resume and files is not None and files.checkpoint.exists():
+            state = ckpt.load(files.checkpoint, map_location=device)
+            ckpt.load_weights(model, state["model"], files.checkpoint, "model")
+            if state.get("objective") is not None:
+                ckpt.load_weights(objective, state["objective"], files.checkpoint, "objective")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            ckpt.set_rng_state(state["rng"])
+            means.load_state_dict(state["window"]["metrics"])
+            losses.load_state_dict(state["window"]["loss"])
+            start = int(state["step"])
+            ckpt.truncate_metrics(files.metrics, start)
+            result.checkpoint_step = start
+        else:
+            torch.manual_seed(derive_seed(cfg.seed, 0, "global"))
+            random.seed(derive_seed(cfg.seed, 0, "python"))
+            if files is not None:
+                files.clear()  # a fresh run: no stale checkpoint or records
+        result.status, result.start_step, result.step, result.ema = "running", start, start, ema
+        return _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result,
+                     frozen=frozen, progress=progress, name=name, on_step=on_step, extra=extra)
 
-    start = 0
-    if cfg.resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        if state.get("objective") is not None and _stateful(objective):
-            objective.load_state_dict(state["objective"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"])
-        start = int(state["step"])
-        _truncate_metrics(metrics_path, start)
-    else:
-        torch.manual_seed(derive_seed(cfg.seed, 0, "global"))
-        random.seed(derive_seed(cfg.seed, 0, "python"))
-        if metrics_path is not None and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run: no stale records
 
-    result = TrainResult(status="running", start_step=start, step=start, ema=ema)
-    last_ckpt = start if start > 0 else None
+def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result, *, frozen, progress, name,
+          on_step, extra) -> TrainResult:
+    device = _device_of(model)
+
+    def set_modes() -> None:
+        model.train(not frozen)  # a frozen model runs in eval mode: no dropout
+        objective.train()
 
     def checkpoint(step: int) -> None:
-        nonlocal last_ckpt
-        if ckpt_path is None:
+        if files is None:
             return
-        save_checkpoint(
-            ckpt_path,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "objective": objective.state_dict() if _stateful(objective) else None,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "rng": _rng_state(),
-                "extra": extra,
-            },
-        )
-        last_ckpt = step
+        ckpt.save(files.checkpoint, {
+            "step": step,
+            "model": model.state_dict(),
+            "objective": objective.state_dict() if len(objective.state_dict()) else None,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": ckpt.rng_state(),
+            "window": {"metrics": means.state_dict(), "loss": losses.state_dict()},
+            "extra": extra,
+        })
+        result.checkpoint_step = step
 
-    def run_validation(step: int) -> dict[str, Any] | None:
+    def validation(step: int) -> dict[str, Any] | None:
         if cfg.valid_n == 0:
             return None
-        ctx = ema.swapped(model) if ema is not None else contextlib.nullcontext()
-        with ctx:
+        with ema.swapped(trained) if ema is not None else contextlib.nullcontext():
             v = validate(model, objective, task, cfg.valid_n, cfg.batch_size, seed=cfg.seed, device=device)
         result.valid = {"step": step, **v}
         return v
 
-    t_start = time.perf_counter()
-    window_loss: list[Tensor] = []
-    window_nats: list[Tensor] = []
-    window_tokens: list[Tensor] = []
-    t_window = time.perf_counter()
-    bar = _progress(progress)
+    t_start = t_window = time.perf_counter()
+    window_tokens = 0
+    bar = _progress(name, progress)
     try:
         with bar:
-            task_id = bar.add_task("train", total=cfg.steps, completed=start, loss="-", tps="-")
-            model.train()
-            for step in range(start + 1, cfg.steps + 1):
+            bar_id = bar.add_task(name, total=cfg.steps, completed=result.start_step, info="")
+            set_modes()
+            for step in range(result.start_step + 1, cfg.steps + 1):
                 tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
                 tokens, ranks = tokens.to(device), ranks.to(device)
                 g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, "objective"))
-                out = objective(model, tokens, ranks, generator=g)
+                out = objective.step(model, tokens, ranks, generator=g)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if cfg.clip is not None:
@@ -444,54 +479,43 @@ def train(
                 opt.step()
                 sched.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(trained)
+                loss = float(out.loss.detach())
                 result.step = step
-                window_loss.append(out.loss.detach())
-                window_nats.append(out.nats.detach().sum())
-                window_tokens.append(out.tokens.detach().sum())
+                result.losses.append(loss)
+                means.update(out.metrics, out.weight)
+                losses.update({"loss": loss})
+                window_tokens += int((ranks >= 0).sum())
 
                 record: dict[str, Any] | None = None
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    losses = torch.stack(window_loss).double().cpu().tolist()
-                    result.losses.extend(losses)
-                    ntok = float(torch.stack(window_tokens).sum())
-                    nats = float(torch.stack(window_nats).sum())
                     dt = max(time.perf_counter() - t_window, 1e-9)
-                    record = {
-                        "step": step,
-                        "loss": sum(losses) / len(losses),
-                        "bits_per_token": nats / max(ntok, 1.0) / LN2,
-                        "lr": lr,
-                        "tokens_per_s": ntok / dt,
-                    }
-                    window_loss, window_nats, window_tokens = [], [], []
-                    t_window = time.perf_counter()
-                    bar.update(task_id, loss=f"{record['loss']:.4f}", tps=f"{record['tokens_per_s']:.0f}")
+                    # the loop's own keys come last: "loss" is always the mean of StepOutput.loss
+                    record = {"step": step, **means.compute(), **losses.compute(), "lr": lr,
+                              "tokens_per_s": window_tokens / dt}
+                    means.reset()
+                    losses.reset()
+                    window_tokens, t_window = 0, time.perf_counter()
+                    bar.update(bar_id, info=_format(record))
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    v = run_validation(step)
+                    v = validation(step)
                     if v is not None:
                         record = dict(record or {"step": step})
-                        record.update(valid_bits_per_token=v["bits_per_token"], valid_label=v["label"])
+                        record.update({f"valid_{k}": x for k, x in v.items()})
                 if record is not None:
                     result.last = record
-                    if metrics_path is not None:
-                        _append_metrics(metrics_path, record)
+                    if files is not None:
+                        ckpt.append_metrics(files.metrics, record)
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
                     checkpoint(step)
-                bar.update(task_id, completed=step)
+                bar.update(bar_id, completed=step)
                 if on_step is not None:
                     on_step(step, record)
     except BaseException as e:
-        if window_loss:  # losses of steps not yet logged
-            result.losses.extend(torch.stack(window_loss).double().cpu().tolist())
         result.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        result.error = f"{type(e).__name__}: {e}"
         result.wall_s = time.perf_counter() - t_start
-        if run_dir is not None:
-            summary = result.summary()
-            summary.update(error=f"{type(e).__name__}: {e}", checkpoint_step=last_ckpt)
-            _write_json(run_dir / RESULTS, {"status": result.status, "train": summary})
         raise
     result.status = "completed"
     result.wall_s = time.perf_counter() - t_start
     return result
-

@@ -16,9 +16,11 @@ TINY = textwrap.dedent(
     """
     task: {name: addition, digits: 2}
     model: {name: transformer, d_model: 16, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    objective: {name: set_nll, process: {name: staggered, d: 2}}
+    stages:
+      lm:
+        objective: {name: set_nll, process: {name: staggered, d: 2}}
+        train: {steps: 5, batch_size: 8, lr: 1.0e-3, warmup: 1, ema: null, seed: 0}
     policy: {name: l2r}
-    train: {steps: 5, batch_size: 8, lr: 1.0e-3, warmup: 1, ema: null, seed: 0}
     evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 8, batch_size: 8}
     run: {dir: runs}
     """
@@ -57,7 +59,7 @@ def yaml_path(tmp_path):
 
 def test_load_builds_everything(yaml_path, tmp_path):
     state = torch.get_rng_state()
-    exp = load(yaml_path, [f"run.dir={tmp_path / 'out'}", "train.steps=7", "evaluate.n=16"])
+    exp = load(yaml_path, [f"run.dir={tmp_path / 'out'}", "stages.lm.train.steps=7", "evaluate.n=16"])
     assert isinstance(exp, Experiment) and orderlab.load is load
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     assert not (tmp_path / "out").exists()  # side-effect free
@@ -65,16 +67,19 @@ def test_load_builds_everything(yaml_path, tmp_path):
     assert exp.model.vocab_size == exp.task.vocab_size and exp.model.mask_id == exp.task.vocab_size
     assert exp.model.config.max_len == exp.task.seq_len and exp.model.config.d_model == 16
     assert type(exp.process).__name__ == "Staggered" and exp.process is exp.objective.process
-    assert exp.train.steps == 7 and exp.evaluate.n == 16 and exp.train.lr == 1e-3
+    train = exp.stages["lm"].train
+    assert list(exp.stages) == ["lm"] and exp.objective is exp.stages["lm"].objective
+    assert train.steps == 7 and exp.evaluate.n == 16 and train.lr == 1e-3
+    assert exp.stages["lm"].files.checkpoint == tmp_path / "out" / "tiny" / "lm" / "checkpoint.pt"
     assert list(exp.policies) == ["l2r", "threshold(tau=0.9)"]
     # defaults are filled into the resolved config
-    assert exp.config.train.clip == 1.0 and exp.config.evaluate.cache is True and exp.config.run.name is None
-    assert exp.config.train.steps == 7
+    assert exp.config.stages.lm.train.clip == 1.0 and exp.config.evaluate.cache is True and exp.config.run.name is None
+    assert exp.config.stages.lm.train.steps == 7 and exp.config.run.resume is False
 
 
 def test_init_is_seeded(yaml_path):
     a, b = load(yaml_path), load(yaml_path)
-    c = load(yaml_path, ["train.seed=1"])
+    c = load(yaml_path, ["stages.lm.train.seed=1"])
     pa, pb, pc = (next(e.model.parameters()) for e in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
@@ -83,7 +88,7 @@ def test_mapping_source_and_default_policies():
     cfg = {
         "task": "addition",
         "model": {"name": "transformer", "d_model": 16, "n_layers": 1, "n_heads": 2},
-        "objective": {"name": "set_nll", "process": "linear"},
+        "stages": {"lm": {"objective": {"name": "set_nll", "process": "linear"}}},
         "policy": {"name": "threshold", "tau": 0.5},
     }
     exp = load(cfg, ["run.name=abc"])
@@ -94,11 +99,19 @@ def test_mapping_source_and_default_policies():
 @pytest.mark.parametrize(
     "override, path, message",
     [
-        ("trian.steps=3", "trian", "did you mean 'train'"),
-        ("train.lrr=1", "train.lrr", "did you mean 'lr'"),
-        ("train.steps=abc", "train.steps", "must be int"),
-        ("train.lr=fast", "train.lr", "must be float"),
-        ("train.ema=2.0", "train.ema", r"in \(0, 1\)"),
+        ("stagse.lm.train.steps=3", "stagse", "did you mean 'stages'"),
+        ("train.steps=3", "train", "belongs to a stage"),
+        ("stages.lm.trian.steps=3", "stages.lm.trian", "did you mean 'train'"),
+        ("stages.lm.train.lrr=1", "stages.lm.train.lrr", "did you mean 'lr'"),
+        ("stages.lm.train.steps=abc", "stages.lm.train.steps", "must be int"),
+        ("stages.lm.train.lr=fast", "stages.lm.train.lr", "must be float"),
+        ("stages.lm.train.ema=2.0", "stages.lm.train.ema", r"in \(0, 1\)"),
+        ("stages.lm.objective=null", "stages.lm.objective", "missing"),
+        ("stages.lm=3", "stages.lm", "must be a mapping"),
+        ("stages={a b: {objective: set_nll}}", "stages.a b", "folder name"),
+        ("model.max_len=64", "model.max_len", r"set by the task \(task.seq_len\)"),
+        ("model.vocab_size=10", "model.vocab_size", r"set by the task \(task.vocab_size\)"),
+        ("model.checkpoint=/nonexistent/x.pt", "model.checkpoint", "/nonexistent/x.pt: no checkpoint there"),
         ("evaluate.nn=3", "evaluate.nn", "did you mean 'n'"),
         ("evaluate.policies=l2r", "evaluate.policies", "list"),
         ("run.dirr=x", "run.dir", "did you mean 'dir'"),
@@ -106,9 +119,9 @@ def test_mapping_source_and_default_policies():
         ("policy.name=threshhold", "policy.name", "did you mean 'threshold'"),
         ("model.d_modl=8", "model.d_modl", "did you mean 'd_model'"),
         ("model.attention.name=bidir", "model.attention.name", "unknown attention"),
-        ("objective.process.dd=2", "objective.process.dd", "did you mean 'd'"),
-        ("objective.process.d=fast", "objective.process.d", "must be float"),
-        ("objective.process=lineer", "objective.process", "did you mean 'linear'"),
+        ("stages.lm.objective.process.dd=2", "stages.lm.objective.process.dd", "did you mean 'd'"),
+        ("stages.lm.objective.process.d=fast", "stages.lm.objective.process.d", "must be float"),
+        ("stages.lm.objective.process=lineer", "stages.lm.objective.process", "did you mean 'linear'"),
         ("task.digits=2.5", "task.digits", "must be int"),
         ("task.name=additon", "task.name", "did you mean 'addition'"),
     ],
@@ -172,20 +185,123 @@ def test_policy_labels():
 def test_restore_loads_checkpoint_weights(yaml_path, tmp_path):
     from orderlab.train import train
 
-    exp = load(yaml_path, [f"run.dir={tmp_path}", "train.ema=0.5", "train.valid_n=0"])
-    train(exp.model, exp.objective, exp.task, exp.train, exp.run_dir, progress=False)
+    over = [f"run.dir={tmp_path}", "stages.lm.train.ema=0.5", "stages.lm.train.valid_n=0"]
+    exp = load(yaml_path, over)
+    stage = exp.stages["lm"]
+    train(exp.model, stage.objective, exp.task, stage.train, stage.files.dir, progress=False)
     trained = {k: v.clone() for k, v in exp.model.state_dict().items()}
-    fresh = load(yaml_path, [f"run.dir={tmp_path}", "train.ema=0.5"])
-    assert fresh.restore(ema=False) == 5
+    fresh = load(yaml_path, over)
+    assert fresh.restore(ema=False) == {"lm": 5}
     assert all(torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
     fresh.restore()  # the EMA weights differ from the raw ones
-    assert any(not torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
-    with pytest.raises(FileNotFoundError):
-        fresh.restore(tmp_path / "missing.pt")
+    ema = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    assert any(not torch.equal(trained[k], v) for k, v in ema.items())
+    # model.checkpoint: a file, a stage folder or a run folder, EMA weights
+    for where in (stage.files.checkpoint, stage.files.dir, exp.run_dir):
+        loaded = load(yaml_path, [f"model.checkpoint={where}"])
+        assert all(torch.equal(ema[k], v) for k, v in loaded.model.state_dict().items()), where
+    assert load(yaml_path, [f"model.checkpoint={where}"]).config.model.checkpoint == str(where)
+
+
+def test_bad_model_checkpoint_is_a_config_error_naming_the_file(yaml_path, tmp_path):
+    from orderlab.train import train
+
+    exp = load(yaml_path, [f"run.dir={tmp_path}", "stages.lm.train.valid_n=0"])
+    stage = exp.stages["lm"]
+    train(exp.model, stage.objective, exp.task, stage.train, stage.files.dir, progress=False)
+    path = stage.files.checkpoint
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: .*checkpoint\.pt: model weights do not match the "
+                                          r"config: embed\.weight has shape \(14, 16\) in the checkpoint but "
+                                          r"\(14, 32\)") as info:
+        load(yaml_path, [f"model.checkpoint={path}", "model.d_model=32"])
+    assert "\n" not in str(info.value)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: .*truncated\.pt: unreadable checkpoint"):
+        load(yaml_path, [f"model.checkpoint={truncated}"])
 
 
 def test_mapping_override_replaces_a_component_scalar_override_merges(yaml_path):
-    exp = load(yaml_path, ["task={name: text, seq_len: 32}", "objective.process.d=1", "evaluate.policies=[r2l]"])
+    exp = load(yaml_path, ["task={name: text, seq_len: 32}", "stages.lm.objective.process.d=1",
+                           "evaluate.policies=[r2l]"])
     assert type(exp.task).__name__ == "StdlibText" and exp.task.seq_len == 32  # no stale 'digits' key
-    assert exp.objective.process.d == 1 and exp.config.objective.name == "set_nll"
+    assert exp.objective.process.d == 1 and exp.config.stages.lm.objective.name == "set_nll"
     assert list(exp.policies) == ["r2l"]
+
+
+class TaskAware:
+    """An objective that needs the experiment's task (required, so the check pass must know)."""
+
+    trains_model = True
+
+    def __init__(self, task, scale: float = 1.0):
+        self.task, self.scale = task, scale
+
+    def parameters(self):
+        return iter(())
+
+
+def test_task_is_injected_into_objectives(yaml_path, monkeypatch):
+    registry.names("objective")
+    monkeypatch.setitem(registry._REGISTRY["objective"], "test_task_aware", TaskAware)
+    exp = load(yaml_path, ["stages.pg={objective: {name: test_task_aware, scale: 2.0}}"])
+    assert list(exp.stages) == ["lm", "pg"] and exp.stages["pg"].objective.task is exp.task
+    assert exp.stages["pg"].train.steps == 1000  # every train field defaulted
+    with pytest.raises(ConfigError, match="is set by the experiment") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_task_aware, task: addition}}"])
+    assert info.value.path == "stages.pg.objective.task"
+    with pytest.raises(ConfigError, match="must be float") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_task_aware, scale: x}}"])
+    assert info.value.path == "stages.pg.objective.scale"
+
+
+def test_learned_stage_policies_are_evaluated_and_nothing_to_train_is_an_error(yaml_path, monkeypatch):
+    from torch import nn
+
+    from orderlab.objectives.base import Objective
+
+    class Learns(Objective):
+        trains_model = False
+
+        def __init__(self, frozen: bool = False):
+            super().__init__("linear")
+            self.policy = nn.Linear(2, 2)
+            self.policy.requires_grad_(not frozen)
+
+    registry.names("objective")
+    monkeypatch.setitem(registry._REGISTRY["objective"], "test_learns", Learns)
+    exp = load(yaml_path, ["stages.pg={objective: test_learns}"])
+    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)", "pg"] and exp.policies["pg"] is exp.stages["pg"].objective.policy
+    with pytest.raises(ConfigError, match="nothing to train: Learns has trains_model=False") as info:
+        load(yaml_path, ["stages.pg={objective: {name: test_learns, frozen: true}}"])
+    assert info.value.path == "stages.pg.objective"
+    with pytest.raises(ConfigError, match="rename the stage") as info:
+        load(yaml_path, ["stages={l2r: {objective: test_learns}}"])
+    assert info.value.path == "stages.l2r"
+
+
+def test_stages_may_be_empty(yaml_path):
+    exp = load(yaml_path, ["stages={}"])
+    assert exp.stages == {} and exp.objective is None and exp.process is None
+
+
+def test_block_nelbo_rejects_non_absorbing_corruption(yaml_path):
+    block = ["model.attention={name: block_causal, block_size: 2}"]
+    ok = load(yaml_path, [*block, "stages.lm.objective={name: block_nelbo, process: linear}"])
+    assert type(ok.objective).__name__ == "BlockNelbo"
+    for corruption in ("uniform", "{name: hybrid, gamma: 0.1}"):
+        spec = f"stages.lm.objective={{name: block_nelbo, process: {{name: linear, corruption: {corruption}}}}}"
+        with pytest.raises(ConfigError, match="block_nelbo supports only absorbing corruption") as info:
+            load(yaml_path, [*block, spec])
+        assert info.value.path == "stages.lm.objective"
+
+
+def test_malformed_yaml_and_override_are_one_line_errors(yaml_path, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {name: addition\nmodel: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot read .*bad.yaml") as info:
+        load(bad)
+    assert "\n" not in str(info.value) and "line" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load(yaml_path, ["evaluate.policies=[l2r"])
+    assert info.value.path == "evaluate.policies" and "\n" not in str(info.value)

@@ -18,9 +18,11 @@ TINY = textwrap.dedent(
     """
     task: {name: addition, digits: 2}
     model: {name: transformer, d_model: 32, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    objective: {name: set_nll, process: {name: staggered, d: 2}}
+    stages:
+      lm:
+        objective: {name: set_nll, process: {name: staggered, d: 2}}
+        train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
     policy: {name: l2r}
-    train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
     evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 16, batch_size: 16}
     run: {dir: runs}
     """
@@ -46,33 +48,37 @@ def test_cli_trains_evaluates_and_writes_the_run_folder(yaml_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "tiny"
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoint.pt"} <= names
+    assert {"config.yaml", "results.json", "lm"} <= names
+    assert {p.name for p in (run / "lm").iterdir()} == {"metrics.jsonl", "checkpoint.pt"}
     assert {"order_l2r.png", "order_threshold_tau=0.9.png"} <= names
     results = json.loads((run / "results.json").read_text())
-    assert results["status"] == "completed" and results["checkpoint_step"] == 20
-    assert results["train"]["step"] == 20 and results["train"]["valid"]["label"] == "nll"
-    rows = {r["policy"]: r for r in results["evaluate"]}
+    assert results["status"] == "completed" and results["checkpoints"] == {"lm": 20}
+    lm = results["stages"]["lm"]
+    assert lm["step"] == 20 and lm["valid"]["label"] == "nll" and lm["valid"]["bits_per_token"] > 0
+    rows = {r["policy"]: r for r in results["evaluations"]}
     assert set(rows) == {"l2r", "threshold(tau=0.9)"}
     l2r = rows["l2r"]
     assert l2r["n"] == 16 and l2r["metric"] == "exact_match" and 0.0 <= l2r["score"] <= 1.0
+    assert l2r["accuracy"] == l2r["score"]  # exact match is an accuracy
     assert l2r["nfe_min"] == l2r["nfe_max"] == 3 and l2r["tokens_per_step"] == 1.0  # digits=2: 3 answer tokens
     assert sum(l2r["nfe_hist"]["count"]) == 16
     assert results["likelihood"]["bits_per_token"] > 0
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
     assert "exact_match" in proc.stdout and "threshold(tau=0.9)" in proc.stdout  # the table
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(run / "config.yaml")
-    assert saved.train.steps == 20 and saved.train.clip == 1.0 and saved.run.dir == str(tmp_path / "runs")
+    assert saved.stages.lm.train.steps == 20 and saved.stages.lm.train.clip == 1.0
+    assert saved.run.dir == str(tmp_path / "runs")
 
     # --eval-only (in process): the same weights give the same scores
-    before = {r["policy"]: r["score"] for r in results["evaluate"]}
+    before = {r["policy"]: r["score"] for r in results["evaluations"]}
     assert main([str(yaml_path), f"run.dir={tmp_path / 'runs'}", "--eval-only", "--no-progress"]) == 0
     again = json.loads((run / "results.json").read_text())
-    assert "train" not in again and again["checkpoint_step"] == 20
-    assert {r["policy"]: r["score"] for r in again["evaluate"]} == before
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20  # untouched
+    assert again["stages"] == {} and again["checkpoints"] == {"lm": 20}
+    assert {r["policy"]: r["score"] for r in again["evaluations"]} == before
+    assert json.loads((run / "lm" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20  # untouched
 
 
 def test_cli_config_error_exits_2(yaml_path, tmp_path):
@@ -85,9 +91,10 @@ def test_cli_config_error_exits_2(yaml_path, tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("train.lrr=0.1", "train.lrr: unknown key for TrainConfig; did you mean 'lr'?"),
-        ("train.steps=many", "train.steps: must be int"),
-        ("objective.process.name=staggerd", "objective.process.name: unknown process 'staggerd'; did you mean 'staggered'?"),
+        ("stages.lm.train.lrr=0.1", "stages.lm.train.lrr: unknown key for TrainConfig; did you mean 'lr'?"),
+        ("stages.lm.train.steps=many", "stages.lm.train.steps: must be int"),
+        ("stages.lm.objective.process.name=staggerd",
+         "stages.lm.objective.process.name: unknown process 'staggerd'; did you mean 'staggered'?"),
         ("evaluate.policies=[l2r,{name: treshold}]", "evaluate.policies[1].name: unknown policy 'treshold'"),
         ("model.n_heads=3", "model.n_heads: d_model=32 must split"),
     ],
@@ -101,14 +108,12 @@ def test_config_errors_exit_2_with_the_key_path(yaml_path, tmp_path, capsys, ove
 
 def test_steps_zero_evaluates_untrained_model(yaml_path, tmp_path):
     run_dir = tmp_path / "runs"
-    args = [str(yaml_path), f"run.dir={run_dir}", "run.name=zero", "train.steps=0", "evaluate.policies=[l2r]",
-            "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
+    args = [str(yaml_path), f"run.dir={run_dir}", "run.name=zero", "stages.lm.train.steps=0",
+            "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
     assert main(args) == 0
     results = json.loads((run_dir / "zero" / "results.json").read_text())
-    assert results["checkpoint_step"] is None and [r["policy"] for r in results["evaluate"]] == ["l2r"]
-    assert not (run_dir / "zero" / "checkpoint.pt").exists() and "likelihood" not in results
-    with pytest.raises(FileNotFoundError):
-        main([str(yaml_path), f"run.dir={run_dir}", "run.name=none", "--eval-only", "--no-progress"])
+    assert results["checkpoints"] == {} and [r["policy"] for r in results["evaluations"]] == ["l2r"]
+    assert not (run_dir / "zero" / "lm" / "checkpoint.pt").exists() and "likelihood" not in results
 
 
 def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
@@ -120,16 +125,17 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(T, "validate", boom)
-    args = [str(yaml_path), f"run.dir={tmp_path}", "train.steps=10", "train.ckpt_every=5", "evaluate.policies=[l2r]",
-            "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
+    args = [str(yaml_path), f"run.dir={tmp_path}", "stages.lm.train.steps=10", "stages.lm.train.ckpt_every=5",
+            "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
     assert main(args) == 130  # interrupted at the validation of step 10
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    assert results["status"] == "interrupted" and results["train"]["checkpoint_step"] == 5
+    assert results["status"] == "interrupted" and results["error"] == "KeyboardInterrupt: "
+    assert results["stages"]["lm"]["checkpoint_step"] == 5 and results["stages"]["lm"]["status"] == "interrupted"
     monkeypatch.setattr(T, "validate", real)
-    assert main([*args, "train.resume=true"]) == 0
+    assert main([*args, "run.resume=true"]) == 0
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    assert results["status"] == "completed" and results["train"]["start_step"] == 5
-    assert torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)["step"] == 10
+    assert results["status"] == "completed" and results["stages"]["lm"]["start_step"] == 5
+    assert torch.load(tmp_path / "tiny" / "lm" / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
 def test_evaluate_rows_cache_exact_and_l2r_ranks():
@@ -151,3 +157,158 @@ def _tiny_dict():
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.create(TINY))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@pytest.fixture
+def prior_pg(monkeypatch):
+    """``test_prior_pg``: a policy-gradient-like objective that trains its own policy
+    (``trains_model=False``), needs the task (injected) and draws from the generator and
+    the global RNG (so exact resume depends on both being restored)."""
+    from torch import nn
+
+    from orderlab import registry
+    from orderlab.objectives.base import Objective, StepOutput
+    from orderlab.policies.base import Policy
+
+    class Prior(Policy, nn.Module):
+        """Reveals the candidate with the largest learned per-position logit."""
+
+        def __init__(self, length: int):
+            nn.Module.__init__(self)
+            self.logits = nn.Parameter(torch.zeros(length))
+
+        def select(self, view):
+            score = self.logits.detach().expand(view.candidates.shape).masked_fill(~view.candidates, -torch.inf)
+            pick = torch.zeros_like(view.candidates).scatter(1, score.argmax(1, keepdim=True), True)
+            return pick & view.candidates
+
+    class PriorPG(Objective):
+        trains_model = False
+        interrupt_at: int | None = None
+
+        def __init__(self, task, baseline: float = 0.5):
+            super().__init__("linear")
+            self.task, self.baseline, self.calls = task, baseline, 0
+            self.policy = Prior(task.seq_len)
+
+        def step(self, model, tokens, ranks, generator=None):
+            self.calls += self.training
+            if self.training and self.calls == type(self).interrupt_at:
+                raise KeyboardInterrupt
+            B, L = tokens.shape
+            logp = torch.log_softmax(self.policy.logits, 0)  # [L]
+            pos = torch.multinomial(logp.exp().expand(B, L), 1, generator=generator)[:, 0]  # [B]
+            # reward: the sampled position is the last one to generate, plus global-RNG noise
+            last = (ranks > 0).long().cumsum(1).argmax(1)  # [B]
+            reward = (pos == last).float() + 0.1 * torch.rand(B)
+            loss = -(logp[pos] * (reward - self.baseline)).mean()
+            acc = self.task.score(tokens, tokens, ranks).float().mean()  # the injected task
+            return StepOutput(loss, {"reward": float(reward.mean()), "accuracy": float(acc)}, weight=B)
+
+    registry.names("objective")
+    monkeypatch.setitem(registry._REGISTRY["objective"], "test_prior_pg", PriorPG)
+    PriorPG.interrupt_at = None
+    return PriorPG
+
+
+def _two_stage(tmp_path, name):
+    return [str(tmp_path / "tiny.yaml"), f"run.dir={tmp_path / 'runs'}", f"run.name={name}",
+            "stages.lm.train.steps=6", "stages.lm.train.ckpt_every=3", "stages.lm.train.log_every=1",
+            "stages.pg={objective: {name: test_prior_pg}, train: {steps: 8, batch_size: 8, lr: 0.5, warmup: 0, "
+            "log_every: 1, ckpt_every: 3, eval_every: 4, valid_n: 8, ema: 0.5}}",
+            "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
+
+
+def test_two_stages_resume_exactly_inside_stage_two(yaml_path, tmp_path, prior_pg):
+    runs = tmp_path / "runs"
+    assert main(_two_stage(tmp_path, "full")) == 0
+    prior_pg.interrupt_at = 5  # the 5th training step of stage pg: its checkpoint is at step 3
+    assert main(_two_stage(tmp_path, "cut")) == 130
+    cut = json.loads((runs / "cut" / "results.json").read_text())
+    assert cut["status"] == "interrupted" and cut["stages"]["lm"]["status"] == "completed"
+    assert cut["stages"]["pg"]["step"] == 4 and cut["stages"]["pg"]["checkpoint_step"] == 3
+    prior_pg.interrupt_at = None
+    assert main([*_two_stage(tmp_path, "cut"), "run.resume=true"]) == 0
+    res = json.loads((runs / "cut" / "results.json").read_text())
+    assert res["stages"]["lm"] == {"status": "completed", "skipped": True, "step": 6}
+    assert res["stages"]["pg"]["start_step"] == 3 and res["checkpoints"] == {"lm": 6, "pg": 8}
+
+    def records(run, stage):
+        lines = (runs / run / stage / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+
+    for stage in ("lm", "pg"):  # bit-identical losses and metrics, validation included
+        assert records("cut", stage) == records("full", stage), stage
+    pg = records("full", "pg")
+    assert [r["step"] for r in pg] == list(range(1, 9)) and {"reward", "accuracy", "loss"} <= set(pg[0])
+    assert pg[3]["valid_accuracy"] == 1.0 and "valid_reward" in pg[3] and pg[3]["valid_label"] is None
+    full = json.loads((runs / "full" / "results.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]  # noqa: E731
+    assert strip(res["evaluations"]) == strip(full["evaluations"])
+    assert [r["policy"] for r in full["evaluations"]] == ["l2r", "pg"]  # the learned policy, by stage name
+    # stage pg froze the model: its checkpoint holds stage lm's final (EMA) weights, bit for bit
+    from orderlab.checkpoint import final_weights, load as load_ckpt
+
+    lm_final, _ = final_weights(load_ckpt(runs / "full" / "lm" / "checkpoint.pt"))
+    pg_state = load_ckpt(runs / "full" / "pg" / "checkpoint.pt")
+    assert all(torch.equal(lm_final[k], v) for k, v in pg_state["model"].items())
+    assert set(pg_state["ema"]["shadow"]) == {"objective.policy.logits"}
+    cut_pg = load_ckpt(runs / "cut" / "pg" / "checkpoint.pt")
+    assert torch.equal(cut_pg["objective"]["policy.logits"], pg_state["objective"]["policy.logits"])
+
+
+# --------------------------------------------------------------------------- errors: one line, status 2
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def test_eval_only_without_checkpoint_exits_2(yaml_path, tmp_path):
+    proc = _cli(str(yaml_path), f"run.dir={tmp_path / 'runs'}", "--eval-only", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert f"{tmp_path / 'runs' / 'tiny' / 'lm' / 'checkpoint.pt'}: --eval-only: stage 'lm' has no checkpoint" in err
+
+
+def test_malformed_yaml_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {name: addition\nmodel: [1, 2\n")
+    proc = _cli(str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "bad.yaml" in proc.stderr
+
+
+def test_malformed_override_exits_2(yaml_path, tmp_path, capsys):
+    assert main([str(yaml_path), f"run.dir={tmp_path}", "evaluate.policies=[l2r"]) == 2
+    _one_line_error(capsys, "evaluate.policies: bad override")
+
+
+def test_bad_checkpoints_exit_2_naming_the_file(yaml_path, tmp_path, capsys):
+    args = [str(yaml_path), f"run.dir={tmp_path}", "stages.lm.train.steps=2", "stages.lm.train.valid_n=0",
+            "evaluate.policies=[l2r]", "evaluate.n=4", "evaluate.heatmaps=false", "evaluate.likelihood=false",
+            "--no-progress"]
+    assert main(args) == 0
+    path = tmp_path / "tiny" / "lm" / "checkpoint.pt"
+    good = path.read_bytes()
+    capsys.readouterr()
+    # a checkpoint of another architecture: --eval-only, run.resume and model.checkpoint
+    assert main([*args, "model.d_model=16", "--eval-only"]) == 2
+    _one_line_error(capsys, f"{path}: model weights do not match the config: embed.weight has shape (14, 32) "
+                            "in the checkpoint but (14, 16)")
+    assert main([*args, "model.d_model=16", "run.resume=true"]) == 2
+    _one_line_error(capsys, f"{path}: model weights do not match the config")
+    assert main([*args, "model.d_model=16", f"model.checkpoint={path}", "run.name=other"]) == 2
+    _one_line_error(capsys, f"model.checkpoint: {path}: model weights do not match the config")
+    # a truncated checkpoint
+    path.write_bytes(good[: len(good) // 2])
+    assert main([*args, "--eval-only"]) == 2
+    _one_line_error(capsys, f"{path}: unreadable checkpoint (truncated or not a checkpoint)")
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert results["status"] == "failed" and "unreadable checkpoint" in results["error"]

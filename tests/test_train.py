@@ -1,16 +1,17 @@
-"""The training loop: determinism, exact resume, failure handling, files."""
+"""The training loop: determinism, exact resume, failure handling, files, frozen models,
+weighted metrics."""
 
 from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
-from orderlab.train import EMA, TrainConfig, WarmupCosine, derive_seed, load_checkpoint, train
+from orderlab.checkpoint import load as load_checkpoint
+from orderlab.objectives.base import LossOutput, Objective, StepOutput
+from orderlab.train import EMA, TrainConfig, TrainResult, WarmupCosine, WindowMeans, derive_seed, train
 
 V, L = 7, 6
 
@@ -42,17 +43,18 @@ class FakeModel(nn.Module):
         return self.out(self.drop(self.embed(x)))
 
 
-class FakeObjective:
+class FakeObjective(Objective):
     """Masks a random subset (from ``generator``) of the positions to generate; NLL there.
 
     ``exact`` is what the LossOutput reports; ``fail_at`` raises on that training call.
     """
 
     def __init__(self, exact=True, fail_at=None):
-        self.exact, self.fail_at, self.calls = exact, fail_at, 0
+        super().__init__("linear")
+        self.exact_, self.fail_at, self.calls = exact, fail_at, 0
 
-    def __call__(self, model, tokens, ranks, generator=None):
-        self.calls += model.training
+    def forward(self, model, tokens, ranks, generator=None):
+        self.calls += self.training
         if self.fail_at is not None and self.calls == self.fail_at:
             raise RuntimeError("boom")
         keep = torch.rand(tokens.shape, generator=generator) < 0.5
@@ -60,9 +62,7 @@ class FakeObjective:
         noised[:, -1] |= ranks[:, -1] >= 1  # at least one per row
         x = torch.where(noised, torch.full_like(tokens, model.mask_id), tokens)
         logp = torch.log_softmax(model(x), -1).gather(-1, tokens[..., None])[..., 0]
-        nats = -(logp * noised).sum(1)
-        count = noised.sum(1).float()
-        return SimpleNamespace(loss=nats.sum() / count.sum(), nats=nats.detach(), tokens=count, exact=self.exact)
+        return self._output(-(logp * noised).sum(1), noised.sum(1), exact=self.exact_)
 
 
 def _model(seed=0):
@@ -120,9 +120,11 @@ def test_metrics_checkpoint_and_validation_label(tmp_path):
     assert ok.valid["bits_per_token"] == pytest.approx(ok.last["valid_bits_per_token"])
 
 
-def test_interrupt_then_resume_is_bit_identical(tmp_path):
-    """2N steps in one go == N steps, interrupted, resumed for N more (with EMA and dropout)."""
-    cfg = TrainConfig(**{**CFG, "steps": 12, "ckpt_every": 6, "ema": 0.9})
+@pytest.mark.parametrize("ckpt_every, log_every", [(6, 2), (5, 4)])
+def test_interrupt_then_resume_is_bit_identical(tmp_path, ckpt_every, log_every):
+    """2N steps in one go == N steps, interrupted, resumed for N more (with EMA and dropout),
+    also when the checkpoint falls inside a log window (its unfinished window is saved)."""
+    cfg = TrainConfig(**{**CFG, "steps": 12, "ckpt_every": ckpt_every, "log_every": log_every, "ema": 0.9})
     full_model = _model()
     full = train(full_model, FakeObjective(), FakeTask(), cfg, tmp_path / "full", progress=False)
 
@@ -130,45 +132,119 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path):
         if step == 8:
             raise KeyboardInterrupt
 
+    cut = TrainResult()
     with pytest.raises(KeyboardInterrupt):
-        train(_model(), FakeObjective(), FakeTask(), cfg, tmp_path / "cut", progress=False, on_step=stop)
-    status = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert status["status"] == "interrupted"
-    assert status["train"]["step"] == 8 and status["train"]["checkpoint_step"] == 6
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 6
+        train(_model(), FakeObjective(), FakeTask(), cfg, tmp_path / "cut", progress=False, on_step=stop, result=cut)
+    assert cut.status == "interrupted" and cut.step == 8 and cut.checkpoint_step == ckpt_every
+    assert cut.summary()["error"] == "KeyboardInterrupt: "
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == ckpt_every
 
     resumed_model = _model(seed=123)  # different init: everything must come from the checkpoint
-    cfg.resume = True
-    resumed = train(resumed_model, FakeObjective(), FakeTask(), cfg, tmp_path / "cut", progress=False)
-    assert resumed.start_step == 6
-    assert resumed.losses == full.losses[6:]  # bit-identical loss curve
+    resumed = train(resumed_model, FakeObjective(), FakeTask(), cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.start_step == ckpt_every
+    assert resumed.losses == full.losses[ckpt_every:]  # bit-identical loss curve
     for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
     ema_full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["ema"]["shadow"]
     ema_cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["ema"]["shadow"]
     assert all(torch.equal(ema_full[k], ema_cut[k]) for k in ema_full)
-    # the metrics file has no duplicate records from the steps redone after the resume
-    lines = lambda d: (tmp_path / d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-    steps = [json.loads(x)["step"] for x in lines("cut")]
-    assert steps == [2, 4, 6, 8, 10, 12]
-    loss = lambda d: [json.loads(x)["loss"] for x in lines(d)]  # noqa: E731
-    assert loss("cut") == loss("full")
+    # the metrics file has no duplicate records from the steps redone after the resume,
+    # and every record (a window cut by the checkpoint included) is the uninterrupted one
+    lines = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert [r["step"] for r in lines("cut")] == [r["step"] for r in lines("full")]
+    assert drop(lines("cut")) == drop(lines("full"))
 
 
-def test_failure_keeps_checkpoint_and_writes_status(tmp_path):
+def test_failure_keeps_checkpoint_and_reports_status(tmp_path):
+    res = TrainResult()
     with pytest.raises(RuntimeError, match="boom"):
-        train(_model(), FakeObjective(fail_at=7), FakeTask(), TrainConfig(**CFG), tmp_path, progress=False)
-    status = json.loads((tmp_path / "results.json").read_text())
-    assert status["status"] == "failed" and "boom" in status["train"]["error"]
-    assert status["train"]["step"] == 6 and status["train"]["checkpoint_step"] == 4
+        train(_model(), FakeObjective(fail_at=7), FakeTask(), TrainConfig(**CFG), tmp_path, progress=False, result=res)
+    assert res.status == "failed" and "boom" in res.summary()["error"]
+    assert res.step == 6 and res.checkpoint_step == 4
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    assert not (tmp_path / "results.json").exists()  # results.json is run.py's
 
 
 def test_fresh_run_replaces_stale_metrics(tmp_path):
     train(_model(), FakeObjective(), FakeTask(), TrainConfig(**CFG), tmp_path, progress=False)
     train(_model(), FakeObjective(), FakeTask(), TrainConfig(**{**CFG, "steps": 4}), tmp_path, progress=False)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+class Scaled(Objective):
+    """An objective with a parameter of its own that does not train the model: loss
+    ``(a - 3)^2 + 0 * model output``, so the model gets gradients only if trained."""
+
+    trains_model = False
+
+    def __init__(self):
+        super().__init__("linear")
+        self.a = nn.Parameter(torch.zeros(()))
+        self.drop_seen = []
+
+    def step(self, model, tokens, ranks, generator=None):
+        y = model(tokens)
+        self.drop_seen.append(model.training)
+        loss = (self.a - 3.0) ** 2 + 0.0 * y.sum()
+        return StepOutput(loss, {"a": float(self.a.detach()), "rows": float(tokens.shape[0])}, weight=tokens.shape[0])
+
+
+def test_frozen_model_and_objective_parameters(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    obj = Scaled()
+    # weight decay: had the model's weights been in the optimizer, AdamW would move them
+    cfg = TrainConfig(**{**CFG, "steps": 40, "lr": 0.2, "ema": 0.5, "valid_n": 0, "weight_decay": 0.1})
+    res = train(model, obj, FakeTask(), cfg, tmp_path, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one bit changed
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen after the stage
+    assert set(obj.drop_seen) == {False}  # the frozen model ran in eval mode: no dropout
+    assert abs(float(obj.a.detach()) - 3.0) < 0.5  # the objective's own parameter learned
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(state["ema"]["shadow"]) == {"objective.a"} and state["objective"]["a"] == obj.a
+    assert res.last["rows"] == 8 and "a" in res.last
+
+    class Nothing(Scaled):
+        def __init__(self):
+            super().__init__()
+            self.a.requires_grad_(False)
+
+    with pytest.raises(ValueError, match="nothing to train: Nothing has trains_model=False"):
+        train(_model(), Nothing(), FakeTask(), cfg, progress=False)
+
+
+def test_window_means_are_weight_weighted():
+    m = WindowMeans()
+    m.update({"x": 1.0, "y": 2.0}, weight=3.0)
+    m.update({"x": 2.0}, weight=1.0)
+    assert m.compute() == {"x": pytest.approx(1.25), "y": 2.0}  # (3*1 + 1*2) / 4
+    m.update({"y": float("nan")}, weight=1.0)
+    assert math.isnan(m.compute()["y"]) and m.compute()["x"] == pytest.approx(1.25)
+    n = WindowMeans()
+    n.load_state_dict(m.state_dict())  # a checkpointed window replays to the same means
+    assert n.compute()["x"] == m.compute()["x"] and len(n) == 3
+    m.reset()
+    assert m.compute() == {} and len(m) == 0
+
+
+def test_logged_metrics_are_token_weighted(tmp_path):
+    """A record's bits_per_token is total nats / total tokens of its window, not a mean of
+    per-step values."""
+    seen = []
+
+    class Spy(FakeObjective):
+        def step(self, model, tokens, ranks, generator=None):
+            out = super().step(model, tokens, ranks, generator)
+            if self.training:  # not the validation calls
+                seen.append((out.metrics["bits_per_token"], out.weight))
+            return out
+
+    res = train(_model(), Spy(), FakeTask(), TrainConfig(**{**CFG, "steps": 4, "log_every": 4}), progress=False)
+    weighted = sum(b * w for b, w in seen) / sum(w for _, w in seen)
+    assert res.last["bits_per_token"] == pytest.approx(weighted, rel=1e-12)
+    assert len(seen) == 4 and len({w for _, w in seen}) > 1  # the weights differ, so the check could fail
 
 
 def test_ema_tracks_and_swaps_back():
