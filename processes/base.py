@@ -283,33 +283,43 @@ def chain_log_prob(masses: Tensor, ranks: Tensor, tie: float) -> Tensor:
     """
     B, L = ranks.shape
     M = masses.shape[-1]
-    rows_per_chunk = max(1, (1 << 22) // max(1, L * M))  # bound the [rows, L, M] buffers to ~32 MB
-    if B > rows_per_chunk:
-        parts = [
-            chain_log_prob(masses if masses.shape[0] == 1 else masses[i : i + rows_per_chunk], ranks[i : i + rows_per_chunk], tie)
-            for i in range(0, B, rows_per_chunk)
-        ]
-        return torch.cat(parts)
+    rows = max(1, (1 << 18) // (M + 1))  # rows per chunk: [rows, M] buffers of ~2 MB stay in cache
+    if B > rows:
+        return torch.cat([
+            chain_log_prob(masses if masses.shape[0] == 1 else masses[i : i + rows], ranks[i : i + rows], tie)
+            for i in range(0, B, rows)
+        ])
     d = R.dense(ranks)
     K = int(d.max()) if d.numel() and (d > 0).any() else 0
-    logm = masses.to(torch.float64).clamp_min(0.0).log().expand(B, L, M)  # [B, L, M]
-    slot = torch.where(d > 0, d - 1, torch.full_like(d, K))  # given / padding -> a dump slot K
-    setlog = torch.zeros(B, K + 1, M, dtype=torch.float64, device=masses.device)
-    setlog.scatter_add_(1, slot[..., None].expand(B, L, M), logm)  # [B, K+1, M] log Π_{i ∈ S_k} m_i
+    # log masses with -inf -> -1e300: a member matrix times them sums a set's log masses
+    # without 0 * inf = nan, and exp() of anything near -1e300 is still exactly 0
+    logm = masses.to(torch.float64).clamp_min(0.0).log().clamp_min(_IMPOSSIBLE)  # [B or 1, L, M]
     n_sets = d.amax(1) if L else torch.zeros(B, dtype=torch.long, device=ranks.device)
     C = torch.ones(B, M + 1, dtype=torch.float64, device=masses.device)  # C[:, M]: above every cell
     logz = torch.zeros(B, dtype=torch.float64, device=masses.device)
-    for k in range(K - 1, -1, -1):  # set k+1, from the last to the first
-        lm = setlog[:, k]  # [B, M]
-        shift = lm.amax(1, keepdim=True).clamp_min(-1e300)  # keep exp finite; -inf rows stay -inf
+    single = bool(singletons(ranks).all())
+    if single:  # position of rank k in each row (rows with fewer sets: any, they skip the step)
+        pos = torch.where(d > 0, d - 1, torch.full_like(d, L)).argsort(1)  # [B, L]
+        rows = torch.arange(B, device=d.device)
+    for k in range(K, 0, -1):  # set k, from the last to the first
+        if single:  # O(B M) per set
+            lm = logm[0][pos[:, k - 1]] if logm.shape[0] == 1 else logm[rows, pos[:, k - 1]]  # [B, M]
+        elif logm.shape[0] == 1:  # O(B L M) per set: only for multi-token sets, whose M (steps) is small
+            lm = (d == k).to(torch.float64) @ logm[0]  # [B, M]: log Π_{i ∈ S_k} m_i(j)
+        else:
+            lm = torch.einsum("bl,blm->bm", (d == k).to(torch.float64), logm)
+        shift = lm.amax(1, keepdim=True)  # [B, 1] keeps exp() finite
         H = torch.exp(lm - shift) * C[:, :M]  # [B, M]
         cs = H.cumsum(1)
         new = torch.cat([cs - (1.0 - tie) * H, cs[:, -1:]], 1)  # [B, M+1]
         z = new[:, M]
-        ok = z > 0
+        ok = (z > 0) & (shift[:, 0] > _IMPOSSIBLE / 2)
         new = new / torch.where(ok, z, torch.ones_like(z))[:, None]
         step = torch.where(ok, shift[:, 0] + z.clamp_min(1e-300).log(), torch.full_like(z, -math.inf))
-        active = k < n_sets  # rows with fewer sets skip it
+        active = k <= n_sets  # rows with fewer sets skip it
         C = torch.where(active[:, None], new, C)
         logz = logz + torch.where(active, step, torch.zeros_like(step))
     return logz
+
+
+_IMPOSSIBLE = -1e300  # a finite stand-in for log 0 inside chain_log_prob
