@@ -100,6 +100,16 @@ class Process:
         den = 1.0 - a
         return torch.where(den > 0, -da / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
 
+    def alpha_values(self, t: Any, length: int) -> Tensor:
+        """Float ``[B, L, 1]``: ``α`` per value of the clean token; the last axis is 1 where
+        the schedule does not depend on the value (every process here but GenMD4's
+        per-token schedule, ``processes.learned``, which returns ``[B, L, V]``)."""
+        return self.alpha(t, length)[..., None]
+
+    def dalpha_values(self, t: Any, length: int) -> Tensor:
+        """Float ``[B, L, 1 or V]``: ``dα/dt`` per value of the clean token (see ``alpha_values``)."""
+        return self.dalpha(t, length)[..., None]
+
     def inverse_alpha(self, u: Tensor, length: int) -> Tensor:
         """Float ``[B, L]``: ``T = inf{t ∈ [0, 1]: α_i(t) <= u}`` (``+inf`` if ``α_i(1) > u``).
 

@@ -23,6 +23,7 @@ SPECS = {
     "blockwise": {"name": "blockwise", "block_size": 2},
     "blockwise_staggered": {"name": "blockwise", "block_size": 3, "inner": {"name": "staggered", "d": 1}},
     "mixture": {"name": "mixture", "processes": ["cosine", "quench"], "weights": [0.3, 0.7]},
+    "learned_position": {"name": "learned_position", "length": 6, "power_init": [0.4, 1.0, 3.0, 0.7, 2.0, 1.5]},
 }
 # a row with a given position and padding: the order is over the positions with rank >= 1
 TEMPLATE = torch.tensor([0, 1, 1, -1, 1, 1])
