@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from orderlab.processes.base import Process
 from orderlab.processes.compose import Mixture
+from orderlab.processes.corruption import Absorbing
 from orderlab.registry import register
 from orderlab.rules import Bidirectional
 
@@ -77,6 +78,16 @@ def learned_parts(process: Process) -> list[nn.Module]:
     return found
 
 
+def _check_absorbing(process: Process) -> None:
+    """The formula is the absorbing-state ELBO: every corruption in ``process`` must be [MASK]."""
+    c = getattr(process, "corruption", None)
+    if c is None and isinstance(process, Mixture):  # each component corrupts its own way
+        for p in process.processes:
+            _check_absorbing(p)
+    elif not isinstance(c, Absorbing):
+        raise ValueError(f"genmd4_nelbo is the absorbing-state (masking) NELBO; {process!r} corrupts with {c!r}")
+
+
 def _at(v: Tensor, idx: Tensor) -> Tensor:
     """``v[..., idx]`` for a value axis of size V, or ``v[..., 0]`` for a value-free axis of size 1."""
     return v[..., 0] if v.shape[-1] == 1 else v.gather(-1, idx[..., None])[..., 0]
@@ -95,6 +106,7 @@ class GenMD4Nelbo(Objective):
         if not 0.0 < t1 < 1.0:
             raise ValueError(f"t1 must be in (0, 1), got {t1}")
         self.t1, self.reinforce = float(t1), bool(reinforce)
+        _check_absorbing(self.process)
         # learned schedules nested in composites (which are not modules) are registered here
         self.schedules = nn.ModuleList([m for m in learned_parts(self.process) if m is not self.process])
 

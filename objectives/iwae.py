@@ -6,7 +6,7 @@ The model of DESIGN.md section 1 is a mixture over orders,
     log p(x) >= L_K = E log (1/K) Σ_k π(σ_k) p_θ(x | σ_k) / q(σ_k | x)
 
 (Jensen on the unbiased estimate ``(1/K) Σ_k w_k`` of ``p(x)``). ``L_K`` rises with ``K``
-(``L_K <= L_{2K}``, Burda et al. theorem 1) and tends to ``log p(x)`` when the weights are
+(``L_K <= L_{K+1}``, Burda et al. 2016, theorem 1) and tends to ``log p(x)`` when the weights are
 bounded; it equals ``log p(x)`` for every ``K`` when ``q(σ | x)`` is the true posterior
 ``π(σ) p_θ(x | σ) / p(x)`` (every weight is then ``p(x)``).
 
@@ -30,6 +30,7 @@ the orders are discrete samples: training ``q`` with it needs a score-function t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -78,7 +79,7 @@ class ProcessOrders:
 
 def as_orders(spec: Any) -> OrderDistribution:
     """An ``OrderDistribution`` from one, or from a process (instance, name or mapping)."""
-    if isinstance(spec, Process) or isinstance(spec, (str, dict)):
+    if isinstance(spec, (Process, str, Mapping)) or hasattr(spec, "keys"):  # hasattr: omegaconf's DictConfig
         return ProcessOrders(spec)
     if isinstance(spec, OrderDistribution):
         return spec

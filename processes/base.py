@@ -293,11 +293,11 @@ def chain_log_prob(masses: Tensor, ranks: Tensor, tie: float) -> Tensor:
     """
     B, L = ranks.shape
     M = masses.shape[-1]
-    rows = max(1, (1 << 18) // (M + 1))  # rows per chunk: [rows, M] buffers of ~2 MB stay in cache
-    if B > rows:
+    chunk = max(1, (1 << 18) // (M + 1))  # rows per chunk: [chunk, M] buffers of ~2 MB stay in cache
+    if B > chunk:
         return torch.cat([
-            chain_log_prob(masses if masses.shape[0] == 1 else masses[i : i + rows], ranks[i : i + rows], tie)
-            for i in range(0, B, rows)
+            chain_log_prob(masses if masses.shape[0] == 1 else masses[i : i + chunk], ranks[i : i + chunk], tie)
+            for i in range(0, B, chunk)
         ])
     d = R.dense(ranks)
     K = int(d.max()) if d.numel() and (d > 0).any() else 0
@@ -310,10 +310,10 @@ def chain_log_prob(masses: Tensor, ranks: Tensor, tie: float) -> Tensor:
     single = bool(singletons(ranks).all())
     if single:  # position of rank k in each row (rows with fewer sets: any, they skip the step)
         pos = torch.where(d > 0, d - 1, torch.full_like(d, L)).argsort(1)  # [B, L]
-        rows = torch.arange(B, device=d.device)
+        row = torch.arange(B, device=d.device)
     for k in range(K, 0, -1):  # set k, from the last to the first
         if single:  # O(B M) per set
-            lm = logm[0][pos[:, k - 1]] if logm.shape[0] == 1 else logm[rows, pos[:, k - 1]]  # [B, M]
+            lm = logm[0][pos[:, k - 1]] if logm.shape[0] == 1 else logm[row, pos[:, k - 1]]  # [B, M]
         elif logm.shape[0] == 1:  # O(B L M) per set: only for multi-token sets, whose M (steps) is small
             lm = (d == k).to(torch.float64) @ logm[0]  # [B, M]: log Π_{i ∈ S_k} m_i(j)
         else:

@@ -117,7 +117,7 @@ class Powers(PowerSchedule):
         return self.power
 
     def _args(self):
-        return {"power": f"<{tuple(self.power.shape)}>", "eps": self.eps}
+        return {"shape": tuple(self.power.shape), "eps": self.eps}  # the powers themselves are data
 
 
 def _initial(power_init: float | list[float], n: int, what: str) -> Tensor:

@@ -223,6 +223,8 @@ def test_objective_owns_nested_schedules_and_checks_its_inputs():
         obj(Transformer(2, 2, "set_causal", d_model=8, n_layers=1, n_heads=1), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="t1"):
         GenMD4Nelbo(t1=0.0)
+    with pytest.raises(ValueError, match="absorbing"):
+        GenMD4Nelbo({"name": "learned_token", "vocab_size": 3, "corruption": "uniform"})
 
 
 @pytest.mark.parametrize("proc", [
