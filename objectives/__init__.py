@@ -1,14 +1,19 @@
-"""Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, and the
-policy-gradient objectives (REINFORCE, RLOO, GRPO) with their rewards (kind "reward")."""
+"""Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, GenMD4's
+NELBO with a learned schedule, the policy-gradient objectives (REINFORCE, RLOO, GRPO) with
+their rewards (kind "reward"), and the importance-weighted bound over orders."""
 
-from . import likelihood, policy_gradient, rewards  # noqa: F401  (fill the registry)
+from . import genmd4, likelihood, policy_gradient, rewards  # noqa: F401  (fill the registry)
 from .base import LossOutput, Objective, StepOutput
+from .genmd4 import GenMD4Nelbo, learned_parts
+from .iwae import OrderDistribution, ProcessOrders, as_orders, iwae_bound, likelihood_table
 from .likelihood import BlockNelbo, MDMNelbo, SetNLL
 from .policy_gradient import GRPO, RLOO, PolicyGradient, Reinforce, Rollout
 from .rewards import NFEPenalty, Reward, StepDiscount, TaskScore
 
 __all__ = [
     "LossOutput", "StepOutput", "Objective", "SetNLL", "MDMNelbo", "BlockNelbo",
+    "GenMD4Nelbo", "learned_parts",
     "PolicyGradient", "Reinforce", "RLOO", "GRPO", "Rollout",
     "Reward", "TaskScore", "NFEPenalty", "StepDiscount",
+    "OrderDistribution", "ProcessOrders", "as_orders", "iwae_bound", "likelihood_table",
 ]

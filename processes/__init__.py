@@ -6,11 +6,12 @@ this package registers every process (kind "process") and corruption (kind
 "corruption"): explicit imports, no scanning.
 """
 
-from orderlab.processes import base, compose, corruption, flat, windowed
+from orderlab.processes import base, compose, corruption, flat, learned, windowed
 from orderlab.processes.base import Process
 from orderlab.processes.compose import Blockwise, Mixture
 from orderlab.processes.corruption import Absorbing, Corruption, Hybrid, Uniform, as_corruption
 from orderlab.processes.flat import Cosine, Flat, Linear, LogLinear, Polynomial
+from orderlab.processes.learned import LearnedPositionSchedule, LearnedTokenSchedule, Powers, PowerSchedule
 from orderlab.processes.windowed import Quench, SlidingWindow, Staggered, Windowed
 
 __all__ = [
@@ -26,6 +27,10 @@ __all__ = [
     "Quench",
     "Blockwise",
     "Mixture",
+    "PowerSchedule",
+    "Powers",
+    "LearnedPositionSchedule",
+    "LearnedTokenSchedule",
     "Corruption",
     "Absorbing",
     "Uniform",
@@ -35,5 +40,6 @@ __all__ = [
     "compose",
     "corruption",
     "flat",
+    "learned",
     "windowed",
 ]

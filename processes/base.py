@@ -19,12 +19,19 @@ Positions are independent given the process (except in ``Mixture``, which draws 
 component per sequence). A subclass implements ``alpha`` and ``dalpha``; it overrides
 ``inverse_alpha`` where the inverse is closed-form (the generic one bisects).
 
+Order probabilities (``log_prob``): since the ``T_i`` are independent, the probability of
+an order is a chain integral, ``P(T_σ1 > T_σ2 > … > T_σK)``, which ``chain_log_prob``
+computes by dynamic programming over time cells (exact for the binned orders of
+``sample_ranks(steps=...)``; a quadrature with a rigorous bracket for singleton orders).
+Flat, quench, blockwise and mixture processes override it with closed forms.
+
 Times: ``t`` may be a Python number, a ``Float[B]`` (one time per row) or a
 ``Float[B, L]`` / ``Float[B, 1]`` (a time per position, which composites use).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,7 +40,7 @@ from torch import Tensor
 from orderlab import ranks as R
 from orderlab.processes.corruption import Absorbing, Corruption, as_corruption
 
-__all__ = ["Process", "as_times", "positions", "rows", "uniforms"]
+__all__ = ["Process", "as_times", "positions", "rows", "uniforms", "chain_log_prob", "singletons"]
 
 
 def as_times(t: Any, device: torch.device | None = None) -> Tensor:
@@ -92,6 +99,16 @@ class Process:
         a, da = self.alpha(t, length), self.dalpha(t, length)
         den = 1.0 - a
         return torch.where(den > 0, -da / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+
+    def alpha_values(self, t: Any, length: int) -> Tensor:
+        """Float ``[B, L, 1]``: ``α`` per value of the clean token; the last axis is 1 where
+        the schedule does not depend on the value (every process here but GenMD4's
+        per-token schedule, ``processes.learned``, which returns ``[B, L, V]``)."""
+        return self.alpha(t, length)[..., None]
+
+    def dalpha_values(self, t: Any, length: int) -> Tensor:
+        """Float ``[B, L, 1 or V]``: ``dα/dt`` per value of the clean token (see ``alpha_values``)."""
+        return self.dalpha(t, length)[..., None]
 
     def inverse_alpha(self, u: Tensor, length: int) -> Tensor:
         """Float ``[B, L]``: ``T = inf{t ∈ [0, 1]: α_i(t) <= u}`` (``+inf`` if ``α_i(1) > u``).
@@ -179,6 +196,64 @@ class Process:
             noised &= ranks.to(x.device) > 0
         return noised
 
+    # ---- order probabilities ---------------------------------------------------------
+
+    grid: int = 1024  # uniform time cells of the singleton-order quadrature
+    quantiles: int = 256  # plus this many quantile cells of every position's T
+
+    def log_prob(self, ranks: Tensor, steps: int | None = None) -> Tensor:
+        """Float64 ``[B]``: ``log P(sample_ranks(·, steps=steps) = ranks)``.
+
+        Positions with rank 0 or -1 are not part of the order. Without ``steps`` the order
+        must be singletons (ranks ``1..K`` distinct; a tie has probability 0 and gives
+        ``-inf``): ``P(T_σ1 > … > T_σK)`` by the chain quadrature of ``chain_log_prob`` on
+        cells cut at a uniform grid of ``grid`` cells and at ``quantiles`` quantiles of
+        every position's ``T`` (so no cell holds more than ``1/quantiles`` of any
+        position's mass, even where a density is singular, e.g. staggered ``k < 1``).
+        With ``steps`` the time bins of ``sample_ranks`` are the cells and the result is
+        exact (up to float64 rounding).
+        """
+        R.validate(ranks)
+        B, L = ranks.shape
+        if steps is not None:
+            if int(steps) < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            edges = torch.linspace(0.0, 1.0, int(steps) + 1, dtype=torch.float64, device=ranks.device)
+            return chain_log_prob(self.cell_masses(edges, L), ranks, tie=0.0)
+        out = chain_log_prob(self.cell_masses(self.order_grid(L, ranks.device), L), ranks, tie=0.5)
+        return torch.where(singletons(ranks), out, torch.full_like(out, -math.inf))
+
+    def log_prob_bounds(self, ranks: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lower, upper)`` Float64 ``[B]``: a rigorous bracket of the singleton ``log_prob``.
+
+        With the exact cell masses, counting two consecutive positions of the chain that
+        share a cell as out of order (``tie = 0``) gives a lower bound and as in order
+        (``tie = 1``) an upper bound; ``log_prob`` (``tie = 1/2``) lies between them.
+        """
+        R.validate(ranks)
+        m = self.cell_masses(self.order_grid(ranks.shape[1], ranks.device), ranks.shape[1])
+        ok = singletons(ranks)
+        lo, hi = chain_log_prob(m, ranks, tie=0.0), chain_log_prob(m, ranks, tie=1.0)
+        inf = torch.full_like(lo, -math.inf)
+        return torch.where(ok, lo, inf), torch.where(ok, hi, inf)
+
+    def order_grid(self, length: int, device: Any = None) -> Tensor:
+        """Float64 ``[M + 1]``: sorted cell edges in ``[0, 1]`` for the singleton quadrature."""
+        uniform = torch.linspace(0.0, 1.0, self.grid + 1, dtype=torch.float64, device=device)
+        u = torch.linspace(0.0, 1.0, self.quantiles + 1, dtype=torch.float64, device=device)
+        q = self.inverse_alpha(u[:, None].expand(-1, length), length)  # [Q + 1, L] quantiles of each T_i
+        q = q[torch.isfinite(q)].clamp(0.0, 1.0)
+        return torch.unique(torch.cat([uniform, q.reshape(-1)]))  # sorted
+
+    def cell_masses(self, edges: Tensor, length: int) -> Tensor:
+        """Float64 ``[B or 1, L, M]``: ``P(T_i ∈ (e_{j}, e_{j+1}])``, the last cell also holding
+        ``P(T_i > e_M) = α_i(e_M)`` (never hit on ``[0, 1]``; ``sample_ranks`` puts it first).
+        A subclass whose schedule differs per row overrides it."""
+        a = self.alpha(edges, length).to(torch.float64).T[None]  # [M+1, L] -> [1, L, M+1]
+        m = a[..., :-1] - a[..., 1:]  # [1, L, M]
+        m[..., -1] += a[..., -1]
+        return m.clamp_min(0.0)
+
     # ---- display ---------------------------------------------------------------------
 
     def _args(self) -> dict[str, Any]:
@@ -191,3 +266,70 @@ class Process:
             args["corruption"] = self.corruption
         inner = ", ".join(f"{k}={v!r}" for k, v in args.items())
         return f"{type(self).__name__}({inner})"
+
+
+def singletons(ranks: Tensor) -> Tensor:
+    """Bool ``[B]``: every position with rank >= 1 has a rank of its own."""
+    return R.num_sets(ranks) == (ranks > 0).sum(1)
+
+
+def chain_log_prob(masses: Tensor, ranks: Tensor, tie: float) -> Tensor:
+    """Float64 ``[B]``: log probability that independent ``T_i`` fall in the order ``ranks``.
+
+    ``masses`` Float64 ``[B or 1, L, M]``: ``P(T_i ∈ cell j)``, cells ascending in time.
+    Set ``S_k`` (rank ``k``) must lie in a later cell than every later set (reverse
+    time: rank 1 = largest ``T``). Dynamic programming from the last set to the first::
+
+        H_k(j) = Π_{i ∈ S_k} m_i(j) · C_{k+1}(j)
+        C_k(j) = Σ_{j' < j} H_k(j') + tie · H_k(j),     C_{K+1} ≡ 1
+        P      = Σ_j H_1(j)
+
+    ``tie = 0``: consecutive sets in distinct cells, exact for the binned orders of
+    ``sample_ranks(steps=...)`` (the cells are its time bins, empty bins skipped). For
+    singletons, ``tie = 1/2`` is the trapezoid rule of the nested Stieltjes integrals
+    ``∫ H_{k+1} dF_{σk}``, with ``tie = 0`` / ``1`` its lower / upper bounds. ``C`` is
+    renormalised after every set (its log scale accumulated), so long chains of small
+    probabilities do not underflow. O(K · M) per row.
+    """
+    B, L = ranks.shape
+    M = masses.shape[-1]
+    chunk = max(1, (1 << 18) // (M + 1))  # rows per chunk: [chunk, M] buffers of ~2 MB stay in cache
+    if B > chunk:
+        return torch.cat([
+            chain_log_prob(masses if masses.shape[0] == 1 else masses[i : i + chunk], ranks[i : i + chunk], tie)
+            for i in range(0, B, chunk)
+        ])
+    d = R.dense(ranks)
+    K = int(d.max()) if d.numel() and (d > 0).any() else 0
+    # log masses with -inf -> -1e300: a member matrix times them sums a set's log masses
+    # without 0 * inf = nan, and exp() of anything near -1e300 is still exactly 0
+    logm = masses.to(torch.float64).clamp_min(0.0).log().clamp_min(_IMPOSSIBLE)  # [B or 1, L, M]
+    n_sets = d.amax(1) if L else torch.zeros(B, dtype=torch.long, device=ranks.device)
+    C = torch.ones(B, M + 1, dtype=torch.float64, device=masses.device)  # C[:, M]: above every cell
+    logz = torch.zeros(B, dtype=torch.float64, device=masses.device)
+    single = bool(singletons(ranks).all())
+    if single:  # position of rank k in each row (rows with fewer sets: any, they skip the step)
+        pos = torch.where(d > 0, d - 1, torch.full_like(d, L)).argsort(1)  # [B, L]
+        row = torch.arange(B, device=d.device)
+    for k in range(K, 0, -1):  # set k, from the last to the first
+        if single:  # O(B M) per set
+            lm = logm[0][pos[:, k - 1]] if logm.shape[0] == 1 else logm[row, pos[:, k - 1]]  # [B, M]
+        elif logm.shape[0] == 1:  # O(B L M) per set: only for multi-token sets, whose M (steps) is small
+            lm = (d == k).to(torch.float64) @ logm[0]  # [B, M]: log Π_{i ∈ S_k} m_i(j)
+        else:
+            lm = torch.einsum("bl,blm->bm", (d == k).to(torch.float64), logm)
+        shift = lm.amax(1, keepdim=True)  # [B, 1] keeps exp() finite
+        H = torch.exp(lm - shift) * C[:, :M]  # [B, M]
+        cs = H.cumsum(1)
+        new = torch.cat([cs - (1.0 - tie) * H, cs[:, -1:]], 1)  # [B, M+1]
+        z = new[:, M]
+        ok = (z > 0) & (shift[:, 0] > _IMPOSSIBLE / 2)
+        new = new / torch.where(ok, z, torch.ones_like(z))[:, None]
+        step = torch.where(ok, shift[:, 0] + z.clamp_min(1e-300).log(), torch.full_like(z, -math.inf))
+        active = k <= n_sets  # rows with fewer sets skip it
+        C = torch.where(active[:, None], new, C)
+        logz = logz + torch.where(active, step, torch.zeros_like(step))
+    return logz
+
+
+_IMPOSSIBLE = -1e300  # a finite stand-in for log 0 inside chain_log_prob

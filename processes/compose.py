@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orderlab.processes.base import Process, as_times, rows
+from orderlab import ranks as R
+from orderlab.processes.base import Process, as_times, rows, singletons
 from orderlab.processes.corruption import Corruption, as_corruption
 from orderlab.registry import build, register
 
@@ -107,6 +108,30 @@ class Blockwise(Process):
         n, after = self._blocks(length, local)
         return ((after + local) / n).to(dtype or torch.get_default_dtype())
 
+    def log_prob(self, ranks: Tensor, steps: int | None = None) -> Tensor:
+        """Singletons: ``Σ_j log P_inner(order inside block j)`` if every generated position
+        of block ``j`` is revealed before every one of block ``j + 1``, else ``-inf`` (blocks
+        are independent draws of the inner process). With ``steps``: the exact binned chain.
+        """
+        if steps is not None:
+            return super().log_prob(ranks, steps)
+        R.validate(ranks)
+        B, L = ranks.shape
+        d = R.dense(ranks)
+        n, after = self._blocks(L, d.to(torch.float64))  # after: [1, L] blocks revealed after i's
+        # block order: a position of an earlier block never ranks after one of a later block
+        key = torch.where(d > 0, d, torch.zeros_like(d))
+        blk = (n - 1 - after).long().expand(B, L)  # [B, L] block index j
+        last_of = torch.zeros(B, n, dtype=d.dtype, device=d.device).scatter_reduce(1, blk, key, "amax")
+        first_of = torch.full((B, n), R.NEVER, dtype=d.dtype, device=d.device)
+        first_of = first_of.scatter_reduce(1, blk, torch.where(d > 0, d, torch.full_like(d, R.NEVER)), "amin")
+        # max rank up to block j < min rank from block j+1 on
+        ok = (last_of.cummax(1).values[:, :-1] < first_of.flip(1).cummin(1).values.flip(1)[:, 1:]).all(1)
+        inner = self._per_block(lambda r, _: self.inner.log_prob(R.dense(r))[:, None].expand_as(r), d, L)  # [B, L]
+        starts = torch.arange(0, L, self.block_size, device=d.device)
+        total = inner[:, starts].sum(1)  # one value per block, read at its first position
+        return torch.where(ok & singletons(ranks), total, torch.full_like(total, -math.inf))
+
     def __repr__(self) -> str:
         own = f", corruption={self.corruption!r}" if self._own else ""
         return f"Blockwise(block_size={self.block_size}, inner={self.inner!r}{own})"
@@ -169,6 +194,12 @@ class Mixture(Process):
             if idx.numel():
                 x_t[idx] = p.corruption(x[idx], noised[idx], mask_id, vocab_size, generator)
         return x_t, noised
+
+    def log_prob(self, ranks: Tensor, steps: int | None = None) -> Tensor:
+        """``log Σ_c w_c P_c(ranks)``: exact given the components' ``log_prob``."""
+        lw = torch.tensor(self.weights, dtype=torch.float64, device=ranks.device).log()  # [C]
+        parts = torch.stack([p.log_prob(ranks, steps) for p in self.processes], 1)  # [B, C]
+        return torch.logsumexp(parts + lw, dim=1)
 
     def __repr__(self) -> str:
         w = ", ".join(f"{v:g}" for v in self.weights)

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orderlab.processes.base import Process, as_times, rows
+from orderlab import ranks as R
+from orderlab.processes.base import Process, as_times, rows, singletons
 from orderlab.processes.corruption import Corruption
 from orderlab.registry import register
 
@@ -54,6 +55,16 @@ class Flat(Process):
 
     def inverse_alpha(self, u: Tensor, length: int) -> Tensor:  # noqa: D102
         return self.f_inv(u)
+
+    def log_prob(self, ranks: Tensor, steps: int | None = None) -> Tensor:
+        """Singletons: ``-log K!`` (i.i.d. ``T``: every order of the ``K`` generated positions
+        equally likely, whatever ``α``); with ``steps``: the exact binned chain (``Process``)."""
+        if steps is not None:
+            return super().log_prob(ranks, steps)
+        R.validate(ranks)
+        k = (ranks > 0).sum(1).to(torch.float64)
+        out = -torch.lgamma(k + 1.0)
+        return torch.where(singletons(ranks), out, torch.full_like(out, -math.inf))
 
 
 @register("process", "linear")

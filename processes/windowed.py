@@ -32,11 +32,13 @@ the order of two windows; a tie at a shared window edge is broken left-first by
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from orderlab import ranks as R
 from orderlab.processes.base import Process, as_times, positions
 from orderlab.processes.corruption import Corruption
 from orderlab.registry import register
@@ -169,6 +171,17 @@ class Quench(SlidingWindow):
         # is monotone across windows: T_i >= T_{i+1} always (ties only at shared edges)
         i = positions(length, u.to(torch.float64))  # [1, L]
         return ((length - 1 - i) + (1.0 - u.to(torch.float64))) / length
+
+    def log_prob(self, ranks: Tensor, steps: int | None = None) -> Tensor:
+        """Singletons: 0 for left to right over the generated positions, else ``-inf``
+        (the windows do not overlap); with ``steps``: the exact binned chain (``Process``)."""
+        if steps is not None:
+            return super().log_prob(ranks, steps)
+        R.validate(ranks)
+        gen = ranks > 0
+        l2r = torch.where(gen, gen.long().cumsum(1), ranks)  # ranks 1..K left to right
+        ok = (ranks == l2r).all(1)
+        return torch.where(ok, 0.0, -math.inf).to(torch.float64)
 
     def _args(self):
         return {}

@@ -24,7 +24,10 @@ EXAMPLES = {
         {"block_size": 4, "inner": {"name": "loglinear", "eps": 0.2}},
     ],
     "mixture": [{"processes": ["cosine", "quench"], "weights": [0.3, 0.7]}],
+    "learned_position": [{"length": 12, "eps": 0.0, "power_init": [0.3, 0.5, 0.8, 1, 1.5, 2, 3, 1, 0.7, 4, 1, 1]}],
 }
+# its schedule depends on the token values: tests/test_learned_schedule.py checks it through given(x)
+NEEDS_TOKENS = {"learned_token"}
 CASES = [(name, kw) for name, kws in EXAMPLES.items() for kw in kws]
 IDS = [f"{name}-{i}" for name, kws in EXAMPLES.items() for i in range(len(kws))]
 L = 10
@@ -44,7 +47,7 @@ def eps_of(p):
 
 
 def test_every_registered_process_is_tested():
-    assert set(names("process")) == set(EXAMPLES)
+    assert set(names("process")) == set(EXAMPLES) | NEEDS_TOKENS
     assert set(names("corruption")) == {"absorbing", "uniform", "hybrid"}
 
 
