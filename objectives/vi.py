@@ -194,10 +194,12 @@ class OrderGuide(nn.Module):
 
 class StepBaseline(nn.Module):
     """A learned baseline ``b(state_k) ≈ E[downstream cost | S_<k]`` per row (pyro's
-    ``nn_baseline``; Mnih & Gregor 2014), from four numbers per row: the fraction revealed,
-    the step over the positions to generate, the fraction of candidates, and the mean of
-    ``max(log p_θ(x_i | x_{S<k}), −10)`` over the candidates. An MLP with ``hidden`` units;
-    its loss (``(cost − b)²``, pyro's) trains it with the rest."""
+    ``nn_baseline``; Mnih & Gregor 2014). The downstream cost of step ``k`` is a sum over the
+    positions still masked, so the baseline is their number times a per-position value
+    from an MLP (``hidden`` units) over four numbers per row: the fraction revealed, the
+    step over the positions to generate, the fraction of candidates, and the mean of
+    ``max(log p_θ(x_i | x_{S<k}), −10)`` over the candidates. Its loss (``(cost − b)²``,
+    pyro's) trains it with the rest."""
 
     inputs = 4
 
@@ -207,15 +209,16 @@ class StepBaseline(nn.Module):
 
     @classmethod
     def features(cls, walk: _Walk, view: StepView, truth: Tensor) -> Tensor:
-        """Float[B, 4] (detached by pyro before the net sees it)."""
+        """Float[B, 5]: the four inputs and the number of masked positions (detached by
+        pyro before the net sees it)."""
         n = walk.todo.clamp_min(1).float()
-        done = (walk.todo - view.masked.sum(1)).float()
+        left = view.masked.sum(1).float()
         cand = view.candidates.sum(1).float()
         lp = (truth[..., 1] * 10.0).sum(1) / cand.clamp_min(1)  # mean clamped log p over the candidates
-        return torch.stack([done / n, torch.full_like(n, view.step) / n, cand / n, lp], dim=-1)
+        return torch.stack([1 - left / n, torch.full_like(n, view.step) / n, cand / n, lp, left], dim=-1)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.net(features)[..., 0]  # [B]
+        return features[:, -1] * self.net(features[:, :-1])[..., 0]  # [B]
 
 
 # ----------------------------------------------------------------------------- the objective
