@@ -238,6 +238,16 @@ class VIOrders(Objective):
     also train the denoiser ``θ`` on the ELBO (the guide's features of ``θ`` are treated as
     inputs: no gradient flows into ``θ`` through ``q``).
 
+    In YAML::
+
+        objective:
+          name: vi_orders
+          policy: {name: learned, net: mlp}     # π_ψ: what evaluation decodes with
+          guide: {name: mlp, hidden: 64}        # q_φ's policy_net
+          baseline: 32
+          entropy: 0.0
+          train_model: false
+
     Metrics: ``bits_per_token`` = ``−ELBO`` per predicted token in bits (label
     ``"elbo (bound)"``: an upper bound on the NLL), ``elbo`` (nats per row), ``kl`` (the
     sampled ``log q − log π`` per row, nats), ``nll_order`` (``−log p_θ(x | σ)`` per row),
@@ -286,8 +296,7 @@ class VIOrders(Objective):
                 logp = self._log_probs(model, walk, cand, k)
             if self._memo is not None:
                 self._memo[k] = (walk.rank, logp)
-        view = StepView(probs=logp.detach().exp() if not self.trains_model else logp.exp(), candidates=cand,
-                        masked=masked, step=k, given=walk.rank == 0)
+        view = StepView(probs=logp.exp(), candidates=cand, masked=masked, step=k, given=walk.rank == 0)
         return view, logp
 
     @staticmethod

@@ -199,7 +199,8 @@ def test_surrogate_gradient_matches_enumerated_elbo_gradient(family, baseline):
 
     assert exact.abs().max() > 0.05  # a gradient worth matching
     rel = float((est.mean(0) - exact).norm() / exact.norm())
-    print(f"max z: TraceGraph {float(z(est).max()):.2f} (relative error {rel:.3f}), no score function {float(z(naive).max()):.1f}")
+    print(f"max z: TraceGraph {float(z(est).max()):.2f} (relative error {rel:.3f}), "
+          f"no score function {float(z(naive).max()):.1f}")
     assert z(est).max() < 5, z(est).max()
     assert z(naive).max() > 8  # the test can tell a biased estimator apart
 
@@ -265,7 +266,7 @@ def test_trace_shapes_and_masks_with_rows_of_different_lengths():
     for seed in range(5):
         mt, gt = obj.traces(m, x, ranks, torch.Generator().manual_seed(seed))
         sets = [gt.nodes[f"set_{k}"] for k in range(4)]  # the most positions a row generates
-        assert f"set_4" not in gt.nodes
+        assert "set_4" not in gt.nodes
         union = torch.zeros_like(ranks, dtype=torch.bool)
         for k, s in enumerate(sets):
             sel, ms = s["value"], mt.nodes[f"set_{k}"]
