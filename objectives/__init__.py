@@ -1,14 +1,16 @@
 """Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, GenMD4's
 NELBO with a learned schedule, the policy-gradient objectives (REINFORCE, RLOO, GRPO) with
-their rewards (kind "reward"), and the importance-weighted bound over orders."""
+their rewards (kind "reward"), variational order learning with pyro (vi_orders), and the
+importance-weighted bound over orders."""
 
-from . import genmd4, likelihood, policy_gradient, rewards  # noqa: F401  (fill the registry)
+from . import genmd4, likelihood, policy_gradient, rewards, vi  # noqa: F401  (fill the registry)
 from .base import LossOutput, Objective, StepOutput
 from .genmd4 import GenMD4Nelbo, learned_parts
 from .iwae import OrderDistribution, ProcessOrders, as_orders, iwae_bound, likelihood_table
 from .likelihood import BlockNelbo, MDMNelbo, SetNLL
 from .policy_gradient import GRPO, RLOO, PolicyGradient, Reinforce, Rollout
 from .rewards import NFEPenalty, Reward, StepDiscount, TaskScore
+from .vi import VIOrders
 
 __all__ = [
     "LossOutput", "StepOutput", "Objective", "SetNLL", "MDMNelbo", "BlockNelbo",
@@ -16,4 +18,5 @@ __all__ = [
     "PolicyGradient", "Reinforce", "RLOO", "GRPO", "Rollout",
     "Reward", "TaskScore", "NFEPenalty", "StepDiscount",
     "OrderDistribution", "ProcessOrders", "as_orders", "iwae_bound", "likelihood_table",
+    "VIOrders",
 ]

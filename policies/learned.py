@@ -332,10 +332,21 @@ class LearnedPolicy(Policy, nn.Module):
             self._state = _State(view.masked.clone())
         return self._state
 
-    def _logits(self, view: StepView) -> tuple[Tensor, Tensor, Tensor]:
+    def step_features(self, view: StepView) -> tuple[Tensor, Tensor]:
+        """``(features Float[B, L, F], keep Bool[B, L])`` of one step (``keep``: not padding),
+        with the per-decode state: call it for steps 0, 1, ... of one walk (a variational
+        guide reads the same features)."""
         state = self._state_of(view)
-        f = self.features(view, state)  # [B, L, F]
-        keep = state.todo | state.known(view)  # not padding
+        return self.features(view, state), state.todo | state.known(view)
+
+    def step_distribution(self, view: StepView) -> SetDistribution:
+        """``π(· | view)`` of one step, differentiable in the parameters (and in
+        ``view.probs``); the per-decode state as :meth:`step_features`."""
+        logits, _, _ = self._logits(view)
+        return self.distribution(logits, view.candidates, self.set_size(view, logits))
+
+    def _logits(self, view: StepView) -> tuple[Tensor, Tensor, Tensor]:
+        f, keep = self.step_features(view)  # [B, L, F], [B, L]
         return self.net(f.to(self._device()), keep.to(self._device())).to(view.probs.device), f, keep
 
     def _device(self) -> torch.device:
@@ -379,8 +390,7 @@ class LearnedPolicy(Policy, nn.Module):
 
     def log_prob(self, selected: Tensor, view: StepView) -> Tensor:
         """Float[B]: log π(selected | view) for one step (uses the per-decode state)."""
-        logits, _, _ = self._logits(view)
-        return self.distribution(logits, view.candidates, self.set_size(view, logits)).log_prob(selected)
+        return self.step_distribution(view).log_prob(selected)
 
     # -- recording and replay
     @contextlib.contextmanager
