@@ -180,6 +180,20 @@ def _scenarios(out: Path) -> dict:
     got["same_weights"] = all(torch.equal(a, b) for a, b in zip(full_model.state_dict().values(),
                                                                  resumed_model.state_dict().values()))
 
+    from orderlab.evaluate import evaluate, test_likelihood
+    from orderlab.train import validate
+
+    policies = {"l2r": build("policy", "l2r"), "threshold": build("policy", {"name": "threshold", "tau": 0.5})}
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]  # noqa: E731
+    nll = build("objective", {"name": "set_nll", "process": {"name": "linear"}})  # random orders, seeded per batch
+    for bs in (2, 5):  # 3 batches of 2, 2, 1 rows (rank 0 decodes two); 1 batch (rank 1 has none)
+        both = [(untimed(evaluate(full_model, task, policies, 5, bs)), test_likelihood(full_model, task, 5, bs),
+                 validate(full_model, nll, task, 5, bs))]
+        with distributed.solo():  # the same calls as one process
+            both.append((untimed(evaluate(full_model, task, policies, 5, bs)), test_likelihood(full_model, task, 5, bs),
+                         validate(full_model, nll, task, 5, bs)))
+        got[f"eval{bs}"] = both
+
     pg, model = RowPG(task.seq_len), _model(task)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pg_cfg = TrainConfig(steps=4, batch_size=8, lr=0.5, warmup=0, log_every=1, eval_every=0, valid_n=0, ckpt_every=0)
@@ -229,6 +243,17 @@ def test_resume_under_two_processes_is_exact(ranks):
     assert [r["step"] for r in lines("full")] == [2, 3, 4, 6]
     assert lines("cut") == lines("full")  # the window cut by the checkpoint holds both ranks' updates
     assert sorted(p.name for p in (out / "cut").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_sharded_evaluation_equals_one_process(ranks, batch_size):
+    """evaluate, test_likelihood and validate, sharded by batch and gathered in batch
+    order, give the single-process numbers bit for bit (timings aside), also when a rank
+    has no batch."""
+    for r in ranks[0]:
+        (rows, likelihood, valid), (rows1, likelihood1, valid1) = r[f"eval{batch_size}"]
+        assert rows == rows1 and [row["n"] for row in rows] == [5, 5]
+        assert likelihood == likelihood1 and valid == valid1
 
 
 def test_objective_parameters_synchronised_model_frozen(ranks):
