@@ -82,14 +82,14 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
 
 @contextlib.contextmanager
 def session() -> Iterator[None]:
-    """``init_from_env()`` on entry; on exit, the group this call created is destroyed
-    (after a barrier when the block ended normally, so no rank leaves while another still
-    writes). Nested or single-process use is a no-op."""
+    """``init_from_env()`` on entry; on exit, the group this call created is destroyed.
+    Nested or single-process use is a no-op; also a decorator (``@session()``).
+
+    No barrier on exit: a rank that stops early (Ctrl-C, an error) must not wait for ranks
+    that are inside another collective; torchrun ends the others when one fails."""
     created = init_from_env()
     try:
         yield
-        if created:
-            barrier()
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
@@ -98,7 +98,9 @@ def session() -> Iterator[None]:
 @contextlib.contextmanager
 def solo() -> Iterator[None]:
     """Inside the block this process acts alone: ``world() == 1``, ``rank() == 0``,
-    collectives are identities (a grid point trained by one rank of a sharded ablation)."""
+    collectives are identities, files are written (a grid point trained by one rank of a
+    sharded ablation). Load the point's config inside the block too: ``train.batch_size``
+    is checked against ``world()``."""
     global _solo
     _solo += 1
     try:
