@@ -18,6 +18,13 @@ A checkpoint is a dict of plain containers and tensors (``torch.load(weights_onl
 
 Every failure to read one (missing, truncated, not a checkpoint, weights that do not fit
 the model) is a :class:`CheckpointError` whose one-line message names the file.
+
+Under a process group (``orderlab.distributed``) only rank 0 writes: :func:`save`,
+:func:`append_metrics`, :func:`truncate_metrics`, :func:`write_results` and
+``StageFiles.clear`` do nothing on the other ranks (``clear`` then waits for rank 0, so
+no rank reads a stale file). A checkpoint written by ``W`` ranks also holds
+``rng_ranks`` (every rank's RNG state, in rank order). Every rank reads the same files:
+the run folder must be on a filesystem all nodes share.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from orderlab import distributed
 
 __all__ = [
     "CHECKPOINT",
@@ -83,9 +92,12 @@ class StageFiles:
         return self.dir / METRICS
 
     def clear(self) -> None:
-        """Remove the checkpoint and metrics (a fresh start must not leave stale ones)."""
-        for p in (self.checkpoint, self.metrics):
-            p.unlink(missing_ok=True)
+        """Remove the checkpoint and metrics (a fresh start must not leave stale ones).
+        Under a process group every rank calls it: rank 0 removes, all wait for it."""
+        if distributed.is_main():
+            for p in (self.checkpoint, self.metrics):
+                p.unlink(missing_ok=True)
+        distributed.barrier()
 
 
 @dataclass(frozen=True)
@@ -120,21 +132,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` atomically: a reader (or a crash) never sees a half-written file."""
+    """``torch.save`` atomically: a reader (or a crash) never sees a half-written file.
+    Rank 0 only under a process group."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record (rank 0 only under a process group)."""
+    if not distributed.is_main():
+        return
     from orderlab.report import append_jsonl
 
     append_jsonl(path, record)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a resume starts from)."""
-    if not path.exists():
+    """Drop records past ``step`` (written after the checkpoint a resume starts from; rank 0)."""
+    if not distributed.is_main() or not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
@@ -143,7 +161,10 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_results(files: RunFiles, results: Mapping[str, Any]) -> None:
-    """Write ``results.json`` (atomically). The one writer is run.py; the schema is its docstring's."""
+    """Write ``results.json`` (atomically; rank 0 only). The one writer is run.py; the schema
+    is its docstring's."""
+    if not distributed.is_main():
+        return
     from orderlab.report import write_json
 
     write_json(files.results, results)

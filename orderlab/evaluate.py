@@ -6,6 +6,12 @@ min/median/max, histogram), tokens per step, wall time and tokens/s; optionally 
 heatmap of the first rows
 (``orderlab.report.order_heatmap``). :func:`test_likelihood` gives the test set's
 bits per generated token under the left-to-right order (the common likelihood).
+
+Under a process group (``orderlab.distributed``; every rank calls) both shard the test
+batches across ranks (batch ``j`` decoded exactly as one process decodes it, seed
+``seed + j``) and gather the per-row results (torchmetrics' ``gather_all_tensors``) back
+into row order, so the rows are the single-process ones but for the timings (``wall_s``:
+the slowest rank's). Use ``evaluate.batch_size <= n / world`` to give every rank work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from orderlab import distributed
 from orderlab.registry import ConfigError
 
 __all__ = ["EvaluateConfig", "evaluate", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
@@ -77,6 +84,17 @@ def _histogram(nfe: Tensor) -> dict[str, list[int]]:
     return {"edges": edges.tolist(), "count": counts.tolist()}
 
 
+def _rows(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """This rank's per-row tensors of its batches, concatenated (empty when it had none)."""
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def _gathered(index: list[Tensor], *columns: tuple[list[Tensor], torch.dtype]) -> list[Tensor]:
+    """Every rank's rows of each column, in row order (``index``: the rows' test indices)."""
+    order = distributed.gather_rows(_rows(index, torch.long)).argsort(stable=True)
+    return [distributed.gather_rows(_rows(parts, dtype))[order] for parts, dtype in columns]
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -102,13 +120,14 @@ def evaluate(
     model.eval()
     tokens, ranks = task.batch(n, split="test", seed=seed)
     tokens, ranks = tokens.to(device), ranks.to(device)
+    batches = distributed.shard(list(enumerate(range(0, n, batch_size))))  # this rank's (j, start)
     rows = []
     try:
         for label, policy in policies.items():
-            scores, nfes, n_gen = [], [], []
+            scores, nfes, n_gen, index = [], [], [], []
             first_ranks: Tensor | None = None
             wall = 0.0
-            for j, start in enumerate(range(0, n, batch_size)):
+            for j, start in batches:
                 x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
                 masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
                 _sync(device)
@@ -121,9 +140,11 @@ def evaluate(
                 nfes.append(out.nfe.cpu())
                 revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
                 n_gen.append(revealed.cpu())  # < the positions to generate when EOS cut a row short
-                if first_ranks is None:
+                index.append(torch.arange(start, start + x.shape[0]))
+                if j == 0:
                     first_ranks = out.ranks.cpu()
-            score, nfe, ngen = torch.cat(scores), torch.cat(nfes), torch.cat(n_gen)
+            score, nfe, ngen = _gathered(index, (scores, torch.float32), (nfes, torch.long), (n_gen, torch.long))
+            wall = max(distributed.all_gather_object(wall))  # the slowest rank's
             total = int(ngen.sum())
             row = {
                 "policy": label,
@@ -140,11 +161,12 @@ def evaluate(
                 "wall_s": wall,
                 "tokens_per_s": total / max(wall, 1e-9),
             }
-            if out_dir is not None and first_ranks is not None:
+            if out_dir is not None:
                 from orderlab.report import order_heatmap
 
                 path = Path(out_dir) / f"order_{_slug(label)}.png"
-                order_heatmap(first_ranks, path, title=f"{label}: reveal step per position")
+                if first_ranks is not None:  # the rank that decoded batch 0 (rank 0)
+                    order_heatmap(first_ranks, path, title=f"{label}: reveal step per position")
                 row["heatmap"] = path.name
             if task.metric in ACCURACY_METRICS:
                 row["accuracy"] = row["score"]
@@ -171,11 +193,14 @@ def test_likelihood(model: torch.nn.Module, task: Any, n: int, batch_size: int, 
     model.eval()
     try:
         tokens, ranks = task.batch(n, split="test", seed=seed)
-        nats, count = 0.0, 0
-        for start in range(0, n, batch_size):
+        parts = []  # (batch index, log-likelihood, tokens) of this rank's batches
+        for j, start in distributed.shard(list(enumerate(range(0, n, batch_size)))):
             x, r = tokens[start : start + batch_size].to(device), ranks[start : start + batch_size].to(device)
-            nats -= float(log_likelihood(model, x, l2r_ranks(r)).sum())
-            count += int((r >= 1).sum())
+            parts.append((j, float(log_likelihood(model, x, l2r_ranks(r)).sum()), int((r >= 1).sum())))
     finally:
         model.train(was_training)
+    nats, count = 0.0, 0
+    for _, ll, k in sorted(p for ps in distributed.all_gather_object(parts) for p in ps):  # batch order
+        nats -= ll
+        count += k
     return {"order": "l2r", "bits_per_token": nats / max(count, 1) / math.log(2.0), "tokens": count}

@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from orderlab import checkpoint as ckpt
+from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
 from orderlab.evaluate import evaluate, test_likelihood
 from orderlab.registry import ConfigError
@@ -99,7 +100,8 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
     """Train the stages (unless ``eval_only``) and evaluate ``exp``; write the run folder."""
     files = exp.files
     files.dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(exp.config, files.config)
+    if distributed.is_main():
+        OmegaConf.save(exp.config, files.config)
     results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "stages": {}, "checkpoints": {}}
     t0 = time.perf_counter()
     try:
@@ -166,6 +168,7 @@ def _error(kind: str, e: Exception) -> int:
     return 2
 
 
+@distributed.session()  # under torchrun: one process group for the whole run, torn down at the end
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orderlab.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment YAML")
@@ -186,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except ckpt.CheckpointError as e:
         return _error("checkpoint error", e)
-    _table(exp, results)
+    if distributed.is_main():
+        _table(exp, results)
     return 0
 
 

@@ -19,6 +19,28 @@ torch RNG (dropout) is seeded once at the start and saved in every checkpoint, s
 of ``2N`` steps and a run of ``N`` steps resumed for ``N`` more give bit-identical loss
 curves and metrics records on CPU.
 
+Under ``torchrun`` (``orderlab.distributed``: a process group of ``W`` ranks) the same
+loop is data-parallel. Every rank draws the global batch of step ``s`` exactly as one
+process does and takes its rows ``[r·b, (r+1)·b)``, ``b = batch_size / W`` (so
+``batch_size`` must divide by ``W``). The objective's generator is seeded
+``derive_seed(seed, s, "objective@r/W")`` and the global RNG ``"global@r/W"``: rank ``r``'s
+part of step ``s`` is a function of ``(seed, s, r, W)``, and with ``W = 1`` the streams are
+the single-process ones. The model and the objective (whose parameters may train too) are
+wrapped together in ``DistributedDataParallel``, which averages their gradients; rank
+``r`` backpropagates ``loss_r · W · w_r / Σ w`` (``w`` = ``StepOutput.weight``), so the
+averaged gradient is that of ``Σ_r w_r loss_r / Σ w``: the global batch's loss when an
+objective's loss is a ``weight``-weighted mean (likelihood objectives: nats per predicted
+token, weight = predicted tokens; weight 1: equal slices, a per-row mean). What is exact:
+the data, the gradient of that global loss, the logged ``loss`` and ``weight``-weighted
+metrics (windows are gathered from every rank before they are averaged), validation
+(whole batches sharded across ranks, results merged in batch order). What is not: the
+objective's random draws (its generator is per rank, so a stochastic objective's estimate
+differs from one process's draw for draw but not in distribution), and quantities an
+objective couples across the rows of its batch (REINFORCE's batch baseline is per slice;
+an objective's buffers, e.g. its EMA baseline, are rank 0's, broadcast each step).
+Rank 0 writes the files; all ranks resume from the same checkpoint, which holds every
+rank's RNG state (resuming on another world size reseeds them from ``(seed, step)``).
+
 Files (names and contents: ``orderlab.checkpoint``), in ``run_dir`` when given:
 ``checkpoint.pt`` every ``ckpt_every`` steps and at the end, and ``metrics.jsonl``, one
 record per logged step: ``step``, the objective's metrics, ``loss`` (mean of the steps'
@@ -44,6 +66,7 @@ import torch
 from torch import nn
 
 from orderlab import checkpoint as ckpt
+from orderlab import distributed
 from orderlab.registry import ConfigError
 
 __all__ = [
@@ -93,6 +116,22 @@ class TrainConfig:
         need(self.valid_n >= 0, "valid_n", ">= 0")
         need(self.ckpt_every >= 0, "ckpt_every", ">= 0")
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
+        _check_world(self)
+
+
+def _check_world(cfg: TrainConfig) -> None:
+    """The global batch must split evenly across the ranks of a process group."""
+    w = distributed.world()
+    if cfg.batch_size % w:
+        raise ConfigError("train.batch_size", f"the global batch ({cfg.batch_size}) must be divisible by the number "
+                                              f"of processes ({w}, torchrun's world size)")
+
+
+def _rank_stream(stream: str) -> str:
+    """This rank's seed stream ``stream``: ``stream`` itself in one process (single-process
+    runs keep their seeds), ``stream@r/W`` for rank ``r`` of ``W``."""
+    w = distributed.world()
+    return stream if w == 1 else f"{stream}@{distributed.rank()}/{w}"
 
 
 def derive_seed(seed: int, step: int, stream: str) -> int:
@@ -168,10 +207,15 @@ class WindowMeans:
     """Weighted means of named scalars over a window of steps.
 
     One ``torchmetrics.aggregation.MeanMetric`` (float64) per name: ``update(metrics,
-    weight)`` adds ``weight * value`` and ``weight``; ``compute()`` divides (and, under
-    DDP, sums over processes first). A name whose window saw a NaN computes to NaN.
-    The updates since the last ``reset`` are kept so that a checkpoint can carry an
-    unfinished window (``state_dict``) and a resumed run logs the same records.
+    weight)`` adds ``weight * value`` and ``weight``; ``compute()`` divides. A name whose
+    window saw a NaN computes to NaN. The updates since the last ``reset`` are kept so that
+    a checkpoint can carry an unfinished window (``state_dict``) and a resumed run logs the
+    same records.
+
+    Across ranks: :meth:`gather` is the window of every rank's updates (a collective).
+    It replaces torchmetrics' own sync on ``compute`` (off here) because ranks may see
+    different metric names (a NaN on one rank only) and a checkpoint must carry the whole
+    window, not rank 0's part.
     """
 
     def __init__(self) -> None:
@@ -190,7 +234,7 @@ class WindowMeans:
                 continue
             if name not in self._means:
                 # "ignore", not "disable": torchmetrics 1.9 drops the weights under "disable"
-                self._means[name] = MeanMetric(nan_strategy="ignore").set_dtype(torch.float64)
+                self._means[name] = MeanMetric(nan_strategy="ignore", sync_on_compute=False).set_dtype(torch.float64)
             self._means[name].update(value, float(weight))
 
     def compute(self) -> dict[str, float]:
@@ -200,6 +244,17 @@ class WindowMeans:
 
     def reset(self) -> None:
         self._means, self._nan, self._updates = {}, set(), []
+
+    def gather(self) -> WindowMeans:
+        """Every rank's updates in one window (rank by rank; called by all ranks); ``self``
+        in one process."""
+        if distributed.world() == 1:
+            return self
+        out = WindowMeans()
+        for updates in distributed.all_gather_object(self._updates):
+            for values, weight in updates:
+                out.update(values, weight)
+        return out
 
     def __len__(self) -> int:
         return len(self._updates)
@@ -336,24 +391,32 @@ def validate(
     batches, weighted by rows) and ``label`` (the objective's, e.g. "nll" or "nelbo
     (bound)"; None when it reports none). Batches and generators are seeded from ``seed``
     alone, so validations at different steps compare.
+
+    Under a process group (called by every rank) the batches are sharded across ranks
+    (``distributed.shard``) and every rank's outputs merged in batch order: the same
+    numbers as one process.
     """
     device = torch.device(device) if device is not None else _device_of(model)
     modes = model.training, objective.training
     model.eval()
     objective.eval()
-    means, loss, labels = WindowMeans(), WindowMeans(), set()
+    outputs = []  # (batch index, metrics, weight, loss, rows, label) of this rank's batches
     try:
-        for i, start in enumerate(range(0, n, batch_size)):
+        for i, start in distributed.shard(list(enumerate(range(0, n, batch_size)))):
             m = min(batch_size, n - start)
             tokens, ranks = task.batch(m, split="valid", seed=derive_seed(seed, i, "valid-data"))
             g = torch.Generator(device=device).manual_seed(derive_seed(seed, i, "valid-objective"))
             out = objective.validate(model, tokens.to(device), ranks.to(device), generator=g)
-            means.update(out.metrics, out.weight)
-            loss.update({"loss": float(out.loss)}, m)
-            labels.add(out.label)
+            outputs.append((i, dict(out.metrics), float(out.weight), float(out.loss), m, out.label))
     finally:
         model.train(modes[0])
         objective.train(modes[1])
+    means, loss, labels = WindowMeans(), WindowMeans(), set()
+    merged = [o for part in distributed.all_gather_object(outputs) for o in part]
+    for _, metrics, weight, value, m, label in sorted(merged, key=lambda o: o[0]):
+        means.update(metrics, weight)
+        loss.update({"loss": value}, m)
+        labels.add(label)
     return {**means.compute(), **loss.compute(), "label": _label(labels)}
 
 
@@ -390,6 +453,7 @@ def train(
     files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
     result = result if result is not None else TrainResult()
     frozen = not getattr(objective, "trains_model", True)
+    _check_world(cfg)
     with _frozen(model, frozen):
         trained = _trained(model, objective)
         params = [p for p in trained.parameters() if p.requires_grad]
@@ -411,15 +475,16 @@ def train(
             sched.load_state_dict(state["scheduler"])
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
-            ckpt.set_rng_state(state["rng"])
-            means.load_state_dict(state["window"]["metrics"])
-            losses.load_state_dict(state["window"]["loss"])
             start = int(state["step"])
+            _resume_rng(state, cfg.seed, start)
+            if distributed.is_main():  # the saved window holds every rank's updates: load it once
+                means.load_state_dict(state["window"]["metrics"])
+                losses.load_state_dict(state["window"]["loss"])
             ckpt.truncate_metrics(files.metrics, start)
             result.checkpoint_step = start
         else:
-            torch.manual_seed(derive_seed(cfg.seed, 0, "global"))
-            random.seed(derive_seed(cfg.seed, 0, "python"))
+            torch.manual_seed(derive_seed(cfg.seed, 0, _rank_stream("global")))
+            random.seed(derive_seed(cfg.seed, 0, _rank_stream("python")))
             if files is not None:
                 files.clear()  # a fresh run: no stale checkpoint or records
         result.status, result.start_step, result.step, result.ema = "running", start, start, ema
@@ -427,9 +492,64 @@ def train(
                      frozen=frozen, progress=progress, name=name, on_step=on_step, extra=extra)
 
 
+def _resume_rng(state: Mapping[str, Any], seed: int, step: int) -> None:
+    """This rank's RNG state from a checkpoint: its own when the checkpoint was written by
+    as many ranks (one process: ``rng``), else reseeded from ``(seed, step)`` per rank."""
+    per_rank, w = state.get("rng_ranks"), distributed.world()
+    if per_rank is None and w == 1:
+        ckpt.set_rng_state(state["rng"])
+    elif per_rank is not None and len(per_rank) == w:
+        ckpt.set_rng_state(per_rank[distributed.rank()])
+    else:  # another world size: the data and the weights resume exactly, the per-rank streams cannot
+        torch.manual_seed(derive_seed(seed, step, _rank_stream("global")))
+        random.seed(derive_seed(seed, step, _rank_stream("python")))
+
+
+class _Step(nn.Module):
+    """One training step as a module: what DistributedDataParallel wraps, so that the model
+    and the objective (both may own trained parameters) are one module whose gradients it
+    averages. The objective still gets the plain model: it reads the model's attributes
+    (``rule``, ``mask_id``, ``new_cache``) and may call it several times a step."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, tokens, ranks, generator):
+        return self.objective.step(self.model, tokens, ranks, generator=generator)
+
+
+def _data_parallel(model: nn.Module, objective: nn.Module, device: torch.device) -> Callable:
+    """``step(tokens, ranks, generator) -> StepOutput``: the objective's step, through DDP
+    under a process group. ``find_unused_parameters``: an objective need not touch every
+    parameter every step (a policy's unused features, a frozen reference)."""
+    if distributed.world() == 1:
+        return lambda tokens, ranks, generator: objective.step(model, tokens, ranks, generator=generator)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(_Step(model, objective), device_ids=ids, find_unused_parameters=True)
+
+
+def _global_loss(out: Any) -> tuple[float, float]:
+    """``(share, loss)``: this rank's share ``w_r / Σ w`` of the global batch (1 in one
+    process; equal shares when every weight is 0) and the global loss ``Σ w_r loss_r / Σ w``."""
+    loss = float(out.loss.detach())
+    if distributed.world() == 1:
+        return 1.0, loss
+    w = float(out.weight)
+    total_w, total_wl, total_l = distributed.all_sum(torch.tensor([w, w * loss, loss], dtype=torch.float64)).tolist()
+    if total_w > 0:
+        return w / total_w, total_wl / total_w
+    return 1.0 / distributed.world(), total_l / distributed.world()
+
+
 def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result, *, frozen, progress, name,
           on_step, extra) -> TrainResult:
     device = _device_of(model)
+    world, rank = distributed.world(), distributed.rank()
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's part of a batch
+    step_fn = _data_parallel(model, objective, device)
 
     def set_modes() -> None:
         model.train(not frozen)  # a frozen model runs in eval mode: no dropout
@@ -438,7 +558,7 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
     def checkpoint(step: int) -> None:
         if files is None:
             return
-        ckpt.save(files.checkpoint, {
+        state = {
             "step": step,
             "model": model.state_dict(),
             "objective": objective.state_dict() if len(objective.state_dict()) else None,
@@ -446,9 +566,13 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
             "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "rng": ckpt.rng_state(),
-            "window": {"metrics": means.state_dict(), "loss": losses.state_dict()},
+            "window": {"metrics": means.gather().state_dict(), "loss": losses.gather().state_dict()},
             "extra": extra,
-        })
+        }
+        if world > 1:
+            state["rng_ranks"] = distributed.all_gather_object(ckpt.rng_state())
+        ckpt.save(files.checkpoint, state)  # rank 0 writes
+        distributed.barrier()  # the file is whole before any rank goes on (and may read it)
         result.checkpoint_step = step
 
     def validation(step: int) -> dict[str, Any] | None:
@@ -461,18 +585,21 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
 
     t_start = t_window = time.perf_counter()
     window_tokens = 0
-    bar = _progress(name, progress)
+    bar = _progress(name, progress and distributed.is_main())
     try:
         with bar:
             bar_id = bar.add_task(name, total=cfg.steps, completed=result.start_step, info="")
             set_modes()
             for step in range(result.start_step + 1, cfg.steps + 1):
                 tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
-                tokens, ranks = tokens.to(device), ranks.to(device)
-                g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, "objective"))
-                out = objective.step(model, tokens, ranks, generator=g)
+                window_tokens += int((ranks >= 0).sum())  # the global batch's
+                tokens, ranks = tokens[rows].to(device), ranks[rows].to(device)
+                g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, _rank_stream("objective")))
+                out = step_fn(tokens, ranks, g)
+                share, loss = _global_loss(out)
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                # DDP averages gradients over ranks: rank r weighs its loss by W · share_r
+                (out.loss if world == 1 else out.loss * (share * world)).backward()
                 if cfg.clip is not None:
                     torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.clip)
                 lr = opt.param_groups[0]["lr"]
@@ -480,18 +607,16 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
                 sched.step()
                 if ema is not None:
                     ema.update(trained)
-                loss = float(out.loss.detach())
                 result.step = step
                 result.losses.append(loss)
                 means.update(out.metrics, out.weight)
-                losses.update({"loss": loss})
-                window_tokens += int((ranks >= 0).sum())
+                losses.update({"loss": float(out.loss.detach())}, share)  # the shares of a step sum to 1
 
                 record: dict[str, Any] | None = None
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     dt = max(time.perf_counter() - t_window, 1e-9)
                     # the loop's own keys come last: "loss" is always the mean of StepOutput.loss
-                    record = {"step": step, **means.compute(), **losses.compute(), "lr": lr,
+                    record = {"step": step, **means.gather().compute(), **losses.gather().compute(), "lr": lr,
                               "tokens_per_s": window_tokens / dt}
                     means.reset()
                     losses.reset()
