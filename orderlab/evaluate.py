@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from orderlab import distributed
+from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError
 
 __all__ = ["EvaluateConfig", "evaluate", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
@@ -125,17 +126,23 @@ def evaluate(
     try:
         for label, policy in policies.items():
             scores, nfes, n_gen, index = [], [], [], []
+            sampled, entropy = [], []  # learned policies only
             first_ranks: Tensor | None = None
             wall = 0.0
             for j, start in batches:
                 x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
                 masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
+                run = lambda: decode(model, policy, masked, r, cache=cache, temperature=temperature,  # noqa: E731
+                                     seed=seed + j, eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
                 _sync(device)
                 t0 = time.perf_counter()
-                out = decode(model, policy, masked, r, cache=cache, temperature=temperature, seed=seed + j,
-                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+                out = run()
                 _sync(device)
                 wall += time.perf_counter() - t0
+                if _is_learned(policy):
+                    s, h = _learned_extras(policy, run, task, x, r, seed + j)
+                    sampled.append(s)
+                    entropy.append(h)
                 scores.append(task.score(out.tokens, x, r).float().cpu())
                 nfes.append(out.nfe.cpu())
                 revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
@@ -168,12 +175,40 @@ def evaluate(
                 if first_ranks is not None:  # the rank that decoded batch 0 (rank 0)
                     order_heatmap(first_ranks, path, title=f"{label}: reveal step per position")
                 row["heatmap"] = path.name
+            if sampled:
+                s_score, ent = _gathered(index, (sampled, torch.float32), (entropy, torch.float64))
+                row["sampled_score"] = float(s_score.mean())  # the policy sampling its sets instead of its mode
+                row["entropy"] = float(ent.mean())  # nats per decode step, mean over rows
             if task.metric in ACCURACY_METRICS:
                 row["accuracy"] = row["score"]
+                if "sampled_score" in row:
+                    row["sampled_accuracy"] = row["sampled_score"]
             rows.append(row)
     finally:
         model.train(was_training)
     return rows
+
+
+def _is_learned(policy: Any) -> bool:
+    """A policy with a recordable, re-scorable distribution (``LearnedPolicy``)."""
+    return callable(getattr(policy, "recording", None)) and callable(getattr(policy, "replay", None))
+
+
+def _learned_extras(policy: Any, run: Any, task: Any, x: Tensor, r: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """``(sampled score Float[b], mean policy entropy Float64[b])`` of one batch: the task
+    score when the policy samples its sets (seeded ``seed``), and the entropy (nats) of the
+    policy's set distribution averaged over the decode steps of its greedy decode."""
+    with policy.recording(greedy=False, seed=seed):
+        out = run()
+    score = task.score(out.tokens, x, r).float().cpu()
+    with policy.recording() as traj:
+        run()
+    rep = policy.replay(traj)
+    try:
+        ent = torch.where(rep.active, rep.step_entropy, 0.0).sum(0) / rep.active.sum(0).clamp_min(1)  # [b]
+    except PolicyError:  # top-k sets beyond the enumeration limit: no exact entropy
+        ent = torch.full((x.shape[0],), math.nan)
+    return score, ent.double().cpu()
 
 
 def l2r_ranks(ranks: Tensor) -> Tensor:
