@@ -64,19 +64,29 @@ def _figure(figsize: tuple[float, float], dpi: int):
 
 
 def _fit_text(artist, text: str, width_px: float, min_size: float = 6.0) -> None:
-    """Set ``text`` on a matplotlib Text, wrapped at spaces so that every line is at most
-    ``width_px`` pixels wide as rendered; a single word wider than that shrinks the font
-    (down to ``min_size`` points)."""
+    """Set ``text`` on a matplotlib Text so that every line is at most ``width_px`` pixels
+    wide as rendered: a word wider than that first shrinks the font (down to ``min_size``
+    points), then lines wrap at spaces, and a word still too wide breaks where it must."""
     renderer = artist.get_figure().canvas.get_renderer()
 
     def width(s: str) -> float:
         artist.set_text(s)
         return artist.get_window_extent(renderer).width
 
+    words = text.split()
+    while artist.get_fontsize() > min_size and max(map(width, words), default=0.0) > width_px:
+        artist.set_fontsize(max(min_size, artist.get_fontsize() - 0.5))
     lines: list[str] = []
     for para in text.split("\n"):
+        pieces: list[str] = []  # the words, those still too wide cut into pieces that fit
+        for word in para.split():
+            while len(word) > 1 and width(word) > width_px:
+                cut = next(k for k in range(len(word) - 1, 0, -1) if k == 1 or width(word[:k]) <= width_px)
+                pieces.append(word[:cut])
+                word = word[cut:]
+            pieces.append(word)
         cur = ""
-        for word in para.split(" "):
+        for word in pieces:
             trial = f"{cur} {word}" if cur else word
             if cur and width(trial) > width_px:
                 lines.append(cur)
@@ -84,10 +94,7 @@ def _fit_text(artist, text: str, width_px: float, min_size: float = 6.0) -> None
             else:
                 cur = trial
         lines.append(cur)
-    wrapped = "\n".join(lines)
-    while width(wrapped) > width_px and artist.get_fontsize() > min_size:
-        artist.set_fontsize(max(min_size, artist.get_fontsize() - 0.5))
-    artist.set_text(wrapped)
+    artist.set_text("\n".join(lines))
 
 
 def _title(fig, title: str) -> None:
