@@ -363,7 +363,7 @@ def _setup(exp: Any) -> dict[str, Any]:
     cfg = exp.ablation.config
     return {"weights": _fingerprint(exp.model), "task": OmegaConf.to_container(exp.config.task),
             "model": OmegaConf.to_container(exp.config.model), "n": cfg.n, "batch_size": cfg.batch_size,
-            "cache": cfg.cache, "temperature": cfg.temperature, "bits": cfg.bits, "heatmap_rows": cfg.heatmap_rows}
+            "cache": cfg.cache, "temperature": cfg.temperature, "bits": cfg.bits}
 
 
 def previous(path: str | Path) -> dict[str, Any] | None:
@@ -397,7 +397,7 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
 
     ``results["ablation"]`` becomes (and ``save()`` writes after every run)::
 
-        setup     weights hash, task, model, n, batch_size, cache, temperature, bits, heatmap_rows
+        setup     weights hash, task, model, n, batch_size, cache, temperature, bits
         metric    the task's metric
         seeds     the seeds
         points    per grid point, in grid order: index, entry, family, policy (label), knobs,
@@ -472,14 +472,16 @@ def _quantities(section: Mapping[str, Any]) -> list[str]:
     for p in section["points"]:
         for k in p["summary"] or {}:
             have.setdefault(k, None)
-    cost = ["nfe", "tokens_per_step", "wall_s", "tokens_per_s", "n"]
+    have.pop("n", None)  # rows per seed: a setting, not a measurement
+    cost = ["nfe", "tokens_per_step", "wall_s", "tokens_per_s"]
     quality = [section["metric"]] + [k for k in have if k not in cost and k != section["metric"]]
     return [k for k in quality + cost if k in have]
 
 
 def csv_rows(section: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per grid point: index, family, policy, one column per knob name of the
-    grid, seeds, then ``<quantity>_mean`` and ``<quantity>_std`` per quantity."""
+    grid, seeds (runs done), n (test rows per seed), then ``<quantity>_mean`` and
+    ``<quantity>_std`` per quantity (the std empty with one seed)."""
     knob_names: dict[str, None] = {}
     for p in section["points"]:
         for k in p["knobs"]:
@@ -489,6 +491,7 @@ def csv_rows(section: Mapping[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"index": p["index"], "family": p["family"], "policy": p["policy"]}
         row.update({k: p["knobs"].get(k, "") for k in knob_names})
         row["seeds"] = len(p["runs"])
+        row["n"] = p["runs"][0]["n"] if p["runs"] else ""
         for q in _quantities(section):
             s = (p["summary"] or {}).get(q)
             row[f"{q}_mean"] = s["mean"] if s else ""
@@ -507,7 +510,7 @@ def display_rows(section: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict
     column format. Quality first (the task's numbers, bits), then NFE, tokens per step,
     wall seconds."""
     rows, formats = [], {"policy": "text"}
-    shown = [q for q in _quantities(section) if q not in ("tokens_per_s", "n")]
+    shown = [q for q in _quantities(section) if q != "tokens_per_s"]
     for p in section["points"]:
         row: dict[str, Any] = {"policy": p["policy"]}
         for q in shown:

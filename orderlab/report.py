@@ -329,8 +329,8 @@ def pareto_plot(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=7)
-    if title:
-        _title(fig, title)
+    if title:  # over the axes: a figure title would run into the legend beside them
+        _fit_text(ax.set_title(""), title, 0.6 * fig.bbox.width)
     return _save(fig, path, dpi)
 
 

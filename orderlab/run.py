@@ -174,12 +174,12 @@ def _table(exp: Experiment, results: dict[str, Any]) -> None:
         title += f" | test l2r nll {results['likelihood']['bits_per_token']:.4f} bits/token"
     if rows or "ablation" not in results:
         print_table(rows, title, formats=formats)
-    if "ablation" in results:
+    if "ablation" in results:  # the grid's table; it carries the title when there was no other
         section = results["ablation"]
-        seeds = section["seeds"]
+        head = f"{title} | ablation" if not rows else f"{exp.run_dir.name} ablation"
         rows, formats = ablate.display_rows(section)
-        print_table(rows, f"ablation: {exp.task!r}, n={exp.ablation.config.n} x seeds {seeds} (mean ± std over "
-                          f"seeds) -> {exp.run_dir / ablate.CSV}", formats=formats)
+        print_table(rows, f"{head}: n={exp.ablation.config.n} x seeds {section['seeds']}, mean ± std over seeds "
+                          f"-> {exp.run_dir / ablate.CSV}", formats=formats)
 
 
 def _error(kind: str, e: Exception) -> int:

@@ -212,7 +212,8 @@ def test_run_writes_results_csv_markdown_pareto_and_heatmaps(tmp_path):
     with open(run / ablate.CSV) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and rows[1]["policy"] == "threshold(tau=0.5)" and rows[1]["tau"] == "0.5"
-    assert rows[3]["steps"] == "3" and rows[0]["tau"] == "" and rows[0]["seeds"] == "2"
+    assert rows[3]["steps"] == "3" and rows[0]["tau"] == "" and rows[0]["seeds"] == "2" and rows[0]["n"] == "6"
+    assert "n_mean" not in rows[0]
     s = section["points"][1]["summary"]
     assert float(rows[1]["solved_mean"]) == pytest.approx(s["solved"]["mean"])
     assert float(rows[1]["nfe_std"]) == pytest.approx(s["nfe"]["std"])
