@@ -25,9 +25,11 @@ task's token frequencies unless the YAML gives them.
 
 Loading is two passes: first every key of every section and component is checked
 against its constructor (``registry.check``, recursively into nested components), so a
-typo in ``evaluate.policies[1]`` is reported before a model is built; then everything
-is built (the ``ablate`` grid's points included: ``ablate.grid[i].<key>``). Errors are :class:`~orderlab.registry.ConfigError` naming the key path and,
-for a typo, the nearest valid key. ``load`` creates no folder and loads no weights
+typo in ``evaluate.policies[1]`` (or in any point of the ``ablate`` grid,
+``ablate.grid[2].gama``) is reported before a model is built; then everything is built
+(the grid's policies too: one per point and seed, ``orderlab.ablate``). Errors are
+:class:`~orderlab.registry.ConfigError` naming the key path and, for a typo, the
+nearest valid key. ``load`` creates no folder and loads no weights
 other than ``model.checkpoint`` (the run's own checkpoints: :meth:`Experiment.restore`).
 """
 
