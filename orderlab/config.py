@@ -12,6 +12,7 @@ The only module (with run.py) that sees a whole config (DESIGN.md section 9.4). 
     policy:    {name: l2r}                                                 # the decode policy
     evaluate:  {policies: [l2r, {name: threshold, tau: 0.9}], ...}         # EvaluateConfig fields
     run:       {dir: runs, name: null, device: auto, resume: false}        # RunConfig fields
+    ablate:    {grid: [{name: threshold, tau: [0.5, 0.9]}], seeds: [0, 1]}  # optional: AblateConfig fields
 
 A stage has exactly the keys ``objective`` (required) and ``train`` (optional, every
 field defaulted). ``stages: {}`` trains nothing (evaluate the model as built or loaded).
@@ -24,9 +25,11 @@ task's token frequencies unless the YAML gives them.
 
 Loading is two passes: first every key of every section and component is checked
 against its constructor (``registry.check``, recursively into nested components), so a
-typo in ``evaluate.policies[1]`` is reported before a model is built; then everything
-is built. Errors are :class:`~orderlab.registry.ConfigError` naming the key path and,
-for a typo, the nearest valid key. ``load`` creates no folder and loads no weights
+typo in ``evaluate.policies[1]`` (or in any point of the ``ablate`` grid,
+``ablate.grid[2].gama``) is reported before a model is built; then everything is built
+(the grid's policies too: one per point and seed, ``orderlab.ablate``). Errors are
+:class:`~orderlab.registry.ConfigError` naming the key path and, for a typo, the
+nearest valid key. ``load`` creates no folder and loads no weights
 other than ``model.checkpoint`` (the run's own checkpoints: :meth:`Experiment.restore`).
 """
 
@@ -46,6 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orderlab import checkpoint as ckpt
 from orderlab import registry
+from orderlab.ablate import AblateConfig, Ablation
 from orderlab.evaluate import EvaluateConfig
 from orderlab.registry import ConfigError
 from orderlab.train import TrainConfig, derive_seed
@@ -70,7 +74,7 @@ class RunConfig:
                 raise ConfigError("run.device", f"not a torch device: {e}") from None
 
 
-SECTIONS = ("task", "model", "stages", "policy", "evaluate", "run")
+SECTIONS = ("task", "model", "stages", "policy", "evaluate", "run", "ablate")
 _STAGE_KEYS = ("objective", "train")
 _FROM_TASK = {"vocab_size": "task.vocab_size", "max_len": "task.seq_len"}  # model keys the task sets
 _STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -106,6 +110,7 @@ class Experiment:
     run_dir: Path
     policies: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ablation: Ablation | None = None  # the ``ablate`` section: its grid's policies per (point, seed)
 
     @property
     def files(self) -> ckpt.RunFiles:
@@ -276,7 +281,22 @@ def _check_stages(raw: Any) -> dict[str, tuple[Any, TrainConfig]]:
     return stages
 
 
-def _check(raw: dict[str, Any]) -> tuple[Any, str | None, dict[str, tuple[Any, TrainConfig]], EvaluateConfig, RunConfig]:
+def _check_ablate(raw: Any) -> AblateConfig | None:
+    """The ``ablate`` section (None when absent) with every grid point's policy checked."""
+    if raw is None:
+        return None
+    if isinstance(raw, Mapping):
+        registry.check(AblateConfig, {"grid": [], **raw}, "ablate")  # typos before a missing grid
+        if "grid" not in raw:
+            raise ConfigError("ablate.grid", "missing: the list of policy specs to evaluate (list values expand)")
+    cfg = _settings(AblateConfig, "ablate", raw)
+    for point in cfg.points:
+        check_component("policy", dict(point.spec), f"ablate.grid[{point.entry}]")
+    return cfg
+
+
+def _check(raw: dict[str, Any]) -> tuple[Any, str | None, dict[str, tuple[Any, TrainConfig]], EvaluateConfig, RunConfig,
+                                         AblateConfig | None]:
     """The check pass: every key of every section, nothing built."""
     for key in raw:
         if key in ("objective", "train"):
@@ -296,7 +316,7 @@ def _check(raw: dict[str, Any]) -> tuple[Any, str | None, dict[str, tuple[Any, T
     check_component("policy", raw["policy"], "policy")
     for i, spec in enumerate(evaluate.policies or []):
         check_component("policy", spec, f"evaluate.policies[{i}]")
-    return model, model_ckpt, stages, evaluate, run
+    return model, model_ckpt, stages, evaluate, run, _check_ablate(raw.get("ablate"))
 
 
 # --------------------------------------------------------------------------- building
@@ -330,6 +350,23 @@ def _build(kind: str, spec: Any, path: str, task: Any, freqs: _Freqs) -> Any:
     return registry.build(kind, spec, path=path, **_injections(cls, args, path, task, freqs))
 
 
+def _build_ablation(cfg: AblateConfig, task: Any, freqs: _Freqs) -> Ablation:
+    """A policy per (grid point, seed): a policy taking ``seed`` that its entry leaves
+    unset gets the run's seed; any other is built once and shared by the seeds."""
+    policies: dict[tuple[int, int], Any] = {}
+    for point in cfg.points:
+        path = f"ablate.grid[{point.entry}]"
+        spec = dict(point.spec)
+        cls, _ = registry.split("policy", spec, path)
+        if _needs(cls, "seed") and "seed" not in spec:
+            for s in cfg.seeds:
+                policies[point.index, s] = _build("policy", {**spec, "seed": s}, path, task, freqs)
+        else:
+            shared = _build("policy", spec, path, task, freqs)
+            policies.update({(point.index, s): shared for s in cfg.seeds})
+    return Ablation(cfg, policies)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,7 +384,7 @@ def load(
     """
     cfg, stem = _read(source, overrides)
     raw = _resolve(cfg)
-    model_spec, model_ckpt, stage_specs, evaluate, run = _check(raw)
+    model_spec, model_ckpt, stage_specs, evaluate, run, ablate = _check(raw)
     run_files = ckpt.RunFiles(Path(run.dir) / (run.name or stem))
 
     task = registry.build("task", raw["task"], path="task")
@@ -391,9 +428,13 @@ def load(
                                                           f"{stage.name!r}, as an evaluate policy is: rename the stage")
             policies[stage.name] = learned
 
+    ablation = _build_ablation(ablate, task, freqs) if ablate is not None else None
+
     full = {"task": raw["task"], "model": raw["model"],
             "stages": {n: {"objective": s[0], "train": asdict(s[1])} for n, s in stage_specs.items()},
             "policy": raw["policy"], "evaluate": asdict(evaluate), "run": asdict(run)}
+    if ablate is not None:
+        full["ablate"] = ablate.spec()
     return Experiment(
         config=OmegaConf.create(full),
         task=task,
@@ -405,4 +446,5 @@ def load(
         run_dir=run_files.dir,
         policies=policies,
         device=device,
+        ablation=ablation,
     )

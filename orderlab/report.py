@@ -1,9 +1,16 @@
-"""Reporting: order heatmaps, NFE histograms, tables and result files.
+"""Reporting: order heatmaps, NFE histograms, Pareto plots, tables and result files.
 
 Figures use matplotlib's Agg backend, imported inside the functions (importing this
-module stays cheap and never touches a display). Writes of whole files are atomic
-(temporary file in the same folder, then ``os.replace``), so a reader never sees half a
-result; ``append_jsonl`` flushes every record.
+module stays cheap and never touches a display); titles are wrapped (and, for a single
+word too long, shrunk) to the figure's width, so none is cut off. Writes of whole files
+are atomic (temporary file in the same folder, then ``os.replace``), so a reader never
+sees half a result; ``append_jsonl`` flushes every record.
+
+Tables (printed with rich, or markdown) format each column with one formatter, so a
+column never mixes ``1``, ``0.9883`` and ``1.149e+04``: ``FORMATS`` maps column kinds
+(``score``, ``bits``, ``nfe``, ``ratio``, ``rate``, ``seconds``, ``count``, ``text``) to
+:class:`Fixed` decimals; a column without a kind gets fixed decimals chosen from its
+largest value (:func:`column_format`). A ``(mean, std)`` cell prints ``mean ± std``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,17 @@ from torch import Tensor
 __all__ = [
     "order_heatmap",
     "order_colors",
+    "order_grid",
     "nfe_histogram",
+    "pareto_plot",
+    "pareto_mask",
+    "Fixed",
+    "FORMATS",
+    "column_format",
     "results_table",
     "print_table",
+    "markdown_table",
+    "write_markdown",
     "write_json",
     "write_csv",
     "append_jsonl",
@@ -47,6 +63,45 @@ def _figure(figsize: tuple[float, float], dpi: int):
     return fig
 
 
+def _fit_text(artist, text: str, width_px: float, min_size: float = 6.0) -> None:
+    """Set ``text`` on a matplotlib Text so that every line is at most ``width_px`` pixels
+    wide as rendered: a word wider than that first shrinks the font (down to ``min_size``
+    points), then lines wrap at spaces, and a word still too wide breaks where it must."""
+    renderer = artist.get_figure().canvas.get_renderer()
+
+    def width(s: str) -> float:
+        artist.set_text(s)
+        return artist.get_window_extent(renderer).width
+
+    words = text.split()
+    while artist.get_fontsize() > min_size and max(map(width, words), default=0.0) > width_px:
+        artist.set_fontsize(max(min_size, artist.get_fontsize() - 0.5))
+    lines: list[str] = []
+    for para in text.split("\n"):
+        pieces: list[str] = []  # the words, those still too wide cut into pieces that fit
+        for word in para.split():
+            while len(word) > 1 and width(word) > width_px:
+                cut = next(k for k in range(len(word) - 1, 0, -1) if k == 1 or width(word[:k]) <= width_px)
+                pieces.append(word[:cut])
+                word = word[cut:]
+            pieces.append(word)
+        cur = ""
+        for word in pieces:
+            trial = f"{cur} {word}" if cur else word
+            if cur and width(trial) > width_px:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = trial
+        lines.append(cur)
+    artist.set_text("\n".join(lines))
+
+
+def _title(fig, title: str) -> None:
+    """A figure title that fits the figure's width (constrained layout makes room for it)."""
+    _fit_text(fig.suptitle(title), title, 0.96 * fig.bbox.width)
+
+
 def _figsize(rows: int, length: int) -> tuple[float, float]:
     w = min(max(4.0, 1.5 + 0.12 * length), 16.0)
     h = min(max(2.5, 1.0 + 0.2 * rows), 10.0)
@@ -63,23 +118,74 @@ def _cell_labels(tokens: Any, rows: int, length: int) -> list[list[str]] | None:
     return [[str(t) for t in row] for row in list(tokens)[:rows]]
 
 
-def order_colors(ranks: Tensor, cmap: str = "viridis"):
+def order_colors(ranks: Tensor, cmap: str = "viridis", vmax: int | None = None):
     """``(rgba Float[B, L, 4], norm, colormap)``: the cell colours of ``order_heatmap``.
 
-    Steps ``1..max`` map linearly onto ``cmap``; given cells get ``GIVEN_COLOR``, padding
+    Steps ``1..max`` (``vmax``: that many steps, e.g. the largest over several figures
+    drawn alike) map linearly onto ``cmap``; given cells get ``GIVEN_COLOR``, padding
     ``PAD_COLOR``.
     """
     import matplotlib
     from matplotlib import colors
 
     r = ranks.detach().cpu().long()
-    top = max(int(r.max()) if r.numel() else 1, 1)
+    top = max(vmax if vmax is not None else (int(r.max()) if r.numel() else 1), 1)
     norm = colors.Normalize(vmin=1, vmax=top) if top > 1 else colors.Normalize(vmin=0.5, vmax=1.5)
     cm = matplotlib.colormaps[cmap]
     rgba = torch.tensor(cm(norm(r.clamp(min=1).numpy())), dtype=torch.float32).reshape(*r.shape, 4)
     rgba[r == 0] = torch.tensor(GIVEN_COLOR)
     rgba[r < 0] = torch.tensor(PAD_COLOR)
     return rgba, norm, cm
+
+
+def _check_ranks(ranks: Any, what: str = "ranks") -> None:
+    if not isinstance(ranks, Tensor) or ranks.dim() != 2:
+        raise ValueError(f"{what} must be a Tensor of shape [B, L], got {getattr(ranks, 'shape', type(ranks))}")
+
+
+def _step_bar(fig, norm, cm, top: int, ax) -> None:
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=ax)
+    bar.set_label("decode step")
+    if top <= 12:
+        bar.set_ticks(list(range(1, top + 1)))
+
+
+def _order_figure(ranks: Tensor, title: str | None, tokens: Any, max_rows: int,
+                  figsize: tuple[float, float] | None, dpi: int, cmap: str):
+    """The figure of :func:`order_heatmap`, not yet saved."""
+    _check_ranks(ranks)
+    r = ranks[:max_rows].detach().cpu().long()  # [b, L]
+    b, length = r.shape
+    top = max(int(r.max()) if r.numel() else 1, 1)
+    rgba, norm, cm = order_colors(r, cmap)
+
+    fig = _figure(figsize or _figsize(b, length), dpi)
+    ax = fig.add_subplot()
+    ax.imshow(rgba.numpy(), aspect="auto", interpolation="nearest")
+    ax.set_xlabel("position")
+    ax.set_ylabel("sample")
+    if title:
+        _title(fig, title)
+    labels = _cell_labels(tokens, b, length)
+    if labels is not None and b * length <= 4096:
+        size = max(4.0, min(9.0, 300.0 / max(length, b)))
+        for i, row in enumerate(labels):
+            for j, s in enumerate(row[:length]):
+                if r[i, j] >= 0:
+                    lum = float((rgba[i, j, :3] * torch.tensor([0.299, 0.587, 0.114])).sum())
+                    ink = "white" if lum < 0.5 else "black"  # readable on dark steps
+                    ax.text(j, i, s, ha="center", va="center", fontsize=size, color=ink)
+    _step_bar(fig, norm, cm, top, ax)
+    return fig
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
 
 
 def order_heatmap(
@@ -98,42 +204,53 @@ def order_heatmap(
     position was revealed (``ranks >= 1``, e.g. ``Decoded.ranks``); given positions
     (0) are light grey, padding (-1) white. ``tokens`` (Long ``[B, L]`` or rows of
     strings, e.g. characters from ``task.render``) are written into the cells. The
-    image is ``figsize * dpi`` pixels (no tight bounding box) and saved as PNG.
+    image is ``figsize * dpi`` pixels (no tight bounding box) and saved as PNG; the
+    title is wrapped to the figure's width.
     """
-    from matplotlib.cm import ScalarMappable
+    return _save(_order_figure(ranks, title, tokens, max_rows, figsize, dpi, cmap), path, dpi)
 
-    if not isinstance(ranks, Tensor) or ranks.dim() != 2:
-        raise ValueError(f"ranks must be a Tensor of shape [B, L], got {getattr(ranks, 'shape', type(ranks))}")
-    r = ranks[:max_rows].detach().cpu().long()  # [b, L]
-    b, length = r.shape
-    top = max(int(r.max()) if r.numel() else 1, 1)
-    rgba, norm, cm = order_colors(r, cmap)
 
-    fig = _figure(figsize or _figsize(b, length), dpi)
-    ax = fig.add_subplot()
-    ax.imshow(rgba.numpy(), aspect="auto", interpolation="nearest")
-    ax.set_xlabel("position")
-    ax.set_ylabel("sample")
+def order_grid(
+    panels: Sequence[tuple[str, Tensor]],
+    path: str | Path,
+    title: str | None = None,
+    ncols: int | None = None,
+    max_rows: int = 16,
+    dpi: int = 100,
+    cmap: str = "viridis",
+) -> Path:
+    """Several order heatmaps in one figure: one panel per ``(title, ranks [B, L])`` (e.g.
+    one per grid point of an ablation), ``ncols`` per row (default: up to 3), colours on
+    one scale (steps ``1..`` the largest step of any panel) with one colour bar."""
+    if not panels:
+        raise ValueError("order_grid needs at least one panel")
+    for i, (_, r) in enumerate(panels):
+        _check_ranks(r, f"panels[{i}] ranks")
+    ncols = ncols or min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    length = max(int(r.shape[1]) for _, r in panels)
+    rows = max(min(int(r.shape[0]), max_rows) for _, r in panels)
+    top = max(max(int(r.max()) if r.numel() else 1 for _, r in panels), 1)
+    pw, ph = min(max(3.0, 1.0 + 0.1 * length), 8.0), min(max(1.6, 0.8 + 0.15 * rows), 5.0)
+    fig = _figure((pw * ncols + 1.0, ph * nrows + 0.8), dpi)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    norm = cm = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        label, r = panels[k]
+        rgba, norm, cm = order_colors(r[:max_rows], cmap, vmax=top)
+        ax.imshow(rgba.numpy(), aspect="auto", interpolation="nearest")
+        ax.set_xlabel("position", fontsize=8)
+        ax.set_ylabel("sample", fontsize=8)
+        ax.tick_params(labelsize=7)
+        t = ax.set_title("", fontsize=9)
+        _fit_text(t, label, 0.92 * fig.bbox.width / ncols)
     if title:
-        ax.set_title(title)
-    labels = _cell_labels(tokens, b, length)
-    if labels is not None and b * length <= 4096:
-        size = max(4.0, min(9.0, 300.0 / max(length, b)))
-        for i, row in enumerate(labels):
-            for j, s in enumerate(row[:length]):
-                if r[i, j] >= 0:
-                    lum = float((rgba[i, j, :3] * torch.tensor([0.299, 0.587, 0.114])).sum())
-                    ink = "white" if lum < 0.5 else "black"  # readable on dark steps
-                    ax.text(j, i, s, ha="center", va="center", fontsize=size, color=ink)
-    sm = ScalarMappable(norm=norm, cmap=cm)
-    bar = fig.colorbar(sm, ax=ax)
-    bar.set_label("decode step")
-    if top <= 12:
-        bar.set_ticks(list(range(1, top + 1)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+        _title(fig, title)
+    _step_bar(fig, norm, cm, top, axes)
+    return _save(fig, path, dpi)
 
 
 def nfe_histogram(
@@ -156,11 +273,65 @@ def nfe_histogram(
     ax.set_xlabel("NFE")
     ax.set_ylabel("samples")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title or f"NFE (mean {v.double().mean().item():.2f})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    _title(fig, title or f"NFE (mean {v.double().mean().item():.2f})")
+    return _save(fig, path, dpi)
+
+
+def pareto_mask(x: Sequence[float], y: Sequence[float]) -> list[bool]:
+    """Which points are Pareto-optimal for *low* ``x`` (cost) and *high* ``y`` (quality):
+    no other point has ``x' <= x`` and ``y' >= y`` with one strict. NaNs are never on it."""
+    pts = [(float(a), float(b)) for a, b in zip(x, y)]
+    ok = [not (math.isnan(a) or math.isnan(b)) for a, b in pts]
+    out = []
+    for i, (a, b) in enumerate(pts):
+        dominated = any(ok[j] and c <= a and d >= b and (c < a or d > b) for j, (c, d) in enumerate(pts) if j != i)
+        out.append(ok[i] and not dominated)
+    return out
+
+
+def pareto_plot(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    xlabel: str = "NFE",
+    ylabel: str = "quality",
+    title: str | None = None,
+    figsize: tuple[float, float] = (8.0, 5.0),
+    dpi: int = 100,
+) -> Path:
+    """Quality vs cost: one curve per family (``{family: [{x, y, yerr?, label?}, ...]}``,
+    drawn in order of ``x`` with ``yerr`` bars and each point's ``label`` beside it);
+    the Pareto frontier over every point (:func:`pareto_mask`) is a dashed black step
+    line through ringed points. ``x`` on a log scale when it spans more than 20x."""
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot()
+    every: list[tuple[float, float]] = []
+    for k, (family, pts) in enumerate(curves.items()):
+        pts = sorted(pts, key=lambda p: p["x"])
+        xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
+        err = [0.0 if p.get("yerr") is None or math.isnan(p["yerr"]) else p["yerr"] for p in pts]
+        color = f"C{k % 10}"
+        ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="os^Dv<>ph*"[k // 10 % 10], color=color,
+                    label=family, capsize=2, lw=1.2, ms=5)
+        for p in pts:
+            if p.get("label"):
+                ax.annotate(str(p["label"]), (p["x"], p["y"]), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6, color=color)
+        every += list(zip(xs, ys))
+    front = sorted(pt for pt, on in zip(every, pareto_mask(*zip(*every))) if on) if every else []
+    if front:
+        fx, fy = zip(*front)
+        ax.step(fx, fy, where="post", ls="--", color="black", lw=1, label="Pareto frontier")
+        ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="black", lw=1.2, zorder=5)
+    xs = [a for a, _ in every if a > 0]
+    if xs and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=7)
+    if title:  # over the axes: a figure title would run into the legend beside them
+        _fit_text(ax.set_title(""), title, 0.6 * fig.bbox.width)
+    return _save(fig, path, dpi)
 
 
 # ---------------------------------------------------------------- tables
@@ -174,37 +345,132 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(cols)
 
 
-def _fmt(v: Any) -> str:
+@dataclass(frozen=True)
+class Fixed:
+    """Numbers with ``decimals`` digits after the point, never an exponent: ``0.9883``,
+    ``1.0000``, ``11490.0``. A ``(mean, std)`` pair prints ``mean ± std`` (the mean alone
+    when the std is None or NaN); None prints empty; anything else ``str``."""
+
+    decimals: int
+
+    def __call__(self, v: Any) -> str:
+        if isinstance(v, tuple) and len(v) == 2:
+            m, sd = v
+            if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+                return self(m)
+            return f"{self(m)} ± {self(sd)}"
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        if v is None:
+            return ""
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        if math.isnan(v) or math.isinf(v):
+            return str(float(v))
+        return f"{v:.{self.decimals}f}"
+
+
+def _text(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+FORMATS: dict[str, Callable[[Any], str]] = {
+    "score": Fixed(4),  # fractions: exact match, accuracy
+    "bits": Fixed(4),  # bits per token
+    "nfe": Fixed(1),  # forward passes per row
+    "ratio": Fixed(2),  # tokens per step
+    "rate": Fixed(1),  # tokens per second
+    "seconds": Fixed(2),
+    "count": Fixed(0),
+    "text": _text,
+}
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, tuple) and len(v) == 2:
+        v = v[0]
     if isinstance(v, Tensor) and v.numel() == 1:
         v = v.item()
-    if isinstance(v, bool) or v is None:
-        return "" if v is None else str(v)
-    if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
-            return str(v)
-        return f"{v:.4g}" if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3) else f"{v:.4f}".rstrip("0").rstrip(".")
-    return str(v)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def results_table(rows: Sequence[Mapping[str, Any]], title: str | None = None):
-    """A ``rich.table.Table``: one column per key (in order of first appearance)."""
+def column_format(values: Sequence[Any]) -> Callable[[Any], str]:
+    """The formatter of a column without a kind: ``text`` unless every value is a number
+    (or a ``(mean, std)`` pair, or None); ``count`` for integers; else :class:`Fixed` with
+    decimals from the largest magnitude (4 below 10, 3 below 100, 2 below 1000, 1 below
+    1e5, else 0), so every cell of the column has the same number of decimals."""
+    nums = [_number(v) for v in values if v is not None]
+    if not nums or any(n is None for n in nums):
+        return _text
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values if v is not None):
+        return FORMATS["count"]
+    top = max((abs(n) for n in nums if math.isfinite(n)), default=0.0)
+    return Fixed(next((d for d, lim in ((4, 10), (3, 100), (2, 1e3), (1, 1e5)) if top < lim), 0))
+
+
+def _formatters(rows: Sequence[Mapping[str, Any]], cols: list[str],
+                formats: Mapping[str, str | Callable[[Any], str]] | None) -> dict[str, Callable[[Any], str]]:
+    out = {}
+    for c in cols:
+        kind = (formats or {}).get(c)
+        if kind is None:
+            out[c] = column_format([r.get(c) for r in rows])
+        elif isinstance(kind, str):
+            if kind not in FORMATS:
+                raise ValueError(f"column {c!r}: unknown format {kind!r} (valid: {', '.join(FORMATS)})")
+            out[c] = FORMATS[kind]
+        else:
+            out[c] = kind
+    return out
+
+
+def _numeric(rows: Sequence[Mapping[str, Any]], c: str, fmt: Callable[[Any], str]) -> bool:
+    return fmt is not _text and all(_number(r.get(c)) is not None or r.get(c) is None for r in rows)
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,
+                  formats: Mapping[str, str | Callable[[Any], str]] | None = None):
+    """A ``rich.table.Table``: one column per key (in order of first appearance), each
+    formatted by ``formats[column]`` (a ``FORMATS`` kind or a callable; default
+    :func:`column_format`); numeric columns right-aligned."""
     from rich.table import Table
 
     table = Table(title=title)
     cols = _columns(rows)
-    for c in cols:
-        numeric = all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
-        table.add_column(c, justify="right" if numeric else "left")
+    fmts = _formatters(rows, cols, formats)
+    for c in cols:  # labels fold onto more lines rather than lose their end to an ellipsis
+        numeric = _numeric(rows, c, fmts[c])
+        table.add_column(c, justify="right" if numeric else "left", overflow="ellipsis" if numeric else "fold")
     for r in rows:
-        table.add_row(*(_fmt(r.get(c)) for c in cols))
+        table.add_row(*(fmts[c](r.get(c)) for c in cols))
     return table
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, console=None) -> None:
-    """Print ``results_table(rows, title)`` to ``console`` (a ``rich.console.Console``)."""
+def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, console=None,
+                formats: Mapping[str, str | Callable[[Any], str]] | None = None) -> None:
+    """Print ``results_table(rows, title, formats)`` to ``console`` (a ``rich.console.Console``)."""
     from rich.console import Console
 
-    (console or Console()).print(results_table(rows, title))
+    (console or Console()).print(results_table(rows, title, formats))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,
+                   formats: Mapping[str, str | Callable[[Any], str]] | None = None) -> str:
+    """The table of :func:`results_table` as GitHub markdown (``title`` as a heading)."""
+    cols = _columns(rows)
+    fmts = _formatters(rows, cols, formats)
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = [f"## {title}", ""] if title else []
+    lines.append("| " + " | ".join(cell(c) for c in cols) + " |")
+    lines.append("|" + "|".join("---:" if _numeric(rows, c, fmts[c]) else ":---" for c in cols) + "|")
+    lines += ["| " + " | ".join(cell(fmts[c](r.get(c))) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], title: str | None = None,
+                   formats: Mapping[str, str | Callable[[Any], str]] | None = None) -> Path:
+    """Write :func:`markdown_table` to ``path`` atomically."""
+    return _atomic_write_text(path, markdown_table(rows, title, formats))
 
 
 # ---------------------------------------------------------------- files

@@ -4,11 +4,14 @@ Loads the experiment, creates the run folder ``run.dir / (run.name or <yaml stem
 with ``config.yaml`` (resolved, every default filled in), trains its stages in order
 (each in ``<stage>/``: ``checkpoint.pt``, ``metrics.jsonl``; each stage starts from the
 previous stage's final, EMA when present, weights), evaluates every policy (the
-``evaluate`` policies and each stage's learned policy) and prints a table.
+``evaluate`` policies and each stage's learned policy), runs the ``ablate`` grid when the
+experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``pareto.png``,
+``order_grid_<entry>.png``) and prints the tables.
 
 - A fresh run (no ``run.resume``) starts every stage over. With ``run.resume=true``,
   stages whose checkpoint reached their ``train.steps`` are skipped (their weights
-  loaded) and the interrupted stage continues exactly where its checkpoint left it.
+  loaded) and the interrupted stage continues exactly where its checkpoint left it;
+  the ablation keeps the grid points already evaluated on the same weights.
 - ``--eval-only`` trains nothing: it loads every stage's checkpoint (a stage with
   ``train.steps > 0`` and none is an error) and evaluates.
 - Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
@@ -27,6 +30,9 @@ previous stage's final, EMA when present, weights), evaluates every policy (the
     evaluations   one row per policy (orderlab.evaluate.evaluate: policy, metric, score,
                   accuracy (exact-match metrics only), nfe_mean, tokens_per_step, ...)
     likelihood    test bits per token under the l2r order (``evaluate.likelihood``)
+    ablation      the ``ablate`` grid (``orderlab.ablate.run_grid``): setup, metric, seeds,
+                  points (per grid point: policy, knobs, spec, runs per seed, summary);
+                  rewritten after every (point, seed); kept by ``run.resume`` / ``--eval-only``
     wall_s        seconds
 
 The same objects in Python: ``orderlab.load(path, overrides)`` and :func:`execute`.
@@ -43,6 +49,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from orderlab import ablate
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
@@ -103,6 +110,10 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
     if distributed.is_main():
         OmegaConf.save(exp.config, files.config)
     results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "stages": {}, "checkpoints": {}}
+    if exp.ablation is not None and (eval_only or exp.run.resume):
+        old = ablate.previous(files.results)  # kept in what a failure writes, reused on the same weights
+        if old is not None:
+            results["ablation"] = old
     t0 = time.perf_counter()
     try:
         if eval_only:
@@ -122,6 +133,10 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
             seed=ev.seed, out_dir=files.dir if ev.heatmaps else None)
         if ev.likelihood:
             results["likelihood"] = test_likelihood(exp.model, exp.task, ev.n, ev.batch_size, seed=ev.seed)
+        if exp.ablation is not None:
+            ablate.run_grid(exp, results, save=lambda: _write(exp, results), progress=progress)
+            ablate.write_outputs(files.dir, results["ablation"], heatmaps=exp.ablation.config.heatmaps,
+                                 title=f"{files.dir.name}: {exp.task!r}")
     except BaseException as e:
         results["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         results["error"] = f"{type(e).__name__}: {e}"
@@ -134,20 +149,22 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
 
 
 def _table(exp: Experiment, results: dict[str, Any]) -> None:
-    from orderlab.report import print_table
+    from orderlab.report import FORMATS, print_table
 
     metric = exp.task.metric
+    nfe = FORMATS["nfe"]
     rows = [
         {
             "policy": r["policy"],
-            metric: round(r["score"], 4),
-            "NFE": f"{r['nfe_mean']:.1f} ({r['nfe_min']}/{r['nfe_median']}/{r['nfe_max']})",
-            "tok/step": round(r["tokens_per_step"], 2),
-            "tok/s": round(r["tokens_per_s"], 1),
-            "wall s": round(r["wall_s"], 2),
+            metric: r["score"],
+            "NFE": f"{nfe(r['nfe_mean'])} ({r['nfe_min']}/{r['nfe_median']}/{r['nfe_max']})",
+            "tok/step": r["tokens_per_step"],
+            "tok/s": r["tokens_per_s"],
+            "wall s": r["wall_s"],
         }
         for r in results.get("evaluations", [])
     ]
+    formats = {metric: "score", "tok/step": "ratio", "tok/s": "rate", "wall s": "seconds"}
     title = f"{exp.run_dir.name}: {exp.task!r}, n={exp.evaluate.n}"
     for name, stage in results["stages"].items():
         valid = stage.get("valid")
@@ -157,7 +174,14 @@ def _table(exp: Experiment, results: dict[str, Any]) -> None:
             title += f" | {name} valid{' ' + valid['label'] if valid.get('label') else ''} {shown}"
     if "likelihood" in results:
         title += f" | test l2r nll {results['likelihood']['bits_per_token']:.4f} bits/token"
-    print_table(rows, title)
+    if rows or "ablation" not in results:
+        print_table(rows, title, formats=formats)
+    if "ablation" in results:  # the grid's table; it carries the title when there was no other
+        section = results["ablation"]
+        head = f"{title} | ablation" if not rows else f"{exp.run_dir.name} ablation"
+        rows, formats = ablate.display_rows(section)
+        print_table(rows, f"{head}: n={exp.ablation.config.n} x seeds {section['seeds']}, mean ± std over seeds "
+                          f"-> {exp.run_dir / ablate.CSV}", formats=formats)
 
 
 def _error(kind: str, e: Exception) -> int:

@@ -103,3 +103,94 @@ def test_results_table():
     report.print_table(rows, "decode", console=console)
     text = console.export_text()
     assert "decode" in text and "0.1235" in text and "random" in text
+
+
+# ---------------------------------------------------------------- column formats
+
+
+def test_fixed_decimals_never_an_exponent():
+    f = report.Fixed(4)
+    assert [f(1), f(0.98834), f(11490.0), f(1e-5), f(-0.5)] == ["1.0000", "0.9883", "11490.0000", "0.0000", "-0.5000"]
+    assert f((0.8125, 0.01304)) == "0.8125 ± 0.0130" and f((0.5, float("nan"))) == "0.5000" and f((0.5, None)) == "0.5000"
+    assert f(None) == "" and f("x") == "x" and f(True) == "True" and f(torch.tensor(0.25)) == "0.2500"
+    assert report.FORMATS["nfe"](12) == "12.0" and report.FORMATS["rate"](11490.04) == "11490.0"
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1, 12, 3], ["1", "12", "3"]),  # integers: counts
+        ([1, 0.98834, 0.5], ["1.0000", "0.9883", "0.5000"]),  # below 10: 4 decimals
+        ([1.0, 11490.0, 2.5], ["1.0", "11490.0", "2.5"]),  # below 1e5: 1 decimal
+        ([55.25, 3.0], ["55.250", "3.000"]),
+        ([(0.5, 0.1), None, 2], ["0.5000 ± 0.1000", "", "2.0000"]),
+        (["a", 1.0], ["a", "1.0"]),  # not all numbers: text
+    ],
+)
+def test_column_format_is_fixed_per_column(values, expected):
+    f = report.column_format(values)
+    assert [f(v) for v in values] == expected
+
+
+def test_printed_table_has_one_decimal_count_per_column():
+    from rich.console import Console
+
+    rows = [{"policy": "a", "score": 1.0, "tok/s": 11490.2, "NFE": 3}, {"policy": "b", "score": 0.98834, "tok/s": 9.5, "NFE": 12}]
+    console = Console(record=True, width=120)
+    report.print_table(rows, "t", console=console, formats={"score": "score", "tok/s": "rate"})
+    text = console.export_text()
+    assert "1.0000" in text and "0.9883" in text and "11490.2" in text and "9.5 " in text and "e+" not in text
+    with pytest.raises(ValueError, match="unknown format 'percent'"):
+        report.results_table(rows, formats={"score": "percent"})
+
+
+def test_markdown_table():
+    rows = [{"policy": "a|b", "solved": (0.5, 0.25), "NFE": 4.0}, {"policy": "c", "solved": (1.0, 0.0), "NFE": 10.0}]
+    md = report.markdown_table(rows, "T", formats={"solved": "score", "NFE": "nfe"})
+    assert md.splitlines() == [
+        "## T",
+        "",
+        "| policy | solved | NFE |",
+        "|:---|---:|---:|",
+        "| a\\|b | 0.5000 ± 0.2500 | 4.0 |",
+        "| c | 1.0000 ± 0.0000 | 10.0 |",
+    ]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_pareto_mask():
+    # (cost, quality): (1, .2) and (2, .5) and (4, .9) are optimal; (3, .4) is dominated by (2, .5)
+    x, y = [1, 2, 3, 4, 4, float("nan")], [0.2, 0.5, 0.4, 0.9, 0.8, 1.0]
+    assert report.pareto_mask(x, y) == [True, True, False, True, False, False]
+    assert report.pareto_mask([1, 1], [0.5, 0.5]) == [True, True]  # ties dominate nothing
+
+
+def test_pareto_plot_and_order_grid(tmp_path):
+    curves = {"threshold": [{"x": 4.0, "y": 0.5, "yerr": 0.1, "label": "tau=0.5"}, {"x": 8.0, "y": 0.9, "yerr": float("nan")}],
+              "random": [{"x": 2.0, "y": 0.1, "label": "steps=2"}]}
+    out = report.pareto_plot(curves, tmp_path / "p.png", title="a title", figsize=(6, 4), dpi=50)
+    assert _png_size(out) == (300, 200)
+    panels = [("tau=0.5", torch.tensor([[0, 1, 2], [2, 1, 0]])), ("tau=0.9", torch.tensor([[0, 1, 1], [-1, 1, 0]]))] * 2
+    out = report.order_grid(panels, tmp_path / "g.png", title="threshold", dpi=40)
+    assert _png_size(out)[0] > 0
+    with pytest.raises(ValueError, match=r"panels\[1\] ranks"):
+        report.order_grid([("a", torch.ones(2, 2)), ("b", torch.ones(3))], tmp_path / "bad.png")
+
+
+def test_heatmap_title_fits_the_figure():
+    """A title longer than the figure is wrapped onto lines that fit (it used to be cut off)."""
+    title = "sliding_window(window=4, tau=0.9) with a long explanation: reveal step per position"
+    fig = report._order_figure(torch.randint(1, 5, (4, 20)), title, None, 32, None, 100, "viridis")
+    fig.canvas.draw()
+    t = fig._suptitle
+    box = t.get_window_extent(fig.canvas.get_renderer())
+    assert "\n" in t.get_text() and t.get_text().replace("\n", " ") == title
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    # one word too long for any line shrinks instead
+    fig = report._order_figure(torch.randint(1, 5, (4, 20)), "x" * 120, None, 32, None, 100, "viridis")
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert fig._suptitle.get_fontsize() == 6.0 and box.x0 >= 0 and box.x1 <= fig.bbox.width
+    assert fig._suptitle.get_text().replace("\n", "") == "x" * 120  # broken, nothing lost
