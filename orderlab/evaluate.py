@@ -31,7 +31,7 @@ from orderlab import distributed
 from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError
 
-__all__ = ["EvaluateConfig", "evaluate", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
+__all__ = ["EvaluateConfig", "evaluate", "evaluation_pareto", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
@@ -209,6 +209,20 @@ def _learned_extras(policy: Any, run: Any, task: Any, x: Tensor, r: Tensor, seed
     except PolicyError:  # top-k sets beyond the enumeration limit: no exact entropy
         ent = torch.full((x.shape[0],), math.nan)
     return score, ent.double().cpu()
+
+
+def evaluation_pareto(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Score vs mean NFE of the evaluation rows (``orderlab.report.pareto_plot``): the rows
+    of one heuristic family (``threshold(tau=0.5)``, ``threshold(tau=0.9)``, ...) form a
+    curve over its knob; every other row (a learned policy, a fixed order) is a point."""
+    from orderlab.report import pareto_plot
+
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        family, _, knobs = r["policy"].partition("(")
+        curves.setdefault(family, []).append({"x": r["nfe_mean"], "y": r["score"], "label": knobs.rstrip(")")})
+    metric = rows[0]["metric"] if rows else "score"
+    return pareto_plot(curves, path, xlabel="NFE (mean forwards per sequence)", ylabel=metric, title=title)
 
 
 def l2r_ranks(ranks: Tensor) -> Tensor:

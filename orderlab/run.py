@@ -53,11 +53,13 @@ from orderlab import ablate
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
-from orderlab.evaluate import evaluate, test_likelihood
+from orderlab.evaluate import evaluate, evaluation_pareto, test_likelihood
 from orderlab.registry import ConfigError
 from orderlab.train import TrainResult, train
 
-__all__ = ["main", "execute"]
+__all__ = ["main", "execute", "PARETO"]
+
+PARETO = "evaluation_pareto.png"  # score vs NFE of the evaluated policies
 
 
 def _console(stderr: bool = False):
@@ -131,6 +133,8 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
         results["evaluations"] = evaluate(
             exp.model, exp.task, exp.policies, ev.n, ev.batch_size, cache=ev.cache, temperature=ev.temperature,
             seed=ev.seed, out_dir=files.dir if ev.heatmaps else None)
+        if ev.heatmaps and len(results["evaluations"]) > 1 and distributed.is_main():
+            evaluation_pareto(results["evaluations"], files.dir / PARETO, title=f"{files.dir.name}: {exp.task!r}")
         if ev.likelihood:
             results["likelihood"] = test_likelihood(exp.model, exp.task, ev.n, ev.batch_size, seed=ev.seed)
         if exp.ablation is not None:
@@ -158,13 +162,14 @@ def _table(exp: Experiment, results: dict[str, Any]) -> None:
             "policy": r["policy"],
             metric: r["score"],
             "NFE": f"{nfe(r['nfe_mean'])} ({r['nfe_min']}/{r['nfe_median']}/{r['nfe_max']})",
+            **({f"sampled {metric}": r["sampled_score"], "entropy": r["entropy"]} if "sampled_score" in r else {}),
             "tok/step": r["tokens_per_step"],
             "tok/s": r["tokens_per_s"],
             "wall s": r["wall_s"],
         }
         for r in results.get("evaluations", [])
     ]
-    formats = {metric: "score", "tok/step": "ratio", "tok/s": "rate", "wall s": "seconds"}
+    formats = {metric: "score", f"sampled {metric}": "score", "entropy": "bits", "tok/step": "ratio", "tok/s": "rate", "wall s": "seconds"}
     title = f"{exp.run_dir.name}: {exp.task!r}, n={exp.evaluate.n}"
     for name, stage in results["stages"].items():
         valid = stage.get("valid")
