@@ -53,17 +53,23 @@ def use_backend(name: str | None) -> Iterator[None]:
         _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _requested() -> str | None:
+    """The backend asked for by ``use_backend`` or the environment (None: automatic).
+
+    Read once when ``torch.compile`` traces a caller and kept as a constant of the graph
+    (Dynamo cannot trace ``ContextVar.get``): a compiled graph keeps the backend it was
+    traced with."""
+    return _override.get() or _normalise(os.environ.get("ORDERLAB_KERNELS"), "ORDERLAB_KERNELS")
+
+
 def resolve_backend(backend: str | None, device: torch.device, supported: bool = True, fallback: str = "reference") -> str:
     """The backend a call on tensors living on ``device`` runs, following the precedence above.
 
     ``supported=False`` (e.g. float64 inputs) makes the *automatic* choice the ``fallback``; an
     explicit request for Triton still returns ``"triton"`` (and its launcher says why not).
     """
-    name = (
-        _normalise(backend, "backend=")
-        or _override.get()
-        or _normalise(os.environ.get("ORDERLAB_KERNELS"), "ORDERLAB_KERNELS")
-    )
+    name = _normalise(backend, "backend=") or _requested()
     if name is None:
         return "triton" if device.type == "cuda" and supported else fallback
     if name == "triton" and device.type != "cuda" and not interpreting():

@@ -42,7 +42,7 @@ class KVCache:
         self.group = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
-        self._rows: Tensor | None = None  # Long[B*H*N]: rows of the flattened [B*H*C, D] buffer this forward writes
+        self._rows: Tensor | None = None  # Long[B*H*N]: rows of layer 0 in the [layers*B*H*C, D] view this forward writes
 
     def __repr__(self) -> str:
         n_layers, B, H, C, D = self.k.shape
@@ -61,7 +61,7 @@ class KVCache:
         slots = slots.clamp(max=C - 1)  # padding only (checked above): the dump slot
         self.rank.scatter_(1, slots, s.k_rank)
         self.group.scatter_(1, slots, s.k_group)
-        # row of (b, h, slot) in the [B*H*C, D] view of a layer's buffer, for index_copy_
+        # row of (b, h, slot) in the [layers*B*H*C, D] view of the buffers (layer 0), for index_copy_
         base = (torch.arange(B, device=slots.device)[:, None, None] * H + torch.arange(H, device=slots.device)[:, None]) * C
         self._rows = (base + slots[:, None, :]).flatten()  # [B*H*N], (b, h, n) order
         end = (self.length + N).clamp(max=C)  # keys at or past end[b] are stale scratch
@@ -70,10 +70,12 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, vis: RankMask) -> Tensor:
         """Write this forward's K/V of ``layer`` and attend over the buffer: ``[B, H, N, D]``."""
         B, H, N, D = k.shape
-        ck, cv = self.k[layer], self.v[layer]  # [B, H, C, D], contiguous
-        ck.view(-1, D).index_copy_(0, self._rows, k.reshape(B * H * N, D).to(ck.dtype))
-        cv.view(-1, D).index_copy_(0, self._rows, v.reshape(B * H * N, D).to(cv.dtype))
-        return vis.attend(q, ck, cv).to(q.dtype)
+        rows = self._rows + layer * self.k[0].numel() // D
+        # index_copy_ into a view of the whole buffer, not of self.k[layer]: torch.compile
+        # then writes in place instead of copying the layer's buffer around the write
+        self.k.view(-1, D).index_copy_(0, rows, k.reshape(B * H * N, D).to(self.k.dtype))
+        self.v.view(-1, D).index_copy_(0, rows, v.reshape(B * H * N, D).to(self.v.dtype))
+        return vis.attend(q, self.k[layer], self.v[layer]).to(q.dtype)
 
     def commit(self, n_append: Tensor) -> None:
         """After the last layer: keep the first ``n_append[b]`` tokens of each row."""

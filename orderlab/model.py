@@ -115,7 +115,7 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(torch.arange(max_len), d_model // n_heads, rope_base)  # [max_len, D/2]
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled: Any = None
+        self._compiled: dict[tuple, Any] = {}  # torch.compile options -> compiled forward
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -155,14 +155,15 @@ class Transformer(nn.Module):
         return F.linear(self.norm(h), self.head_weight())
 
     def compiled(self, **options):
-        """:meth:`forward` through ``torch.compile(dynamic=False)``, built once per model.
+        """:meth:`forward` through ``torch.compile(dynamic=False, **options)``, built once per
+        model and options.
 
         Every distinct stream width is its own static graph; the decoder pads its cached
-        steps to one width (``decode(..., compile=True)``), so a whole decode runs one graph.
-        ``options`` go to ``torch.compile`` on the first call only."""
-        if self._compiled is None:
-            self._compiled = torch.compile(self.forward, dynamic=False, **options)
-        return self._compiled
+        steps to one width (``decode(..., compile=True)``), so a whole decode runs one graph."""
+        key = tuple(sorted(options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self.forward, dynamic=False, **options)
+        return self._compiled[key]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
