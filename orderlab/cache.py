@@ -1,6 +1,6 @@
 """Exact KV cache for set-causal and block-causal decoding.
 
-Preallocated per-layer buffers ``[B, H, C, D]`` with a rank and a group per slot and a
+Preallocated buffers ``[B, H, C, D]``, one K and one V per layer, with a rank and a group per slot and a
 length per row (gpt-fast / torchtune style: buffers indexed by position tensors).
 
 One decode forward writes the K/V of *all* its ``N`` tokens after each row's cached ones
@@ -35,24 +35,26 @@ __all__ = ["KVCache"]
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layers, batch, n_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_heads, capacity, head_dim)
+        # separate tensors per layer: under torch.compile each is written in place once per
+        # forward (one [layers, ...] tensor written layer by layer is copied back whole)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.rank = torch.full((batch, capacity), NEVER, dtype=torch.long, device=device)
         self.group = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
-        self._rows: Tensor | None = None  # Long[B*H*N]: rows of layer 0 in the [layers*B*H*C, D] view this forward writes
+        self._rows: Tensor | None = None  # Long[B*H*N]: rows of the [B*H*C, D] view this forward writes
 
     def __repr__(self) -> str:
-        n_layers, B, H, C, D = self.k.shape
-        return f"KVCache(layers={n_layers}, batch={B}, heads={H}, capacity={C}, head_dim={D}, used={self.length.tolist()})"
+        B, H, C, D = self.k[0].shape
+        return f"KVCache(layers={len(self.k)}, batch={B}, heads={H}, capacity={C}, head_dim={D}, used={self.length.tolist()})"
 
     def begin(self, s: Stream) -> RankMask:
         """Before layer 0: place the stream's ``N`` tokens (their key ranks/groups) after each
         row's cached tokens; return this forward's visibility over the whole buffer."""
         B, N = s.k_rank.shape
-        _, _, H, C, _ = self.k.shape
+        _, H, C, _ = self.k[0].shape
         slots = self.length[:, None] + torch.arange(N, device=s.k_rank.device)  # [B, N]
         if not torch.compiler.is_compiling():  # a host check, outside compiled graphs
             seen = (s.k_rank != NEVER) | (s.k_group >= 0)  # tokens some query can see (not padding)
@@ -61,7 +63,7 @@ class KVCache:
         slots = slots.clamp(max=C - 1)  # padding only (checked above): the dump slot
         self.rank.scatter_(1, slots, s.k_rank)
         self.group.scatter_(1, slots, s.k_group)
-        # row of (b, h, slot) in the [layers*B*H*C, D] view of the buffers (layer 0), for index_copy_
+        # row of (b, h, slot) in the [B*H*C, D] view of a buffer, for index_copy_
         base = (torch.arange(B, device=slots.device)[:, None, None] * H + torch.arange(H, device=slots.device)[:, None]) * C
         self._rows = (base + slots[:, None, :]).flatten()  # [B*H*N], (b, h, n) order
         end = (self.length + N).clamp(max=C)  # keys at or past end[b] are stale scratch
@@ -70,12 +72,10 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, vis: RankMask) -> Tensor:
         """Write this forward's K/V of ``layer`` and attend over the buffer: ``[B, H, N, D]``."""
         B, H, N, D = k.shape
-        rows = self._rows + layer * self.k[0].numel() // D
-        # index_copy_ into a view of the whole buffer, not of self.k[layer]: torch.compile
-        # then writes in place instead of copying the layer's buffer around the write
-        self.k.view(-1, D).index_copy_(0, rows, k.reshape(B * H * N, D).to(self.k.dtype))
-        self.v.view(-1, D).index_copy_(0, rows, v.reshape(B * H * N, D).to(self.v.dtype))
-        return vis.attend(q, self.k[layer], self.v[layer]).to(q.dtype)
+        ck, cv = self.k[layer], self.v[layer]  # [B, H, C, D]
+        ck.view(-1, D).index_copy_(0, self._rows, k.reshape(B * H * N, D).to(ck.dtype))
+        cv.view(-1, D).index_copy_(0, self._rows, v.reshape(B * H * N, D).to(cv.dtype))
+        return vis.attend(q, ck, cv).to(q.dtype)
 
     def commit(self, n_append: Tensor) -> None:
         """After the last layer: keep the first ``n_append[b]`` tokens of each row."""
