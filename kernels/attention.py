@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -30,7 +31,10 @@ __all__ = [
     "set_attention",
     "set_attention_reference",
     "set_attention_triton",
+    "set_attention_sdpa",
+    "RankMask",
     "visible",
+    "visible_keys",
     "tile_stats",
     "TileLists",
     "tile_lists",
@@ -52,6 +56,16 @@ def visible(q_rank: Tensor, k_rank: Tensor, q_group: Tensor | None = None, k_gro
         same = (k_group[:, None, :] == q_group[:, :, None]) & (q_group[:, :, None] >= 0)
         vis = vis | same
     return vis
+
+
+def visible_keys(q_rank: Tensor, k_rank: Tensor, q_group: Tensor | None = None, k_group: Tensor | None = None,
+                 k_len: Tensor | None = None) -> Tensor:
+    """Bool ``[B, 1, Lq, Lk]``: :func:`visible` and ``j < k_len[b]``, with a head axis (SDPA's
+    ``attn_mask`` layout, broadcast over heads)."""
+    vis = visible(q_rank, k_rank, q_group, k_group)  # [B, Lq, Lk]
+    if k_len is not None:  # ragged cache: keys at or past k_len[b] do not exist
+        vis = vis & (torch.arange(k_rank.shape[1], device=k_rank.device)[None, None, :] < k_len[:, None, None])
+    return vis[:, None]  # [B, 1, Lq, Lk]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, q_rank: Tensor, k_rank: Tensor, q_group, k_group, k_len=None) -> None:
@@ -92,10 +106,7 @@ def set_attention_reference(
     """
     _check(q, k, v, q_rank, k_rank, q_group, k_group, k_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    vis = visible(q_rank, k_rank, q_group, k_group)  # [B, Lq, Lk]
-    if k_len is not None:  # ragged cache: keys at or past k_len[b] do not exist
-        vis = vis & (torch.arange(k.shape[2], device=k.device)[None, None, :] < k_len[:, None, None])
-    vis = vis[:, None]  # [B, 1, Lq, Lk]
+    vis = visible_keys(q_rank, k_rank, q_group, k_group, k_len)  # [B, 1, Lq, Lk]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (t.to(work) for t in (q, k, v))
     s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale  # [B, H, Lq, Lk]
@@ -104,6 +115,65 @@ def set_attention_reference(
     p = torch.softmax(s, dim=-1) * vis  # rows with no visible key become all zeros
     o = torch.einsum("bhqk,bhkd->bhqd", p, vf)
     return o.to(q.dtype)
+
+
+def set_attention_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_rank: Tensor | None = None,
+    k_rank: Tensor | None = None,
+    q_group: Tensor | None = None,
+    k_group: Tensor | None = None,
+    scale: float | None = None,
+    k_len: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The rule through ``F.scaled_dot_product_attention`` with a boolean ``attn_mask``.
+
+    ``mask``: Bool ``[B, 1, Lq, Lk]`` from :func:`visible_keys`, when the caller built it once
+    for several calls (every layer of one forward); otherwise it is built from the ranks.
+    SDPA returns zeros (and zero gradients) for rows with no visible key, like the reference
+    (``tests/test_attention_sdpa.py``). Runs in the input dtype.
+    """
+    if mask is None:
+        _check(q, k, v, q_rank, k_rank, q_group, k_group, k_len)
+        mask = visible_keys(q_rank, k_rank, q_group, k_group, k_len)
+    elif mask.dtype != torch.bool or mask.shape != (q.shape[0], 1, q.shape[2], k.shape[2]):
+        raise ValueError(f"mask must be Bool[B, 1, Lq, Lk] = {(q.shape[0], 1, q.shape[2], k.shape[2])}, got {mask.dtype} {tuple(mask.shape)}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class RankMask:
+    """The rule's visibility for one forward, built once and read by every layer.
+
+    Holds the ranks, groups and ``k_len`` of one forward; ``attend(q, k, v)`` runs the
+    backend :func:`~orderlab.kernels.dispatch.resolve_backend` picks with ``fallback="sdpa"``:
+    Triton on CUDA (from the ranks, skipping tiles), else SDPA with the boolean mask, which
+    is built on first use and shared by the later layers (the reference path built it per
+    layer), or the reference when asked for (``use_backend("reference")``).
+    """
+
+    def __init__(self, q_rank: Tensor, k_rank: Tensor, q_group: Tensor | None = None, k_group: Tensor | None = None,
+                 k_len: Tensor | None = None, backend: str | None = None):
+        self.q_rank, self.k_rank, self.q_group, self.k_group, self.k_len = q_rank, k_rank, q_group, k_group, k_len
+        self.backend = backend
+        self._mask: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool ``[B, 1, Lq, Lk]`` (:func:`visible_keys`)."""
+        if self._mask is None:
+            self._mask = visible_keys(self.q_rank, self.k_rank, self.q_group, self.k_group, self.k_len)
+        return self._mask
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        supported = q.dtype in _DTYPES and q.shape[-1] <= 256
+        backend = resolve_backend(self.backend, q.device, supported, fallback="sdpa")
+        if backend == "sdpa":
+            return set_attention_sdpa(q, k, v, mask=self.mask)
+        return set_attention(q, k, v, self.q_rank, self.k_rank, self.q_group, self.k_group, k_len=self.k_len, backend=backend)
 
 
 # ------------------------------------------------------------------ tile summaries (pre-pass)
@@ -681,11 +751,14 @@ def set_attention(
     ``k_len Long[B]``. Decode attention over a ragged KV cache is the same call with
     ``k_len`` (key tiles past ``k_len[b]`` are skipped).
 
-    ``backend``: ``"triton"``, ``"reference"`` or None (see ``orderlab.kernels.dispatch``).
+    ``backend``: ``"triton"``, ``"sdpa"``, ``"reference"`` or None (see ``orderlab.kernels.dispatch``).
     """
     supported = q.dtype in _DTYPES and q.shape[-1] <= 256
-    if resolve_backend(backend, q.device, supported) == "triton":
+    name = resolve_backend(backend, q.device, supported)
+    if name == "triton":
         return set_attention_triton(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
+    if name == "sdpa":
+        return set_attention_sdpa(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
     return set_attention_reference(q, k, v, q_rank, k_rank, q_group, k_group, scale, k_len)
 
 

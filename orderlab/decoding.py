@@ -7,7 +7,10 @@
         x[S_k] = sample(view, S_k)           # greedy / temperature (float64 Gumbel) / top-p
         (the cache appends S_k's K/V at the start of the next step's forward)
 
-Rows decode together with padding; each row reveals its own set per step. A position
+Rows decode together with padding; each row reveals its own set per step. With
+``compile=True`` every forward after the first reads a stream padded to one fixed width
+(:class:`_Forward`) through ``model.compiled()``: one static graph for the whole decode,
+compiled once per model and shape (gpt-fast's ``decode_one_token``). A position
 revealed at step ``s`` (0-based) gets rank ``s + 1`` in :attr:`Decoded.ranks`, so the
 returned ranks are the order actually used, and ``log_likelihood(model, x, d.ranks)``
 scores the decoded sequence under that order.
@@ -23,7 +26,7 @@ from torch import Tensor
 from orderlab.likelihood import check_tokens, stream_log_probs
 from orderlab.policies.base import StepView
 from orderlab.ranks import dense, validate
-from orderlab.rules import UNKNOWN
+from orderlab.rules import UNKNOWN, Stream
 
 __all__ = ["Decoded", "decode", "sample_tokens", "score_order"]
 
@@ -72,6 +75,42 @@ def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
     return probs[:, :L]
 
 
+class _Forward:
+    """Runs the model on each step's stream, eagerly or compiled with static shapes.
+
+    Compiled, streams are padded to a fixed ``width`` so that every forward has one shape.
+    Without a cache: the number of non-padding positions of the longest row (a step's
+    clean tokens and its queries are disjoint positions). With a cache, a stream holds the
+    set revealed last step and this step's queries, both within the policy's candidate
+    width ``c`` (``policy.candidates`` on an all-masked row: 8 for an 8-wide window), so
+    the width starts at ``c + 1`` (one token per step: one graph for the whole decode) and
+    grows to ``2 c`` the first time a step needs more (one recompile), then to whatever a
+    step needs. ``width`` overrides the starting value. A step wider than the width (the
+    prompt's, at step 0) runs eagerly.
+    """
+
+    def __init__(self, model, compile: bool | dict, cached: bool, width: int | None, nonpad: int, cand_width: int):
+        self.model, self.bound, self.checked = model, 2 * cand_width, None
+        self.compiled = model.compiled(**(compile if isinstance(compile, dict) else {})) if compile else None
+        self.width = nonpad if not cached else (width if width is not None else cand_width + 1)
+
+    def __call__(self, s: Stream, kv, step: int) -> Tensor:
+        if self.compiled is None:
+            return self.model(s, kv)
+        n = s.tokens.shape[1]
+        if n > self.width and kv is not None and step > 0:
+            self.width = max(n, self.bound)
+        if n > self.width:
+            return self.model(s, kv)
+        if self.checked != self.width:  # first call at this width: Dynamo checks its guards
+            self.checked = self.width
+            return self.compiled(s.padded(self.width), kv)[:, :n]
+        # later calls have the inputs the guards accepted (same model, cache, width, dtypes):
+        # skip re-checking them (hundreds of guards on parameters and buffers, ~0.2 ms a step)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return self.compiled(s.padded(self.width), kv)[:, :n]
+
+
 def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int) -> None:
     """Open-ended generation: only the first ``max_new_tokens`` masked positions of a row are generated."""
     if max_new_tokens is None:
@@ -84,12 +123,16 @@ def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int
 @torch.no_grad()
 def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, max_new_tokens: int | None = None,
-           pad_id: int | None = None) -> Decoded:
+           pad_id: int | None = None, compile: bool | dict = False, width: int | None = None) -> Decoded:
     """Decode the positions with rank >= 1 of ``tokens`` (any token there is ignored).
 
     ``cache``: keep an exact KV cache (set-causal and block-causal rules); bidirectional
     rules always recompute. ``eos_id``: once a row reveals EOS, its masked positions
-    after it become padding filled with ``pad_id`` (default: EOS). Returns :class:`Decoded`.
+    after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run the
+    forwards through ``model.compiled()`` (a dict: its ``torch.compile`` options, e.g.
+    ``{"backend": "aot_eager"}``) on streams padded to a fixed width (``width``: its
+    starting value, see :class:`_Forward`); same outputs up to float rounding.
+    Returns :class:`Decoded`.
     """
     validate(ranks, tokens)
     B, L = tokens.shape
@@ -100,6 +143,10 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     _limit(rank, x, max_new_tokens, fill)
     kv = model.new_cache(B, L) if cache and rule.cacheable else None
+    # the policy's candidate width: its candidates on an all-masked row
+    every = torch.ones(1, L, dtype=torch.bool, device=x.device)
+    cand_width = int((rule.candidates(every) & policy.candidates(every, 0)).sum()) or L if compile else L
+    forward = _Forward(model, compile, kv is not None, width, int((rank >= 0).sum(1).max()) if B else 0, cand_width)
     if hasattr(policy, "reset"):
         policy.reset()
     nfe = torch.zeros(B, dtype=torch.long, device=x.device)
@@ -115,13 +162,13 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
         s = rule.step(x, rank, cand, step, kv is not None)
-        if kv is None and not active.all():  # recomputing: finished rows cost nothing
+        if kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
             sub = s.rows(rows)
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
             probs[rows] = _probs(model(sub), sub.out, L)
         else:
-            probs = _probs(model(s, kv), s.out, L)  # [B, L, V]
+            probs = _probs(forward(s, kv, step), s.out, L)  # [B, L, V]
         view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0)
         sel = policy.select(view)
         if (sel & ~cand).any() or (active & ~sel.any(1)).any():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orderlab.cache import KVCache
-from orderlab.kernels import set_attention
+from orderlab.kernels import RankMask
 from orderlab.registry import ConfigError, build, register
 from orderlab.rules import AttentionRule, Stream
 
@@ -38,16 +38,18 @@ class ModelConfig:
 
 
 def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)``, each ``[B, 1, N, D/2]``, of the rotary embedding at logical positions."""
+    """``(cos, sin)``, each ``[*pos.shape, D/2]`` float32, of the rotary embedding at logical positions
+    ``theta_{p, i} = p * base^(-2i/D)`` (Su et al. 2021, eq. 15)."""
     inv = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # [D/2]
-    ang = pos.float()[:, None, :, None] * inv  # [B, 1, N, D/2]
+    ang = pos.float()[..., None] * inv  # [*pos.shape, D/2]
     return ang.cos(), ang.sin()
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (Su et al. 2021), x ``[B, H, N, D]`` rotated pairwise (even, odd)."""
+    """Rotary embedding (Su et al. 2021), x ``[..., N, D]`` rotated pairwise (even, odd) in
+    float32; ``cos``/``sin`` broadcast to ``[..., N, D/2]``."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # [B, H, N, D]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # [..., N, D]
     return out.to(x.dtype)
 
 
@@ -58,14 +60,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, s: Stream, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, vis: RankMask, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
         B, N, C = h.shape
-        q, k, v = self.qkv(h).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, D]
-        q, k = rope(q, *rot), rope(k, *rot)
-        if cache is None:
-            o = set_attention(q, k, v, s.q_rank, s.k_rank, s.q_group, s.k_group)
-        else:
-            o = cache.attend(self.layer, q, k, v, s.q_rank, s.q_group)
+        qkv = self.qkv(h).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
+        qk = rope(qkv[:2], *rot)  # q and k rotated in one go: [2, B, H, N, D]
+        q, k, v = qk[0], qk[1], qkv[2]
+        o = vis.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, vis)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -80,8 +80,8 @@ class Block(nn.Module):
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False),
         )
 
-    def forward(self, h: Tensor, s: Stream, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
-        h = h + self.attn(self.norm1(h), s, cache, rot)
+    def forward(self, h: Tensor, vis: RankMask, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
+        h = h + self.attn(self.norm1(h), vis, cache, rot)
         return h + self.mlp(self.norm2(h))
 
 
@@ -110,6 +110,12 @@ class Transformer(nn.Module):
         # the output layer never predicts [MASK] (SUBS parameterisation, MDLM)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
+        # RoPE cos/sin of every position, computed once and gathered by position (float32,
+        # as rope() computes; not saved: a function of the config)
+        cos, sin = rope_angles(torch.arange(max_len), d_model // n_heads, rope_base)  # [max_len, D/2]
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled: dict[tuple, Any] = {}  # torch.compile options -> compiled forward
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -124,23 +130,40 @@ class Transformer(nn.Module):
         return self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        """A cache for decoding ``batch`` rows of ``length`` positions (capacity ``2 * length``:
-        the cached tokens plus one step's tokens, see :class:`KVCache`)."""
+        """A cache for decoding ``batch`` rows of ``length`` positions (capacity ``length + 1``:
+        a row's cached tokens and one forward's tokens never exceed ``length``; the extra slot
+        takes the padding of fixed-width streams, see :class:`KVCache`)."""
         c, p = self.config, next(self.parameters())
-        return KVCache(c.n_layers, batch, c.n_heads, 2 * length, c.d_model // c.n_heads, p.dtype, p.device)
+        return KVCache(c.n_layers, batch, c.n_heads, length + 1, c.d_model // c.n_heads, p.dtype, p.device)
 
     def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
-        """Logits ``[B, N, vocab_size]`` for every token of the stream."""
+        """Logits ``[B, N, vocab_size]`` for every token of the stream.
+
+        With a cache the forward has no host synchronisation and no data-dependent shape
+        (a stream of fixed width gives one graph: :meth:`compiled`)."""
+        if not torch.compiler.is_compiling() and s.pos.numel() and int(s.pos.max()) >= self.rope_cos.shape[0]:
+            raise ValueError(f"stream positions reach {int(s.pos.max())}, past the model's max_len={self.max_len}")
         h = self.embed(s.tokens)  # [B, N, C]
-        if cache is not None:
-            cache.begin(s.k_rank, s.k_group)
-        c = self.config
-        rot = rope_angles(s.pos, c.d_model // c.n_heads, c.rope_base)  # shared by all layers
+        # the visibility of this forward, built once for all layers (the model never decides
+        # who sees whom: the stream's ranks and groups do)
+        vis = RankMask(s.q_rank, s.k_rank, s.q_group, s.k_group) if cache is None else cache.begin(s)
+        rot = self.rope_cos[s.pos][:, None], self.rope_sin[s.pos][:, None]  # [B, 1, N, D/2], shared by all layers
         for block in self.blocks:
-            h = block(h, s, cache, rot)
+            h = block(h, vis, cache, rot)
         if cache is not None:
             cache.commit(s.n_append if s.n_append is not None else torch.zeros_like(cache.length))
         return F.linear(self.norm(h), self.head_weight())
+
+    def compiled(self, **options):
+        """:meth:`forward` through ``torch.compile(dynamic=False, **options)``, built once per
+        model and options.
+
+        Every distinct stream width is its own static graph; the decoder pads its cached
+        steps to one width (``decode(..., compile=True)``), so a whole decode runs one graph."""
+        key = tuple(sorted(options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self.forward, dynamic=False, **options)
+        return self._compiled[key]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -66,6 +66,16 @@ class Stream:
         """The sub-stream of the rows ``index`` (Long[b])."""
         return Stream(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
 
+    def padded(self, width: int) -> "Stream":
+        """The stream widened to ``width`` tokens with padding (which sees nothing and is seen
+        by no one), so that forwards of different steps have one shape. Every field is a
+        new tensor (``torch.compile`` guards on fields that alias each other)."""
+        n = self.tokens.shape[1]
+        if width < n:
+            raise ValueError(f"cannot pad a stream of {n} tokens to width {width}")
+        pad = {name: torch.nn.functional.pad(getattr(self, name), (0, width - n), value=fill) for name, fill in _FILL.items()}
+        return Stream(**pad, n_append=self.n_append)
+
 
 _FILL = {"tokens": 0, "pos": 0, "q_rank": 0, "k_rank": NEVER, "q_group": -1, "k_group": -1, "out": -1}
 
@@ -80,32 +90,41 @@ def pack(*segments: tuple[Tensor, dict[str, Tensor | int]]) -> Stream:
     and logical positions) but a stream sorted by rank makes the rank mask close to
     causal, so the Triton kernel skips about half of the tiles. Padding slots see nothing
     and are seen by no one.
+
+    All fields travel as one ``[F, B, S*L]`` tensor, so the gather and the padding are one
+    op each (a decode step calls this once per step).
     """
-    sel = torch.cat([s for s, _ in segments], dim=1)  # [B, S*L]
     B, L = segments[0][0].shape
-    cols = {}
-    for name, fill in _FILL.items():
-        parts = []
-        for s, attrs in segments:
-            a = attrs.get(name, fill)
-            parts.append(a if isinstance(a, Tensor) else torch.full_like(s, a, dtype=torch.long))
-        cols[name] = torch.cat([p.long() for p in parts], dim=1)
-    # composite sort key: (unselected last, segment, sort key, position)
-    pos = torch.arange(L, device=sel.device).expand(B, L)
+    dev = segments[0][0].device
+    fill = torch.tensor(list(_FILL.values()), device=dev)  # [F]
+    sel = torch.cat([s for s, _ in segments], dim=1)  # [B, S*L]
+    cols = fill[:, None, None].repeat(1, B, len(segments) * L)  # [F, B, S*L]
     keys = []
-    for i, (s, attrs) in enumerate(segments):
-        k = attrs.get("sort")
-        k = torch.zeros_like(pos) if k is None else torch.as_tensor(k, device=sel.device).long().clamp(0, NEVER).expand(B, L)
-        keys.append((i * (NEVER + 1) + k) * L + pos)
-    key = torch.where(sel, torch.cat(keys, dim=1), torch.iinfo(torch.long).max)
-    counts = sel.sum(1)
-    N = int(counts.max()) if B else 0
-    order = torch.argsort(key, dim=1, stable=True)[:, :N]  # selected first, in key order
+    for i, (_, attrs) in enumerate(segments):
+        seg = cols[:, :, i * L : (i + 1) * L]  # [F, B, L] view of this segment's columns
+        for f, name in enumerate(_FILL):
+            a = attrs.get(name)
+            if isinstance(a, Tensor):
+                seg[f].copy_(a)
+            elif a is not None and a != _FILL[name]:
+                seg[f].fill_(a)
+        if attrs.get("sort") is not None:
+            keys.append(torch.as_tensor(attrs["sort"], device=dev).long().clamp(0, NEVER).expand(B, L))
+        else:
+            keys.append(None)
+    # composite sort key: (unselected last, segment, sort key, position); without sort keys
+    # the concatenation order already is that order
+    if all(k is None for k in keys):
+        key = torch.arange(len(segments) * L, device=dev).expand(B, -1)
+    else:
+        pos = torch.arange(L, device=dev)
+        key = torch.cat([(i * (NEVER + 1) + (0 if k is None else k)) * L + pos for i, k in enumerate(keys)], dim=1).expand(B, -1)
+    key = torch.where(sel, key, torch.iinfo(torch.long).max)
+    N = int(sel.sum(1).max()) if B else 0
+    order = torch.argsort(key, dim=1, stable=True)[:, :N]  # [B, N]: selected first, in key order
     valid = sel.gather(1, order)  # [B, N]
-    out = {}
-    for name, col in cols.items():
-        out[name] = torch.where(valid, col.gather(1, order), torch.full_like(order, _FILL[name]))
-    return Stream(**out)
+    out = torch.where(valid, cols.gather(2, order.expand(len(_FILL), B, N)), fill[:, None, None])  # [F, B, N]
+    return Stream(*out.unbind(0))
 
 
 def _own_groups(s: Stream) -> Stream:

@@ -148,3 +148,78 @@ def test_decode_invariants(rule, policy, seed, cache):
 
 
 MODELS = {"set_causal": tiny("set_causal", 5), "bidirectional": tiny("bidirectional", 5), "block": tiny(BLOCK, 5)}
+
+
+# ----------------------------------------------------------------------------- speed paths
+
+
+def _same(a, b):
+    return torch.equal(a.tokens, b.tokens) and torch.equal(a.ranks, b.ranks) and torch.equal(a.nfe, b.nfe)
+
+
+@pytest.mark.parametrize("rule", ["set_causal", BLOCK, "bidirectional"], ids=str)
+@pytest.mark.parametrize("policy", ["l2r", {"name": "sliding_window", "window": 4, "tau": 0.6}, {"name": "semi_ar", "block_size": 4},
+                                    {"name": "eb", "gamma": 0.5}, {"name": "random", "steps": 4}], ids=str)
+def test_fast_paths_equal_the_reference(rule, policy):
+    """The default path (SDPA with a mask built once per forward, static-shape cache over
+    its whole capacity) decodes what the reference attention without a cache decodes."""
+    from orderlab.kernels import use_backend
+
+    model = tiny(rule, seed=6)
+    x, r = batch(seed=6)
+    fast = decode(model, build("policy", policy), x, r, cache=True)
+    with use_backend("reference"):
+        ref = decode(model, build("policy", policy), x, r, cache=False)
+    assert _same(fast, ref)
+
+
+@pytest.mark.parametrize("rule", ["set_causal", BLOCK, "bidirectional"], ids=str)
+@pytest.mark.parametrize("cache", [True, False])
+def test_compiled_decode_is_one_graph_and_equals_eager(rule, cache):
+    """``compile=True`` pads every step after the prompt's to one width: a whole decode
+    compiles one graph (block-causal: two, its stream outgrows the one-token width when a
+    block is appended), a second decode (new data, new cache) none, and the output equals
+    the eager decode's. Counted as torchtune and gpt-fast do (Dynamo's unique graphs), with
+    the aot_eager backend so that the test stays fast (inductor: benchmarks and the slow
+    test below)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(rule, seed=7)
+    x, r = batch(seed=7)
+    policy = {"name": "sliding_window", "window": 4, "tau": 2.0}  # one token per step
+    opts = {"backend": "aot_eager"}
+    first = decode(model, build("policy", policy), x, r, cache=cache, compile=opts)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == (2 if rule == BLOCK and cache else 1)
+    assert first.steps > 5 and counters["stats"]["calls_captured"] > 0
+    again = decode(model, build("policy", policy), x.roll(1, 1), r, cache=cache, compile=opts)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    assert _same(first, decode(model, build("policy", policy), x, r, cache=cache))
+    assert _same(again, decode(model, build("policy", policy), x.roll(1, 1), r, cache=cache))
+
+
+def test_compiled_width_grows_once_for_multi_token_sets():
+    """A policy revealing several tokens per step outgrows the one-token width once."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny("set_causal", seed=8)
+    x, r = batch(seed=8)
+    policy = {"name": "sliding_window", "window": 4, "tau": 0.3}
+    got = decode(model, build("policy", policy), x, r, compile={"backend": "aot_eager"})
+    assert max(int(t.max()) for t in got.tokens_per_step) > 1
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert _same(got, decode(model, build("policy", policy), x, r))
+
+
+@pytest.mark.slow
+def test_inductor_decode_equals_eager():
+    """The real compiler (inductor, CPU codegen): same tokens as eager (about a minute)."""
+    model = tiny("set_causal", seed=9)
+    x, r = batch(seed=9)
+    for policy in ("l2r", {"name": "sliding_window", "window": 4, "tau": 0.6}):
+        want = decode(model, build("policy", policy), x, r)
+        assert _same(decode(model, build("policy", policy), x, r, compile=True), want)

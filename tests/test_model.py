@@ -61,3 +61,20 @@ def test_public_names_are_not_shadowed_by_submodules():
     for name in orderlab.__all__:
         importlib.import_module("orderlab.decoding")  # binds submodules on the package
         assert not isinstance(getattr(orderlab, name), type(orderlab)), f"orderlab.{name} is a module"
+
+
+def test_rope_tables_match_the_angles_and_are_not_saved():
+    """The cos/sin tables gathered by position equal the angles computed directly (the
+    former per-forward computation), are not part of the checkpoint, and positions past
+    max_len are an error rather than an out-of-range gather."""
+    from orderlab.model import rope_angles
+
+    m = Transformer(7, 16, "set_causal", d_model=32, n_layers=1, n_heads=2)
+    assert not any("rope" in k for k in m.state_dict())
+    pos = torch.tensor([[0, 5, 15, 3]])
+    cos, sin = rope_angles(pos, 16, 10000.0)
+    assert torch.equal(m.rope_cos[pos], cos) and torch.equal(m.rope_sin[pos], sin)
+    (s,) = m.rule.passes(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[0, 1, 2, 3]]), m.mask_id)
+    s.pos = s.pos + 13
+    with pytest.raises(ValueError, match="max_len=16"):
+        m(s)
