@@ -259,12 +259,20 @@ class WindowMeans:
     def __len__(self) -> int:
         return len(self._updates)
 
-    def state_dict(self) -> list[tuple[dict[str, float], float]]:
-        return list(self._updates)
+    def state_dict(self) -> list[list[tuple[dict[str, float], float]]]:
+        """Every rank's updates, rank by rank (a collective under several processes)."""
+        return [list(u) for u in distributed.all_gather_object(self._updates)]
 
-    def load_state_dict(self, updates: list) -> None:
+    def load_state_dict(self, per_rank: list) -> None:
+        """Each rank takes its own part of a window saved by as many processes, so the
+        resumed window sums its updates in the uninterrupted order (bit-identical means);
+        saved by another number of processes, rank 0 takes it all."""
         self.reset()
-        for values, weight in updates:
+        if len(per_rank) == distributed.world():
+            mine = per_rank[distributed.rank()]
+        else:
+            mine = [u for part in per_rank for u in part] if distributed.is_main() else []
+        for values, weight in mine:
             self.update(values, weight)
 
 
@@ -477,9 +485,8 @@ def train(
                 ema.load_state_dict(state["ema"])
             start = int(state["step"])
             _resume_rng(state, cfg.seed, start)
-            if distributed.is_main():  # the saved window holds every rank's updates: load it once
-                means.load_state_dict(state["window"]["metrics"])
-                losses.load_state_dict(state["window"]["loss"])
+            means.load_state_dict(state["window"]["metrics"])  # each rank its own part of the window
+            losses.load_state_dict(state["window"]["loss"])
             ckpt.truncate_metrics(files.metrics, start)
             result.checkpoint_step = start
         else:
@@ -566,7 +573,7 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
             "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "rng": ckpt.rng_state(),
-            "window": {"metrics": means.gather().state_dict(), "loss": losses.gather().state_dict()},
+            "window": {"metrics": means.state_dict(), "loss": losses.state_dict()},
             "extra": extra,
         }
         if world > 1:
