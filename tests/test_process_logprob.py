@@ -11,6 +11,8 @@ from orderlab import ranks as R
 from orderlab.processes.base import Process
 from orderlab.registry import build
 
+from enumerate_orders import all_orders  # tests/enumerate_orders.py
+
 SPECS = {
     "linear": "linear",
     "cosine": "cosine",
@@ -33,18 +35,6 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def orders(template, multi=False):
-    """Long ``[n, L]``: every singleton order (or, ``multi``, every ordered set partition)
-    of the positions with rank >= 1, given and padding kept."""
-    idx = (template > 0).nonzero().squeeze(1).tolist()
-    k = len(idx)
-    if multi:
-        ranks = [r for r in itertools.product(range(1, k + 1), repeat=k) if set(r) == set(range(1, max(r) + 1))]
-    else:
-        ranks = list(itertools.permutations(range(1, k + 1)))
-    out = template.repeat(len(ranks), 1)
-    out[:, idx] = torch.tensor(ranks)
-    return out
 
 
 def frequencies(samples, table):
@@ -58,7 +48,7 @@ def frequencies(samples, table):
 @pytest.mark.parametrize("steps", [None, 3])
 def test_log_prob_sums_to_one_and_matches_sampling(name, steps):
     p = build("process", SPECS[name])
-    table = orders(TEMPLATE, multi=steps is not None)
+    table = all_orders(TEMPLATE, multi=steps is not None)
     with torch.no_grad():
         lp = p.log_prob(table, steps=steps)
     assert lp.shape == (len(table),) and lp.dtype == torch.float64
@@ -91,7 +81,7 @@ def test_closed_forms():
 
 def test_generic_chain_agrees_with_closed_forms():
     """The quadrature of ``Process.log_prob`` on processes whose answer is known."""
-    table = orders(TEMPLATE)
+    table = all_orders(TEMPLATE)
     for p in (P.Linear(), P.Polynomial(0.5), P.Blockwise(2, P.Cosine())):
         generic = Process.log_prob(p, table)
         torch.testing.assert_close(generic, p.log_prob(table), rtol=0, atol=2e-5)
@@ -104,7 +94,7 @@ def test_generic_chain_agrees_with_closed_forms():
 def test_quadrature_bracket_and_refinement():
     """``log_prob`` lies in its rigorous bracket; refining the grid changes it by < 1e-4 (relative)."""
     p = P.Staggered(d=2)
-    table = orders(TEMPLATE)
+    table = all_orders(TEMPLATE)
     lo, hi = p.log_prob_bounds(table)
     lp = p.log_prob(table)
     assert ((lo <= lp + 1e-12) & (lp <= hi + 1e-12)).all()
@@ -139,7 +129,7 @@ def test_binned_orders_exact_against_direct_sum():
     a = p.alpha(edges, L)  # [steps+1, L]
     mass = (a[:-1] - a[1:]).T  # [L, steps] bins ascending in time
     mass[:, -1] += a[-1]
-    table = orders(torch.ones(L, dtype=torch.long), multi=True)
+    table = all_orders(torch.ones(L, dtype=torch.long), multi=True)
     want = []
     for r in table.tolist():
         total = 0.0
