@@ -34,7 +34,8 @@ from orderlab import distributed
 from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, check
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
+__all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
+           "ACCURACY_METRICS"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
@@ -81,8 +82,9 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):
             if not isinstance(self.iwae, Mapping):
-                raise ConfigError("evaluate.iwae", f"must be a mapping of IWAEConfig keys ({', '.join(IWAEConfig.__dataclass_fields__)}) "
-                                                   f"or null, got {type(self.iwae).__name__} {self.iwae!r}")
+                keys = ", ".join(IWAEConfig.__dataclass_fields__)
+                raise ConfigError("evaluate.iwae", f"must be a mapping of IWAEConfig keys ({keys}) or null, got "
+                                                   f"{type(self.iwae).__name__} {self.iwae!r}")
             check(IWAEConfig, self.iwae, "evaluate.iwae")
             self.iwae = IWAEConfig(**self.iwae)
         if self.policies is not None and not isinstance(self.policies, list):
