@@ -11,6 +11,7 @@ The only module (with run.py) that sees a whole config (DESIGN.md section 9.4). 
       policy:   {objective: {name: grpo, ...}, train: {steps: 300}}
     policy:    {name: l2r}                                                 # the decode policy
     evaluate:  {policies: [l2r, {name: threshold, tau: 0.9}], ...}         # EvaluateConfig fields
+               # iwae: {k: [1, 4, 16, 64], n: 256}: the likelihood table over orders (IWAEConfig)
     run:       {dir: runs, name: null, device: auto, resume: false}        # RunConfig fields
     ablate:    {grid: [{name: threshold, tau: [0.5, 0.9]}], seeds: [0, 1]}  # optional: AblateConfig fields
 

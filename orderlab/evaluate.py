@@ -5,7 +5,10 @@ Per policy: the task score (``score``, named by ``metric`` = ``task.metric``; al
 min/median/max, histogram), tokens per step, wall time and tokens/s; optionally an order
 heatmap of the first rows
 (``orderlab.report.order_heatmap``). :func:`test_likelihood` gives the test set's
-bits per generated token under the left-to-right order (the common likelihood).
+bits per generated token under the left-to-right order (the common likelihood);
+:func:`iwae_table` the test set's likelihood table over orders (objectives/iwae.py:
+importance-weighted bounds for several ``K``, the MDM NELBO, fixed-order NLLs), configured
+by ``evaluate.iwae`` (:class:`IWAEConfig`).
 
 Under a process group (``orderlab.distributed``; every rank calls) both shard the test
 batches across ranks (batch ``j`` decoded exactly as one process decodes it, seed
@@ -20,7 +23,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,37 @@ from torch import Tensor
 
 from orderlab import distributed
 from orderlab.policies.base import PolicyError
-from orderlab.registry import ConfigError
+from orderlab.registry import ConfigError, check
 
-__all__ = ["EvaluateConfig", "evaluate", "evaluation_pareto", "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
+__all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
+           "ACCURACY_METRICS"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
+
+
+@dataclass
+class IWAEConfig:
+    """The ``evaluate.iwae`` section: the likelihood table over orders on the test set
+    (:func:`iwae_table`). ``k``: the importance samples of the IWAE rows, increasing;
+    ``n``: test examples (the first ``n`` of ``task.batch(n, "test", evaluate.seed)``);
+    ``nelbo_samples``: uniformly random orders per row of the MDM NELBO row; ``max_rows``:
+    the most sequences in one likelihood call (memory)."""
+
+    k: list = field(default_factory=lambda: [1, 4, 16, 64])
+    n: int = 256
+    nelbo_samples: int = 16
+    max_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        k = self.k
+        if (not isinstance(k, (list, tuple)) or not k or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in k)
+                or any(a >= b for a, b in zip(k, k[1:]))):
+            raise ConfigError("evaluate.iwae.k", f"must be a non-empty increasing list of integers >= 1, got {k!r}")
+        self.k = list(k)
+        for key in ("n", "nelbo_samples", "max_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"evaluate.iwae.{key}", f"out of range: {getattr(self, key)!r} (must be >= 1)")
 
 
 @dataclass
@@ -49,8 +77,16 @@ class EvaluateConfig:
     seed: int = 0
     likelihood: bool = True  # also report the test bits per token under the L2R order
     heatmaps: bool = True  # save order_<policy>.png per policy in the run folder
+    iwae: IWAEConfig | None = None  # the likelihood table over orders (IWAEConfig keys); null: none
 
     def __post_init__(self) -> None:
+        if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):
+            if not isinstance(self.iwae, Mapping):
+                keys = ", ".join(IWAEConfig.__dataclass_fields__)
+                raise ConfigError("evaluate.iwae", f"must be a mapping of IWAEConfig keys ({keys}) or null, got "
+                                                   f"{type(self.iwae).__name__} {self.iwae!r}")
+            check(IWAEConfig, self.iwae, "evaluate.iwae")
+            self.iwae = IWAEConfig(**self.iwae)
         if self.policies is not None and not isinstance(self.policies, list):
             raise ConfigError("evaluate.policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
@@ -253,3 +289,35 @@ def test_likelihood(model: torch.nn.Module, task: Any, n: int, batch_size: int, 
         nats -= ll
         count += k
     return {"order": "l2r", "bits_per_token": nats / max(count, 1) / math.log(2.0), "tokens": count}
+
+
+@torch.no_grad()
+def iwae_table(model: torch.nn.Module, task: Any, cfg: IWAEConfig, prior: Any = "linear", proposal: Any = None,
+               orders: str = "uniform", seed: int = 0) -> dict[str, Any]:
+    """The likelihood table over orders of ``cfg.n`` test examples (REFERENCES.md "VI over
+    orders"; :func:`orderlab.objectives.iwae.likelihood_table`), bits per generated token:
+    ``iwae`` rows ``-L_K`` for each ``K`` in ``cfg.k`` with orders ``σ ~ proposal``
+    weighted by ``prior`` (an upper bound on the NLL, tightening with ``K``), the MDM NELBO
+    (uniformly random orders, a bound) and the exact NLL under left to right and right to
+    left (label "nll"). ``prior``/``proposal``: order distributions or processes (default:
+    uniformly random orders, ``proposal = prior``: the MDM setting); ``orders`` names them
+    in the result. Seeded by ``seed`` (test rows and the sampled orders).
+
+    Returns ``{"orders", "prior", "proposal", "n", "rows"}`` (``rows``: the table's dicts:
+    ``estimate``, ``k``, ``bits_per_token``, ``stderr``, ``label``). Not sharded: under a
+    process group only the main rank should call it.
+    """
+    from orderlab.objectives.iwae import likelihood_table
+
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        tokens, ranks = task.batch(cfg.n, split="test", seed=seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        rows = likelihood_table(model, tokens.to(device), ranks.to(device), prior, proposal, ks=tuple(cfg.k),
+                                nelbo_samples=cfg.nelbo_samples, max_rows=cfg.max_rows, generator=generator)
+    finally:
+        model.train(was_training)
+    return {"orders": orders, "prior": repr(prior), "proposal": repr(prior if proposal is None else proposal),
+            "n": cfg.n, "rows": rows}

@@ -30,6 +30,11 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
     evaluations   one row per policy (orderlab.evaluate.evaluate: policy, metric, score,
                   accuracy (exact-match metrics only), nfe_mean, tokens_per_step, ...)
     likelihood    test bits per token under the l2r order (``evaluate.likelihood``)
+    likelihood_table  the likelihood table over orders (``evaluate.iwae``;
+                  ``orderlab.evaluate.iwae_table``): orders, prior, proposal, n, rows
+                  (estimate, k, bits_per_token, stderr, label "bound" | "nll"); the orders
+                  are the last stage's whose objective gives ``prior(model)`` and
+                  ``proposal(model)`` (vi_orders: π_ψ, q_φ), else uniformly random ones
     ablation      the ``ablate`` grid (``orderlab.ablate.run_grid``): setup, metric, seeds,
                   points (per grid point: policy, knobs, spec, runs per seed, summary);
                   rewritten after every (point, seed); kept by ``run.resume`` / ``--eval-only``
@@ -53,7 +58,7 @@ from orderlab import ablate
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
-from orderlab.evaluate import evaluate, evaluation_pareto, test_likelihood
+from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, test_likelihood
 from orderlab.registry import ConfigError
 from orderlab.train import TrainResult, train
 
@@ -105,6 +110,17 @@ def _train_stages(exp: Experiment, results: dict[str, Any], progress: bool) -> N
                 stage.files.checkpoint, exp.model, stage.objective, map_location=exp.device)
 
 
+def _orders(exp: Experiment) -> tuple[str, Any, Any]:
+    """``(name, prior, proposal)`` of the likelihood table: the order distributions of the
+    last stage whose objective gives them (vi_orders: ``π_ψ``, ``q_φ``), else uniformly
+    random orders for both (the MDM setting: IWAE with ``K = 1`` is the MDM NELBO)."""
+    for stage in reversed(exp.stages.values()):
+        obj = stage.objective
+        if callable(getattr(obj, "prior", None)) and callable(getattr(obj, "proposal", None)):
+            return stage.name, obj.prior(exp.model), obj.proposal(exp.model)
+    return "uniform", "linear", None
+
+
 def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the stages (unless ``eval_only``) and evaluate ``exp``; write the run folder."""
     files = exp.files
@@ -137,6 +153,10 @@ def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> 
             evaluation_pareto(results["evaluations"], files.dir / PARETO, title=f"{files.dir.name}: {exp.task!r}")
         if ev.likelihood:
             results["likelihood"] = test_likelihood(exp.model, exp.task, ev.n, ev.batch_size, seed=ev.seed)
+        if ev.iwae is not None and distributed.is_main():  # not sharded: the main rank's, which writes it
+            name, prior, proposal = _orders(exp)
+            results["likelihood_table"] = iwae_table(exp.model, exp.task, ev.iwae, prior, proposal, orders=name,
+                                                     seed=ev.seed)
         if exp.ablation is not None:
             ablate.run_grid(exp, results, save=lambda: _write(exp, results), progress=progress)
             ablate.write_outputs(files.dir, results["ablation"], heatmaps=exp.ablation.config.heatmaps,
@@ -181,6 +201,12 @@ def _table(exp: Experiment, results: dict[str, Any]) -> None:
         title += f" | test l2r nll {results['likelihood']['bits_per_token']:.4f} bits/token"
     if rows or "ablation" not in results:
         print_table(rows, title, formats=formats)
+    if "likelihood_table" in results:
+        lt = results["likelihood_table"]
+        lrows = [{"estimate": r["estimate"], "K": "" if r["k"] is None else r["k"], "bits/token": r["bits_per_token"],
+                 "± se": r["stderr"], "label": r["label"]} for r in lt["rows"]]
+        print_table(lrows, f"{exp.run_dir.name}: likelihood table, n={lt['n']} test rows, bits per generated token; "
+                          f"iwae: orders of {lt['orders']!r}", formats={"K": "text", "bits/token": "bits", "± se": "bits"})
     if "ablation" in results:  # the grid's table; it carries the title when there was no other
         section = results["ablation"]
         head = f"{title} | ablation" if not rows else f"{exp.run_dir.name} ablation"
