@@ -4,8 +4,8 @@ The main job's denoiser (experiments/learned_policy.yaml: the chain task, a bidi
 3-layer d128 transformer, 12 positions to generate), batch 32, one position per step for
 every policy so that all decode the same number of steps and ``x baseline`` is the
 per-step cost: the ``top_prob`` heuristic (the group's baseline) against learned
-Plackett–Luce top-1 policies (greedy) with the one-block transformer net and an MLP over
-the same features.
+Plackett–Luce top-1 policies (greedy) with an MLP (the main job's net) and the one-block
+transformer net over the same features.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from orderlab.tasks import Chain
 
 BATCH = 32
 NETS = {
-    "learned, transformer d32 (the main job's net)": {"name": "transformer", "d_model": 32, "heads": 4},
-    "learned, mlp 64x2": {"name": "mlp", "hidden": 64, "layers": 2},
+    "learned, mlp 64x2 (the main job's net)": {"name": "mlp", "hidden": 64, "layers": 2},
+    "learned, transformer d32": {"name": "transformer", "d_model": 32, "heads": 4},
 }
 
 
