@@ -152,7 +152,8 @@ class RankMask:
     backend :func:`~orderlab.kernels.dispatch.resolve_backend` picks with ``fallback="sdpa"``:
     Triton on CUDA (from the ranks, skipping tiles), else SDPA with the boolean mask, which
     is built on first use and shared by the later layers (the reference path built it per
-    layer), or the reference when asked for (``use_backend("reference")``).
+    layer), or the reference when asked for (``use_backend("reference")``). The SDPA path
+    also skips the block of scores no query sees (:attr:`split`): two calls, same result.
     """
 
     def __init__(self, q_rank: Tensor, k_rank: Tensor, q_group: Tensor | None = None, k_group: Tensor | None = None,
@@ -160,6 +161,11 @@ class RankMask:
         self.q_rank, self.k_rank, self.q_group, self.k_group, self.k_len = q_rank, k_rank, q_group, k_group, k_len
         self.backend = backend
         self._mask: Tensor | None = None
+        self._split: tuple[int, int] | None | bool = False  # False: not computed yet
+        self._parts: tuple[Tensor, Tensor] | None = None
+
+    SPLIT_MIN = 0.1  # split only when that skips at least this fraction of the scores ...
+    SPLIT_MIN_QUERIES = 64  # ... and there are this many queries
 
     @property
     def mask(self) -> Tensor:
@@ -168,12 +174,41 @@ class RankMask:
             self._mask = visible_keys(self.q_rank, self.k_rank, self.q_group, self.k_group, self.k_len)
         return self._mask
 
+    @property
+    def split(self) -> tuple[int, int] | None:
+        """``(s, e)``: queries ``[0, s)`` see no key at or past ``e`` in any row, chosen to
+        skip the most score entries; None when that skips under ``SPLIT_MIN`` of them. The
+        two-stream training layout ``[clean | noisy]`` splits at ``(L, L)``: clean queries
+        never see the noisy stream, a quarter of the ``2L x 2L`` scores. Eager only (under
+        ``torch.compile`` the data-dependent split would break the graph)."""
+        if self._split is False and self.q_rank.shape[1] < self.SPLIT_MIN_QUERIES:
+            self._split = None  # a decode step's few queries: not worth the search
+        if self._split is False:
+            m = self.mask.any(0)[0]  # [Lq, Lk]: visible in some row
+            Lq, Lk = m.shape
+            ends = torch.where(m, torch.arange(1, Lk + 1, device=m.device), 0).amax(-1).cummax(0).values  # [Lq]
+            rows = torch.arange(1, Lq + 1, device=m.device)  # s = 1 .. Lq
+            cost = rows * ends.clamp_min(1) + (Lq - rows) * Lk  # score entries with the split at s
+            best = int(cost.argmin())
+            skipped = Lq * Lk - int(cost[best])
+            self._split = (best + 1, max(int(ends[best]), 1)) if skipped >= self.SPLIT_MIN * Lq * Lk and best + 1 < Lq else None
+            if self._split is not None:  # the two masks, sliced once for every layer
+                s, e = self._split
+                self._parts = (self.mask[:, :, :s, :e].contiguous(), self.mask[:, :, s:].contiguous())
+        return self._split
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         supported = q.dtype in _DTYPES and q.shape[-1] <= 256
         backend = resolve_backend(self.backend, q.device, supported, fallback="sdpa")
-        if backend == "sdpa":
+        if backend != "sdpa":
+            return set_attention(q, k, v, self.q_rank, self.k_rank, self.q_group, self.k_group, k_len=self.k_len,
+                                 backend=backend)
+        split = None if torch.compiler.is_compiling() else self.split
+        if split is None:
             return set_attention_sdpa(q, k, v, mask=self.mask)
-        return set_attention(q, k, v, self.q_rank, self.k_rank, self.q_group, self.k_group, k_len=self.k_len, backend=backend)
+        (s, e), (head, tail) = split, self._parts
+        return torch.cat([set_attention_sdpa(q[:, :, :s], k[:, :, :e], v[:, :, :e], mask=head),
+                          set_attention_sdpa(q[:, :, s:], k, v, mask=tail)], 2)
 
 
 # ------------------------------------------------------------------ tile summaries (pre-pass)

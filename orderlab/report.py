@@ -448,10 +448,16 @@ def results_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,
 
 def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, console=None,
                 formats: Mapping[str, str | Callable[[Any], str]] | None = None) -> None:
-    """Print ``results_table(rows, title, formats)`` to ``console`` (a ``rich.console.Console``)."""
+    """Print ``results_table(rows, title, formats)`` to ``console`` (a ``rich.console.Console``;
+    default: stdout, 200 columns wide when it is a file or a pipe, so that a log keeps whole
+    rows instead of cells wrapped at rich's 80-column default)."""
     from rich.console import Console
 
-    (console or Console()).print(results_table(rows, title, formats))
+    if console is None:
+        console = Console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=200)
+    console.print(results_table(rows, title, formats))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None,

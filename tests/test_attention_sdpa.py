@@ -55,3 +55,45 @@ def test_sdpa_mask_shape_is_checked():
     q, k, v, qr, kr, qg, kg, _ = _case(0)
     with pytest.raises(ValueError, match=r"mask must be Bool\[B, 1, Lq, Lk\]"):
         set_attention_sdpa(q, k, v, mask=torch.ones(2, 7, 11, dtype=torch.bool))
+
+
+def test_split_skips_the_block_no_query_sees_and_changes_nothing():
+    """The two-stream training layout ``[clean | queries]`` (set-causal passes, both streams
+    in reveal order): clean queries never see the query stream, so RankMask splits at the
+    clean stream's end and runs two SDPA calls; outputs and gradients equal the reference
+    (float64), also with ragged rows (padding)."""
+    from orderlab.rules import SetCausal
+
+    g = torch.Generator().manual_seed(0)
+    B, L, H, D = 3, 40, 2, 8
+    ranks = torch.stack([torch.randperm(L, generator=g) + 1 for _ in range(B)])
+    ranks[:, :4] = 0  # a prompt
+    ranks[2, 30:] = -1  # padding: a shorter row
+    x = torch.randint(0, 5, (B, L), generator=g)
+    (s,) = SetCausal(prompt="causal").passes(x, ranks, mask_id=5)
+    N = s.tokens.shape[1]
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    vis = RankMask(s.q_rank, s.k_rank, s.q_group, s.k_group)
+    clean = int((s.k_rank < NEVER).sum(1).max())  # the clean stream's width: no clean query sees past it
+    head, end = vis.split
+    assert end <= clean and head * end + (N - head) * N <= 0.8 * N * N, (vis.split, clean, N)  # a quarter skipped
+    got = vis.attend(q, k, v)
+    want = set_attention_reference(q, k, v, s.q_rank, s.k_rank, s.q_group, s.k_group)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_of_random_masks_is_exact(seed):
+    """Any mask: the split, when taken, leaves out only keys no query before it sees in any row."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Lq, Lk, D = 2, 2, 96, 80, 4
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    q_rank = torch.sort(torch.randint(0, 60, (B, Lq), generator=g), 1).values  # rising: an early-ending head block
+    k_rank = torch.randint(0, 60, (B, Lk), generator=g).sort(1).values
+    vis = RankMask(q_rank, k_rank)
+    want = set_attention_reference(q, k, v, q_rank, k_rank)
+    torch.testing.assert_close(vis.attend(q, k, v), want, atol=1e-12, rtol=1e-10)
+    s, e = vis.split  # rising ranks: these cases always split
+    assert not vis.mask[:, :, :s, e:].any() and 0 < s < Lq
