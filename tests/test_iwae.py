@@ -9,6 +9,7 @@ import orderlab.processes as P
 from orderlab.likelihood import log_likelihood
 from orderlab.model import Transformer
 from orderlab.objectives import MDMNelbo, ProcessOrders, as_orders, iwae_bound, likelihood_table
+from orderlab.objectives.iwae import nested_iwae
 
 from enumerate_orders import all_orders  # tests/enumerate_orders.py
 
@@ -149,3 +150,19 @@ def test_likelihood_table_rows():
         with torch.no_grad():
             want = -log_likelihood(model, X, order).sum().item() * 200 / n_tok / math.log(2)
         assert bits[(name, None)] == pytest.approx(want, rel=1e-5)
+
+
+def test_nested_iwae_groups_and_monotone_in_k():
+    """From one set of weights: K = N is log-mean-exp of all, K = 1 their mean, each K the
+    mean of its disjoint groups' L_K; nested K's (each divides the next) never decrease."""
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.randn(5, 16, generator=g, dtype=torch.float64) * 3
+    est = nested_iwae(log_w, (1, 2, 4, 16))
+    torch.testing.assert_close(est[1], log_w.mean(1))
+    torch.testing.assert_close(est[16], torch.logsumexp(log_w, 1) - math.log(16))
+    torch.testing.assert_close(est[4], (torch.logsumexp(log_w.view(5, 4, 4), -1) - math.log(4)).mean(1))
+    assert all((est[a] <= est[b] + 1e-12).all() for a, b in ((1, 2), (2, 4), (4, 16)))
+    three = nested_iwae(log_w, (3,))[3]  # 5 groups of 3, the 16th weight unused
+    torch.testing.assert_close(three, (torch.logsumexp(log_w[:, :15].view(5, 5, 3), -1) - math.log(3)).mean(1))
+    with pytest.raises(ValueError, match="k must be in"):
+        nested_iwae(log_w, (32,))
