@@ -105,15 +105,8 @@ def iwae_bound(
     return (torch.logsumexp(log_w, dim=1) - math.log(k)).float()
 
 
-def log_weights(
-    model,
-    x: Tensor,
-    ranks: Tensor,
-    prior: Any = "linear",
-    proposal: Any = None,
-    k: int = 1,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def log_weights(model, x: Tensor, ranks: Tensor, prior: Any = "linear", proposal: Any = None, k: int = 1,
+                generator: torch.Generator | None = None) -> Tensor:
     """Float64 ``[B, K]``: ``log π(σ_k) p_θ(x|σ_k) / q(σ_k|x)`` for ``K`` orders ``σ_k ~ q``
     per row (arguments as :func:`iwae_bound`)."""
     if int(k) < 1:
