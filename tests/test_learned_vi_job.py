@@ -29,6 +29,7 @@ TINY = [
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
     "stages.denoiser.train.steps=4", "stages.denoiser.train.batch_size=8", "stages.denoiser.train.valid_n=8",
     "stages.vi.train.steps=2", "stages.vi.train.batch_size=2",
+    "stages.grpo.train.steps=2", "stages.grpo.train.batch_size=2", "stages.grpo.objective.group=2",
     "evaluate.n=6", "evaluate.batch_size=4", "evaluate.policies=[random, top_prob]",
     "evaluate.iwae.n=5", "evaluate.iwae.k=[1, 2, 3]", "evaluate.iwae.nelbo_samples=2",
 ]
@@ -40,7 +41,9 @@ def test_the_vi_job_is_the_main_job_with_the_policy_learned_by_vi():
     for section in ("task", "model"):
         assert OmegaConf.to_container(exp.config[section]) == OmegaConf.to_container(main_job[section]), section
     assert exp.config.stages.denoiser == load(EXPERIMENTS / "learned_policy.yaml").config.stages.denoiser
-    assert list(exp.stages) == ["denoiser", "vi"]
+    assert list(exp.stages) == ["denoiser", "vi", "grpo"]
+    grpo = OmegaConf.to_container(OmegaConf.load(YAML).stages.grpo)
+    assert grpo == OmegaConf.to_container(main_job.stages.policy)  # the RL policy beside it: the main job's stage
     vi = exp.stages["vi"].objective
     assert isinstance(vi, VIOrders) and not vi.trains_model  # the denoiser is frozen: π and q learn from data alone
     assert isinstance(vi.policy, LearnedBernoulli)  # sets: both chains may advance in one step
@@ -48,16 +51,16 @@ def test_the_vi_job_is_the_main_job_with_the_policy_learned_by_vi():
     labels = list(exp.policies)
     for name in ("random", "l2r", "r2l", "top_prob", "margin"):
         assert name in labels
-    assert labels[-1] == "vi" and exp.policies["vi"] is vi.policy
+    assert labels[-2:] == ["vi", "grpo"] and exp.policies["vi"] is vi.policy
 
 
 def test_the_vi_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert main([str(YAML), *TINY, f"run.dir={tmp_path}", "--no-progress"]) == 0
     run = tmp_path / "learned_policy_vi"
     res = json.loads((run / "results.json").read_text())
-    assert res["status"] == "completed" and set(res["checkpoints"]) == {"denoiser", "vi"}
+    assert res["status"] == "completed" and set(res["checkpoints"]) == {"denoiser", "vi", "grpo"}
     rows = {r["policy"]: r for r in res["evaluations"]}
-    assert set(rows) == {"random", "top_prob", "vi"}
+    assert set(rows) == {"random", "top_prob", "vi", "grpo"}
     assert 0.0 <= rows["vi"]["accuracy"] <= 1.0 and 0.0 <= rows["vi"]["sampled_accuracy"] <= 1.0
     table = res["likelihood_table"]
     assert table["orders"] == "vi" and table["n"] == 5
@@ -84,7 +87,7 @@ def test_without_a_vi_stage_the_table_uses_uniformly_random_orders():
     cfg = OmegaConf.load(YAML)
     del cfg.stages["vi"]
     exp = load(cfg, [o for o in TINY if not o.startswith("stages.vi.")])
-    assert list(exp.stages) == ["denoiser"]
+    assert list(exp.stages) == ["denoiser", "grpo"]  # a policy-gradient stage gives no order distributions
     name, prior, proposal = _orders(exp)
     assert (name, prior, proposal) == ("uniform", "linear", None)
     table = iwae_table(exp.model, exp.task, IWAEConfig(k=[1], n=7, nelbo_samples=1), prior, proposal, name, seed=3)
