@@ -65,7 +65,6 @@ class Addition(Task):
         self.eos_id = None
         self.prompt_len = 2 * digits + 2  # "a+b="
         self.seq_len = self.prompt_len + digits + 1
-        self._freqs: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Addition(digits={self.digits}, reverse_answer={self.reverse_answer})"
@@ -114,11 +113,7 @@ class Addition(Task):
 
     def token_freqs(self) -> Tensor:
         """Frequencies over prompts and answers of a fixed sample of 2**15 train pairs."""
-        if self._freqs is None:
-            tokens, _ = self.batch(1 << 15, "train", seed=0x5EED)
-            counts = torch.bincount(tokens.flatten(), minlength=self.vocab_size).double()
-            self._freqs = (counts / counts.sum()).float()
-        return self._freqs.clone()
+        return self._sampled_freqs(1 << 15)
 
     def render(self, tokens: Tensor) -> str:
         """``"042+917=0959"``; pad renders as ``_``, the mask id (and anything else) as ``?``."""

@@ -190,6 +190,15 @@ class Task(abc.ABC):
     def token_freqs(self) -> Tensor:
         """Float ``[vocab_size]``: token frequencies over the train split (sum 1)."""
 
+    def _sampled_freqs(self, n: int) -> Tensor:
+        """:func:`empirical_freqs` of ``n`` train sequences (seed ``0x5EED``), computed once
+        per task object (a ``token_freqs`` for generated tasks)."""
+        freqs = getattr(self, "_freqs", None)
+        if freqs is None:
+            tokens, _ = self.batch(n, "train", seed=0x5EED)
+            freqs = self._freqs = empirical_freqs(tokens, self.vocab_size)
+        return freqs.clone()
+
     @abc.abstractmethod
     def render(self, tokens: Tensor) -> str:
         """A readable string for one sequence ``tokens Long[L]``."""

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from orderlab.registry import register
-from orderlab.tasks.base import Task, empirical_freqs, exact_match, sample_split
+from orderlab.tasks.base import Task, exact_match, sample_split
 
 __all__ = ["Chain", "permutation_table"]
 
@@ -101,7 +101,6 @@ class Chain(Task):
         self.dir_pos = start[:, 0]  # Long[C]: position of each chain's direction token
         self.p_pos = start + 1 + k  # Long[C, n]: positions of p_1..p_n
         self.y_pos = start + 1 + length + k  # Long[C, n]: positions of y_1..y_n
-        self._freqs: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Chain(chains={self.chains}, length={self.length}, degree={self.degree})"
@@ -152,10 +151,7 @@ class Chain(Task):
 
     def token_freqs(self) -> Tensor:
         """Frequencies over a fixed sample of 2**14 train sequences (elements ~uniform)."""
-        if self._freqs is None:
-            tokens, _ = self.batch(1 << 14, "train", seed=0x5EED)
-            self._freqs = empirical_freqs(tokens, self.vocab_size)
-        return self._freqs.clone()
+        return self._sampled_freqs(1 << 14)
 
     def render(self, tokens: Tensor) -> str:
         """``"> 130542 = 113520 | < ..."``: per chain, direction, elements, answers; mask as ``?``."""

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from orderlab.registry import register
-from orderlab.tasks.base import Task, empirical_freqs, exact_match, sample_split
+from orderlab.tasks.base import Task, exact_match, sample_split
 
 __all__ = ["StarGraph"]
 
@@ -61,7 +61,6 @@ class StarGraph(Task):
         self.edges = degree * (path_len - 1)
         self.prompt_len = 3 * self.edges + 3  # 2 per edge, E-1 bars, '/', start, goal, '='
         self.seq_len = self.prompt_len + path_len
-        self._freqs: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"StarGraph(degree={self.degree}, path_len={self.path_len}, nodes={self.nodes}, reverse={self.reverse})"
@@ -101,10 +100,7 @@ class StarGraph(Task):
 
     def token_freqs(self) -> Tensor:
         """Frequencies over a fixed sample of 2**13 train sequences."""
-        if self._freqs is None:
-            tokens, _ = self.batch(1 << 13, "train", seed=0x5EED)
-            self._freqs = empirical_freqs(tokens, self.vocab_size)
-        return self._freqs.clone()
+        return self._sampled_freqs(1 << 13)
 
     def render(self, tokens: Tensor) -> str:
         """``"3,17|17,8|.../3,40=3,17,..."`` as in the reference data files; mask as ``?``."""

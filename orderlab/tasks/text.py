@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from orderlab.registry import register
-from orderlab.tasks.base import Task, exact_match, split_generator, split_index
+from orderlab.tasks.base import Task, empirical_freqs, exact_match, split_generator, split_index
 
 __all__ = ["StdlibText", "Infill", "stdlib_files", "file_split"]
 
@@ -173,8 +173,7 @@ class StdlibText(Task):
     def token_freqs(self) -> Tensor:
         """Byte frequencies over the train bytes (unseen bytes get 0)."""
         if self._freqs is None:
-            counts = torch.bincount(self._tensor("train").long(), minlength=256).double()
-            self._freqs = (counts / counts.sum()).float()
+            self._freqs = empirical_freqs(self._tensor("train").long(), 256)
         return self._freqs.clone()
 
     def render(self, tokens: Tensor) -> str:
