@@ -218,7 +218,7 @@ class KFromSchedule(Count):
 
     def __init__(self, score: Score | None = None, steps: int = 1):
         if int(steps) < 1:
-            raise PolicyError(f"KFromSchedule steps must be >= 1, got {steps}")
+            raise PolicyError(f"{type(self).__name__} steps must be >= 1, got {steps}")
         self.score, self.steps = score, int(steps)
 
     def k(self, view: StepView, r: Ranked) -> Tensor:
@@ -229,7 +229,7 @@ class KFromSchedule(Count):
         return f"steps={self.steps}"
 
 
-class EvenSplit(Count):
+class EvenSplit(KFromSchedule):
     """LLaDA's steps split (``get_num_transfer_tokens`` in LLaDA's generate.py, reused by
     PC-sampler; REFERENCES.md "Semi-AR"): the ``n0`` candidates present when the schedule
     starts are revealed in ``steps`` steps, ``n0 // steps`` per step and one more in the
@@ -240,20 +240,13 @@ class EvenSplit(Count):
     quotient and remainder of ``n0``), whose ceiling share is the reference's count for
     step ``s``. The last step (and any later one) takes all. Where ``n0 < steps`` the
     reference spends its last ``steps − n0`` steps revealing nothing; here the schedule
-    simply ends after ``n0`` steps (same tokens, fewer forwards).
+    simply ends after ``n0`` steps (same tokens, fewer forwards). Arguments as
+    :class:`KFromSchedule`, whose rounding it replaces by the ceiling.
     """
-
-    def __init__(self, score: Score | None = None, steps: int = 1):
-        if int(steps) < 1:
-            raise PolicyError(f"EvenSplit steps must be >= 1, got {steps}")
-        self.score, self.steps = score, int(steps)
 
     def k(self, view: StepView, r: Ranked) -> Tensor:
         left = torch.as_tensor(self.steps - r.step, device=r.n.device).clamp_min(1)  # steps left incl. this
         return torch.div(r.n + left - 1, left, rounding_mode="floor")  # ceil(n / left), exact in integers
-
-    def _args(self) -> str:
-        return f"steps={self.steps}"
 
 
 class Threshold(Count):
