@@ -101,8 +101,7 @@ def iwae_bound(
     (default: π) are order distributions or processes; ``ranks``: 0 given, 1 to generate,
     -1 padding. The ``B·K`` likelihoods are one ``log_likelihood`` call.
     """
-    log_w = log_weights(model, x, ranks, prior, proposal, k, generator)  # [B, K]
-    return (torch.logsumexp(log_w, dim=1) - math.log(k)).float()
+    return nested_iwae(log_weights(model, x, ranks, prior, proposal, k, generator), (k,))[k].float()  # one group of K
 
 
 def log_weights(model, x: Tensor, ranks: Tensor, prior: Any = "linear", proposal: Any = None, k: int = 1,
