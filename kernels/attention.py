@@ -17,6 +17,7 @@ groups as *skipped* (no visible pair), *full* (every pair visible: no mask arith
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -161,8 +162,6 @@ class RankMask:
         self.q_rank, self.k_rank, self.q_group, self.k_group, self.k_len = q_rank, k_rank, q_group, k_group, k_len
         self.backend = backend
         self._mask: Tensor | None = None
-        self._split: tuple[int, int] | None | bool = False  # False: not computed yet
-        self._parts: tuple[Tensor, Tensor] | None = None
 
     SPLIT_MIN = 0.1  # split only when that skips at least this fraction of the scores ...
     SPLIT_MIN_QUERIES = 64  # ... and there are this many queries
@@ -181,21 +180,23 @@ class RankMask:
         two-stream training layout ``[clean | noisy]`` splits at ``(L, L)``: clean queries
         never see the noisy stream, a quarter of the ``2L x 2L`` scores. Eager only (under
         ``torch.compile`` the data-dependent split would break the graph)."""
-        if self._split is False and self.q_rank.shape[1] < self.SPLIT_MIN_QUERIES:
-            self._split = None  # a decode step's few queries: not worth the search
-        if self._split is False:
-            m = self.mask.any(0)[0]  # [Lq, Lk]: visible in some row
-            Lq, Lk = m.shape
-            ends = torch.where(m, torch.arange(1, Lk + 1, device=m.device), 0).amax(-1).cummax(0).values  # [Lq]
-            rows = torch.arange(1, Lq + 1, device=m.device)  # s = 1 .. Lq
-            cost = rows * ends.clamp_min(1) + (Lq - rows) * Lk  # score entries with the split at s
-            best = int(cost.argmin())
-            skipped = Lq * Lk - int(cost[best])
-            self._split = (best + 1, max(int(ends[best]), 1)) if skipped >= self.SPLIT_MIN * Lq * Lk and best + 1 < Lq else None
-            if self._split is not None:  # the two masks, sliced once for every layer
-                s, e = self._split
-                self._parts = (self.mask[:, :, :s, :e].contiguous(), self.mask[:, :, s:].contiguous())
-        return self._split
+        return None if self._cut is None else self._cut[:2]
+
+    @functools.cached_property
+    def _cut(self) -> tuple[int, int, Tensor, Tensor] | None:
+        """``(s, e, head mask, tail mask)`` of :attr:`split`, the masks sliced once for every layer."""
+        if self.q_rank.shape[1] < self.SPLIT_MIN_QUERIES:
+            return None  # a decode step's few queries: not worth the search
+        m = self.mask.any(0)[0]  # [Lq, Lk]: visible in some row
+        Lq, Lk = m.shape
+        ends = torch.where(m, torch.arange(1, Lk + 1, device=m.device), 0).amax(-1).cummax(0).values  # [Lq]
+        rows = torch.arange(1, Lq + 1, device=m.device)  # s = 1 .. Lq
+        cost = rows * ends.clamp_min(1) + (Lq - rows) * Lk  # score entries with the split at s
+        best = int(cost.argmin())
+        if Lq * Lk - int(cost[best]) < self.SPLIT_MIN * Lq * Lk or best + 1 >= Lq:
+            return None
+        s, e = best + 1, max(int(ends[best]), 1)
+        return s, e, self.mask[:, :, :s, :e].contiguous(), self.mask[:, :, s:].contiguous()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         supported = q.dtype in _DTYPES and q.shape[-1] <= 256
@@ -203,10 +204,10 @@ class RankMask:
         if backend != "sdpa":
             return set_attention(q, k, v, self.q_rank, self.k_rank, self.q_group, self.k_group, k_len=self.k_len,
                                  backend=backend)
-        split = None if torch.compiler.is_compiling() else self.split
-        if split is None:
+        cut = None if torch.compiler.is_compiling() else self._cut
+        if cut is None:
             return set_attention_sdpa(q, k, v, mask=self.mask)
-        (s, e), (head, tail) = split, self._parts
+        s, e, head, tail = cut
         return torch.cat([set_attention_sdpa(q[:, :, :s], k[:, :, :e], v[:, :, :e], mask=head),
                           set_attention_sdpa(q[:, :, s:], k, v, mask=tail)], 2)
 
