@@ -67,48 +67,88 @@ def sample_tokens(probs: Tensor, temperature: float = 0.0, top_p: float = 1.0, g
 
 
 def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
-    """Scatter the streams' predictions to ``[B, L, V]``; rows not predicted get 1/V."""
+    """The streams' predictions at their positions, ``[B, L, V]``; rows not predicted get 1/V.
+
+    A gather, not a scatter of ``[B, N, V]`` rows into a ``[B, L, V]`` fill: the one
+    ``[B, L, V]`` pass then reads its row directly (compiled, one fused loop)."""
     B, N, V = logits.shape
-    probs = torch.full((B, L + 1, V), 1.0 / V, device=logits.device)  # slot L: dump for out == -1
-    idx = torch.where(out >= 0, out, L)
-    probs.scatter_(1, idx[..., None].expand(B, N, V), torch.softmax(logits.float(), -1))
-    return probs[:, :L]
+    p = torch.softmax(logits.float(), -1)
+    p = torch.cat([p, torch.full((B, 1, V), 1.0 / V, device=p.device)], 1)  # row N: uniform
+    slots = torch.arange(N, device=out.device).expand(B, N)
+    row = torch.full((B, L + 1), N, device=out.device).scatter_(1, torch.where(out >= 0, out, L), slots)  # column L: dump
+    return p.gather(1, row[:, :L, None].expand(B, L, V))
 
 
-class _Forward:
-    """Runs the model on each step's stream, eagerly or compiled with static shapes.
+def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int, kv, width: int | None,
+             temperature: float, top_p: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One decode step once its candidates are known: the rule's stream (padded to
+    ``width``), one forward, the policy's set and its tokens. Returns the new ``(x, rank)``,
+    the set ``sel`` and ``bad`` (the policy broke its contract). A function of tensors (and
+    the step number) only, so that ``torch.compile`` makes the whole step one graph."""
+    return _choose(policy, _predict(model, x, rank, cand, step, kv, width), x, rank, masked, cand, step, temperature, top_p, gen)
 
-    Compiled, streams are padded to a fixed ``width`` so that every forward has one shape.
+
+def _predict(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width: int | None) -> Tensor:
+    """Float ``[B, L, V]``: one forward over the rule's stream for step ``step``."""
+    s = model.rule.step(x, rank, cand, step, kv is not None, width=width)
+    return _probs(model(s, kv), s.out, x.shape[1])
+
+
+def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int,
+            temperature: float, top_p: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`."""
+    sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0))
+    bad = (sel & ~cand).any() | (cand.any(1) & ~sel.any(1)).any()
+    new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
+    return torch.where(sel, new, x), torch.where(sel, step + 1, rank), sel, bad
+
+
+class _Step:
+    """Runs :func:`_advance`, eagerly or compiled with static shapes (gpt-fast's
+    ``decode_one_token``, here with the policy and the sampling inside the graph).
+
+    Compiled, streams are padded to a fixed ``width`` so that every step has one shape.
     Without a cache: the number of non-padding positions of the longest row (a step's
     clean tokens and its queries are disjoint positions). With a cache, a stream holds the
     set revealed last step and this step's queries, both within the policy's candidate
     width ``c`` (``policy.candidates`` on an all-masked row: 8 for an 8-wide window), so
-    the width starts at ``c + 1`` (one token per step: one graph for the whole decode) and
-    grows to ``2 c`` the first time a step needs more (one recompile), then to whatever a
-    step needs. ``width`` overrides the starting value. A step wider than the width (the
-    prompt's, at step 0) runs eagerly.
+    the width starts at ``c + 1`` (one token per step: one width for the whole decode) and
+    grows to ``2 c`` the first time a step needs more (``rule.step_width``, read before the
+    step; one recompile), then to whatever a step needs. ``width`` overrides the starting
+    value. A step wider than the width (the prompt's, at step 0) runs eagerly.
+
+    Shapes are static (``dynamic=False``) except the step number, which is symbolic from
+    the first trace (``dynamic_sources``), so a width compiles one graph for every step.
     """
 
-    def __init__(self, model, compile: bool | dict, cached: bool, width: int | None, nonpad: int, cand_width: int):
-        self.model, self.bound, self.checked = model, 2 * cand_width, None
-        self.compiled = model.compiled(**(compile if isinstance(compile, dict) else {})) if compile else None
+    def __init__(self, model, policy, compile: bool | dict, cached: bool, width: int | None, nonpad: int, cand_width: int):
+        self.model, self.policy, self.bound = model, policy, 2 * cand_width
+        self.compiled = _compiled_advance(**(compile if isinstance(compile, dict) else {})) if compile else None
         self.width = nonpad if not cached else (width if width is not None else cand_width + 1)
 
-    def __call__(self, s: Stream, kv, step: int) -> Tensor:
+    def __call__(self, x, rank, masked, cand, step, kv, temperature, top_p, gen):
+        args = (self.model, self.policy, x, rank, masked, cand, step, kv)
         if self.compiled is None:
-            return self.model(s, kv)
-        n = s.tokens.shape[1]
+            return _advance(*args, None, temperature, top_p, gen)
+        n = self.model.rule.step_width(x, rank, cand, step, kv is not None)
         if n > self.width and kv is not None and step > 0:
             self.width = max(n, self.bound)
         if n > self.width:
-            return self.model(s, kv)
-        if self.checked != self.width:  # first call at this width: Dynamo checks its guards
-            self.checked = self.width
-            return self.compiled(s.padded(self.width), kv)[:, :n]
-        # later calls have the inputs the guards accepted (same model, cache, width, dtypes):
-        # skip re-checking them (hundreds of guards on parameters and buffers, ~0.2 ms a step)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return self.compiled(s.padded(self.width), kv)[:, :n]
+            return _advance(*args, None, temperature, top_p, gen)
+        with torch.compiler.config.patch(dynamic_sources="L['step']"):
+            return self.compiled(*args, self.width, temperature, top_p, gen)
+
+
+def _compiled_advance(**options):
+    """:func:`_advance` through ``torch.compile(**options)``, built once per options (the
+    graphs are cached on the function's code, per model, policy and width)."""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_advance, dynamic=False, **options)
+    return _COMPILED[key]
+
+
+_COMPILED: dict[str, object] = {}
 
 
 def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int) -> None:
@@ -146,7 +186,7 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
     # the policy's candidate width: its candidates on an all-masked row
     every = torch.ones(1, L, dtype=torch.bool, device=x.device)
     cand_width = int((rule.candidates(every) & policy.candidates(every, 0)).sum()) or L if compile else L
-    forward = _Forward(model, compile, kv is not None, width, int((rank >= 0).sum(1).max()) if B else 0, cand_width)
+    advance = _Step(model, policy, compile, kv is not None, width, int((rank >= 0).sum(1).max()) if B else 0, cand_width)
     if hasattr(policy, "reset"):
         policy.reset()
     nfe = torch.zeros(B, dtype=torch.long, device=x.device)
@@ -161,23 +201,17 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
         allowed = rule.candidates(masked)
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
-        s = rule.step(x, rank, cand, step, kv is not None)
         if kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
-            sub = s.rows(rows)
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
-            probs[rows] = _probs(model(sub), sub.out, L)
+            probs[rows] = _predict(model, x[rows], rank[rows], cand[rows], step, None, None)
+            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen)
         else:
-            probs = _probs(forward(s, kv, step), s.out, L)  # [B, L, V]
-        view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0)
-        sel = policy.select(view)
-        if (sel & ~cand).any() or (active & ~sel.any(1)).any():
+            x, rank, sel, bad = advance(x, rank, masked, cand, step, kv, temperature, top_p, gen)
+        if bad:
             raise RuntimeError(f"{policy!r}.select must return a non-empty subset of the candidates for every unfinished row (step {step})")
-        new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
-        x = torch.where(sel, new, x)
-        rank = torch.where(sel, torch.full_like(rank, step + 1), rank)
         if eos_id is not None:  # everything masked after a revealed EOS becomes padding
-            first_eos = torch.where(sel & (new == eos_id), pos, L).amin(1, keepdim=True)
+            first_eos = torch.where(sel & (x == eos_id), pos, L).amin(1, keepdim=True)
             cut = (rank == UNKNOWN) & (pos > first_eos)
             rank, x = torch.where(cut, -1, rank), torch.where(cut, fill, x)
         nfe += active

@@ -160,7 +160,7 @@ class Transformer(nn.Module):
 
         Every distinct stream width is its own static graph; the decoder pads its cached
         steps to one width (``decode(..., compile=True)``), so a whole decode runs one graph."""
-        key = tuple(sorted(options.items()))
+        key = repr(sorted(options.items()))  # options may nest dicts (``options={...}``)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(self.forward, dynamic=False, **options)
         return self._compiled[key]

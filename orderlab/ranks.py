@@ -15,10 +15,12 @@ padding): it is larger than any query rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["GIVEN", "PAD", "NEVER", "validate", "dense", "num_sets", "sets", "to_generate", "RanksError"]
+__all__ = ["GIVEN", "PAD", "NEVER", "validate", "dense", "num_sets", "sets", "to_generate", "RanksError", "require"]
 
 GIVEN = 0
 PAD = -1
@@ -27,6 +29,18 @@ NEVER = 2**30  # key rank of tokens visible only through their group
 
 class RanksError(ValueError):
     """Ranks (or the tokens that go with them) are malformed."""
+
+
+def require(ok: Tensor, what: str, detail: Callable[[], str] | None = None, error: type[Exception] = RuntimeError) -> None:
+    """Raise ``error(what: detail())`` unless the bool tensor ``ok`` holds.
+
+    Inside ``torch.compile`` the check stays in the graph (``torch._assert_async``: no
+    graph break, no host read; on CPU it raises ``RuntimeError(what)`` when the graph
+    runs), since ``detail`` reads tensors on the host and only runs eagerly."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, what)
+    elif not bool(ok):
+        raise error(f"{what}: {detail()}" if detail is not None else what)
 
 
 def validate(ranks: Tensor, tokens: Tensor | None = None, name: str = "ranks", mask_id: int | None = None) -> Tensor:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from orderlab.ranks import NEVER, RanksError, dense
+from orderlab.ranks import NEVER, RanksError, dense, require
 from orderlab.registry import register
 
 __all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN", "PROMPTS", "given_key_rank"]
@@ -62,25 +62,11 @@ class Stream:
     out: Tensor
     n_append: Tensor | None = None
 
-    def rows(self, index: Tensor) -> "Stream":
-        """The sub-stream of the rows ``index`` (Long[b])."""
-        return Stream(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
-
-    def padded(self, width: int) -> "Stream":
-        """The stream widened to ``width`` tokens with padding (which sees nothing and is seen
-        by no one), so that forwards of different steps have one shape. Every field is a
-        new tensor (``torch.compile`` guards on fields that alias each other)."""
-        n = self.tokens.shape[1]
-        if width < n:
-            raise ValueError(f"cannot pad a stream of {n} tokens to width {width}")
-        pad = {name: torch.nn.functional.pad(getattr(self, name), (0, width - n), value=fill) for name, fill in _FILL.items()}
-        return Stream(**pad, n_append=self.n_append)
-
 
 _FILL = {"tokens": 0, "pos": 0, "q_rank": 0, "k_rank": NEVER, "q_group": -1, "k_group": -1, "out": -1}
 
 
-def pack(*segments: tuple[Tensor, dict[str, Tensor | int]]) -> Stream:
+def pack(*segments: tuple[Tensor, dict[str, Tensor | int]], width: int | None = None) -> Stream:
     """Concatenate segments and left-align each row's selected tokens.
 
     Each segment is ``(select Bool[B, L], {field: Long[B, L] or int})`` for the fields of
@@ -93,6 +79,10 @@ def pack(*segments: tuple[Tensor, dict[str, Tensor | int]]) -> Stream:
 
     All fields travel as one ``[F, B, S*L]`` tensor, so the gather and the padding are one
     op each (a decode step calls this once per step).
+
+    ``width``: the stream's length ``N`` (default: the most tokens a row selects, read on
+    the host). A fixed width makes every shape static (a compiled decode step); a row
+    selecting more than ``width`` tokens is an error.
     """
     B, L = segments[0][0].shape
     dev = segments[0][0].device
@@ -120,10 +110,18 @@ def pack(*segments: tuple[Tensor, dict[str, Tensor | int]]) -> Stream:
         pos = torch.arange(L, device=dev)
         key = torch.cat([(i * (NEVER + 1) + (0 if k is None else k)) * L + pos for i, k in enumerate(keys)], dim=1).expand(B, -1)
     key = torch.where(sel, key, torch.iinfo(torch.long).max)
-    N = int(sel.sum(1).max()) if B else 0
-    order = torch.argsort(key, dim=1, stable=True)[:, :N]  # [B, N]: selected first, in key order
-    valid = sel.gather(1, order)  # [B, N]
-    out = torch.where(valid, cols.gather(2, order.expand(len(_FILL), B, N)), fill[:, None, None])  # [F, B, N]
+    if width is None:
+        N = int(sel.sum(1).max()) if B else 0
+    else:
+        N = width
+        require((sel.sum(1) <= width).all(), "pack: a row selects more tokens than the stream's width",
+                lambda: f"{int(sel.sum(1).max())} tokens, width={width}")
+    n = min(N, sel.shape[1])  # a width past every column: the rest is padding
+    order = torch.argsort(key, dim=1, stable=True)[:, :n]  # [B, n]: selected first, in key order
+    valid = sel.gather(1, order)  # [B, n]
+    out = torch.where(valid, cols.gather(2, order.expand(len(_FILL), B, n)), fill[:, None, None])  # [F, B, n]
+    if N > n:
+        out = torch.cat([out, fill[:, None, None].expand(-1, B, N - n)], dim=2)
     return Stream(*out.unbind(0))
 
 
@@ -180,14 +178,21 @@ class AttentionRule:
         """Bool ``[B, L]``: masked positions this rule lets a decoder reveal now."""
         return unknown
 
-    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
         """The stream of decode step ``step`` (0-based).
 
         ``rank``: 0 given, k revealed at step k (1-based), -1 padding, ``UNKNOWN`` masked.
         ``queries``: positions whose predictions are needed. With ``cached``, clean
         tokens already in the cache are left out and new ones lead the stream.
+        ``width``: pad the stream to that many tokens (see :func:`pack`).
         """
         raise NotImplementedError
+
+    def step_width(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> int:
+        """The width (most tokens of a row) of :meth:`step`'s stream, read on the host: a
+        compiled decode step pads to a fixed width and must know when a step outgrows it.
+        Rules count it from their masks; this default builds the stream."""
+        return self.step(tokens, rank, queries, step, cached).tokens.shape[1]
 
     def spec(self) -> dict:
         """The config mapping that rebuilds this rule."""
@@ -223,17 +228,26 @@ class SetCausal(AttentionRule):
         query = (ranks >= 1, {"tokens": mask_id, "pos": pos, "q_rank": ranks, "out": pos, "sort": ranks})
         yield _own_groups(pack(clean, query))
 
-    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
+    @staticmethod
+    def _clean(rank: Tensor, queries: Tensor, step: int, cached: bool) -> Tensor:
+        """Bool[B, L]: the clean tokens of step ``step``'s stream. Cached: only the set
+        revealed at the previous step (the given tokens at step 0); else every known one."""
+        if cached:
+            return (rank == step) & queries.any(1, keepdim=True)
+        return (rank >= 0) & (rank != UNKNOWN)
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
         pos = _positions(tokens)
-        known = (rank >= 0) & (rank != UNKNOWN)
-        # cached: only the set revealed at the previous step (the given tokens at step 0)
-        new = (rank == step) & queries.any(1, keepdim=True) if cached else known
+        new = self._clean(rank, queries, step, cached)
         kr = given_key_rank(rank, rank, self.prompt)
         clean = (new, {"tokens": tokens, "pos": pos, "k_rank": kr, "q_rank": kr + 1})
         query = (queries, {"tokens": tokens, "pos": pos, "q_rank": step + 1, "out": pos})
-        s = _own_groups(pack(clean, query))
+        s = _own_groups(pack(clean, query, width=width))
         s.n_append = new.sum(1) if cached else None
         return s
+
+    def step_width(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> int:
+        return int((self._clean(rank, queries, step, cached).sum(1) + queries.sum(1)).max())  # disjoint sets
 
 
 @register("attention", "block_causal")
@@ -310,27 +324,35 @@ class BlockCausal(AttentionRule):
     def candidates(self, unknown: Tensor) -> Tensor:
         return unknown & (self._block(unknown) == self._first_block(unknown))
 
-    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
-        pos, blk = _positions(tokens), self._block(tokens)
+    def _sets(self, rank: Tensor, step: int, cached: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(clean, noisy, cur)`` of step ``step``'s stream: the clean tokens (cached: the
+        given ones at step 0, then a block the moment it is finished), the current block's
+        generated positions (Bool[B, L] each) and the current block (Long[B, 1])."""
+        blk = self._block(rank)
         unknown = rank == UNKNOWN
-        active = unknown.any(1, keepdim=True)
         cur = self._first_block(unknown)  # [B, 1] first unfinished block
         gen_done = (rank >= 1) & (rank != UNKNOWN) & (blk < cur)  # generated, in finished blocks
-        ck = given_key_rank(rank, torch.where(rank >= 1, blk + 1, 0), self.prompt)
         if cached:
-            # given tokens at step 0; a block the moment it is finished
             prev_cur = self._first_block(unknown | (rank == step))  # the block current one step ago
             new = ((rank == 0) & (step == 0)) | (gen_done & (blk >= prev_cur))
         else:
             new = (rank == 0) | gen_done
-        new = new & active
+        return new & unknown.any(1, keepdim=True), (blk == cur) & (rank != 0) & (rank >= 0), cur
+
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
+        pos, blk = _positions(tokens), self._block(tokens)
+        new, in_block, cur = self._sets(rank, step, cached)
+        ck = given_key_rank(rank, torch.where(rank >= 1, blk + 1, 0), self.prompt)
         clean = (new, {"tokens": tokens, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
-        in_block = (blk == cur) & (rank != 0) & (rank >= 0)
         noisy = (in_block, {"tokens": tokens, "pos": pos, "q_rank": cur.expand_as(blk) + 1, "q_group": blk,
                             "k_group": blk, "out": torch.where(queries, pos, -1)})
-        s = pack(clean, noisy)
+        s = pack(clean, noisy, width=width)
         s.n_append = new.sum(1) if cached else None
         return s
+
+    def step_width(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> int:
+        new, in_block, _ = self._sets(rank, step, cached)
+        return int((new.sum(1) + in_block.sum(1)).max())  # disjoint: finished blocks vs the current one
 
 
 @register("attention", "bidirectional")
@@ -343,10 +365,11 @@ class Bidirectional(AttentionRule):
     name = "bidirectional"
     cacheable = False
 
-    def noisy_stream(self, xt: Tensor, keep: Tensor, targets: Tensor) -> Stream:
+    def noisy_stream(self, xt: Tensor, keep: Tensor, targets: Tensor, width: int | None = None) -> Stream:
         """The denoiser's input: ``xt`` at the ``keep`` positions, predictions read at ``targets``."""
         pos = _positions(xt)
-        return pack((keep, {"tokens": xt, "pos": pos, "q_group": 0, "k_group": 0, "out": torch.where(targets, pos, -1)}))
+        return pack((keep, {"tokens": xt, "pos": pos, "q_group": 0, "k_group": 0, "out": torch.where(targets, pos, -1)}),
+                    width=width)
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
         d = dense(ranks)
@@ -354,6 +377,12 @@ class Bidirectional(AttentionRule):
             xt = torch.where(d >= j, torch.full_like(x, mask_id), x)
             yield self.noisy_stream(xt, ranks >= 0, d == j)
 
-    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> Stream:
-        keep = (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)
-        return self.noisy_stream(tokens, keep, queries)
+    def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
+        return self.noisy_stream(tokens, self._keep(rank), queries, width)
+
+    def step_width(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool) -> int:
+        return int(self._keep(rank).sum(1).max())
+
+    @staticmethod
+    def _keep(rank: Tensor) -> Tensor:
+        return (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)

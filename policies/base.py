@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import abc
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from orderlab.ranks import require
 
 __all__ = ["StepView", "Policy", "PolicyError"]
 
@@ -35,6 +38,20 @@ def _check_mask(name: str, t: object, shape: tuple[int, int]) -> None:
         raise PolicyError(f"StepView.{name} must have shape [B, L] = {shape} (from probs), got {tuple(t.shape)}")
 
 
+def _derived(fn: Callable[["StepView"], Tensor]) -> property:
+    """A property computed on first use and kept in the view's ``_memo`` dict: what
+    ``functools.cached_property`` does, minus its lock (Python 3.11), which stops
+    ``torch.compile`` from tracing a decode step through the policy."""
+
+    @functools.wraps(fn)
+    def get(self: "StepView") -> Tensor:
+        if fn.__name__ not in self._memo:
+            self._memo[fn.__name__] = fn(self)
+        return self._memo[fn.__name__]
+
+    return property(get)
+
+
 @dataclass(eq=False)
 class StepView:
     """The model's predictions at one decode step.
@@ -46,7 +63,7 @@ class StepView:
     step        int             0-based decode step
     given       Bool[B, L]|None positions given from the start (prompt, clues)
 
-    Derived on first use (``functools.cached_property``): ``confidence`` (max prob),
+    Derived on first use (:func:`_derived`, computed once per view): ``confidence`` (max prob),
     ``margin`` (top-1 minus top-2 prob), ``entropy`` (nats, 0·log 0 = 0), ``argmax``.
     """
 
@@ -55,6 +72,7 @@ class StepView:
     masked: Tensor
     step: int
     given: Tensor | None = None
+    _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         p = self.probs
@@ -71,12 +89,15 @@ class StepView:
         _check_mask("masked", self.masked, shape)
         if self.given is not None:
             _check_mask("given", self.given, shape)
-        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+        if isinstance(self.step, bool) or not isinstance(self.step, (int, torch.SymInt)) or self.step < 0:
             raise PolicyError(f"StepView.step must be an int >= 0, got {self.step!r}")
         stray = self.candidates & ~self.masked
-        if stray.any():
+
+        def where() -> str:
             b, i = (int(v) for v in stray.nonzero()[0])
-            raise PolicyError(f"StepView.candidates must be a subset of masked; position [{b}, {i}] is a candidate but not masked")
+            return f"position [{b}, {i}] is a candidate but not masked"
+
+        require(~stray.any(), "StepView.candidates must be a subset of masked", where, PolicyError)
 
     @property
     def batch_size(self) -> int:
@@ -86,17 +107,17 @@ class StepView:
     def length(self) -> int:
         return self.probs.shape[1]
 
-    @functools.cached_property
+    @_derived
     def confidence(self) -> Tensor:
         """Float[B, L]: max_v p(v)."""
         return self.probs.amax(dim=-1)
 
-    @functools.cached_property
+    @_derived
     def argmax(self) -> Tensor:
         """Long[B, L]: the most likely token (lowest id on ties)."""
         return self.probs.argmax(dim=-1)
 
-    @functools.cached_property
+    @_derived
     def margin(self) -> Tensor:
         """Float[B, L]: p(v1) − p(v2) (Kim et al. 2025); equals confidence when V = 1."""
         if self.probs.shape[-1] == 1:
@@ -104,7 +125,7 @@ class StepView:
         top = self.probs.topk(2, dim=-1).values  # [B, L, 2]
         return top[..., 0] - top[..., 1]
 
-    @functools.cached_property
+    @_derived
     def entropy(self) -> Tensor:
         """Float[B, L]: −Σ_v p log p in nats; xlogy makes p = 0 contribute 0."""
         return -torch.special.xlogy(self.probs, self.probs).sum(dim=-1)

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from orderlab.ranks import require
+
 from .base import Policy, PolicyError, StepView
 from .scores import Confidence, Score, _first_true
 
@@ -154,9 +156,13 @@ class Ranked(NamedTuple):
 def rank_candidates(score: Tensor, candidates: Tensor, step: int | Tensor = 0) -> Ranked:
     """Sort each row's candidates by ``score``; non-candidates go last. NaN scores of
     candidates are an error (a NaN would silently sort as the lowest score)."""
-    if (torch.isnan(score) & candidates).any():
-        b, i = (int(v) for v in (torch.isnan(score) & candidates).nonzero()[0])
-        raise PolicyError(f"score is NaN at candidate position [{b}, {i}] (score shape {tuple(score.shape)})")
+    nan = torch.isnan(score) & candidates
+
+    def where() -> str:
+        b, i = (int(v) for v in nan.nonzero()[0])
+        return f"position [{b}, {i}] (score shape {tuple(score.shape)})"
+
+    require(~nan.any(), "score is NaN at a candidate position", where, PolicyError)
     s = torch.where(candidates, score, torch.full_like(score, -math.inf))
     o1 = s.argsort(dim=1, descending=True, stable=True)  # by score; stable = lower position on ties
     v1 = candidates.gather(1, o1)

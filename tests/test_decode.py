@@ -223,3 +223,73 @@ def test_inductor_decode_equals_eager():
     for policy in ("l2r", {"name": "sliding_window", "window": 4, "tau": 0.6}):
         want = decode(model, build("policy", policy), x, r)
         assert _same(decode(model, build("policy", policy), x, r, compile=True), want)
+
+
+def _decode_state(seed: int, B: int = 3):
+    """A random mid-decode state: given, padding, revealed at steps 1..4 and still masked
+    positions, queries a non-empty subset of each row's masked ones, the current step."""
+    from orderlab.rules import UNKNOWN
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, L), generator=g)
+    rank = torch.randint(-1, 6, (B, L), generator=g)
+    rank = torch.where(rank == 5, UNKNOWN, rank)
+    rank[:, -1] = UNKNOWN  # every row has a masked position
+    queries = (rank == UNKNOWN) & (torch.rand(B, L, generator=g) < 0.6)
+    queries[:, -1] = True
+    return x, rank, queries, int(torch.randint(0, 5, (), generator=g))
+
+
+@pytest.mark.parametrize("rule, cached", [("set_causal", True), ("set_causal", False), (BLOCK, True), (BLOCK, False),
+                                          ("bidirectional", False)], ids=str)
+def test_step_width_is_the_stream_width(rule, cached):
+    """``rule.step_width`` (counted from masks, read before a compiled step) equals the width
+    of the stream ``rule.step`` builds, and ``step(..., width=w)`` is that stream padded to
+    ``w`` with tokens no one sees."""
+    from orderlab.ranks import NEVER
+    from orderlab.rules import AttentionRule
+
+    r = MODELS["block" if rule == BLOCK else rule].rule
+    for seed in range(20):
+        x, rank, q, step = _decode_state(seed)
+        s = r.step(x, rank, q, step, cached)
+        n = s.tokens.shape[1]
+        assert r.step_width(x, rank, q, step, cached) == n == AttentionRule.step_width(r, x, rank, q, step, cached)
+        wide = r.step(x, rank, q, step, cached, width=n + 3)
+        for f in ("tokens", "pos", "q_rank", "k_rank", "q_group", "k_group", "out"):
+            assert torch.equal(getattr(wide, f)[:, :n], getattr(s, f)), f
+        assert (wide.k_rank[:, n:] == NEVER).all() and (wide.q_group[:, n:] == -1).all() and (wide.out[:, n:] == -1).all()
+
+
+def test_pack_rejects_a_row_wider_than_width_eager_and_compiled():
+    """A fixed width never drops tokens silently: eagerly the error names the count, inside
+    ``torch.compile`` the check is an in-graph assertion that raises when the graph runs."""
+    from orderlab.rules import pack
+
+    sel = torch.tensor([[True, True, True, False], [True, False, False, False]])
+
+    def build(width):
+        return pack((sel, {"tokens": 7}), width=width).tokens
+
+    assert build(3).shape == (2, 3)
+    with pytest.raises(RuntimeError, match=r"more tokens than the stream's width: 3 tokens, width=2"):
+        build(2)
+    compiled = torch.compile(build, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(3), build(3))
+    with pytest.raises(RuntimeError, match="more tokens than the stream's width"):
+        compiled(2)
+
+
+@pytest.mark.parametrize("policy", [{"name": "semi_ar", "block_size": 4}, {"name": "random", "steps": 4},
+                                    {"name": "eb", "gamma": 0.5}, "pc_sampler", {"name": "top_prob", "noise": 0.5}], ids=str)
+def test_compiled_step_equals_eager_for_stateful_and_random_policies(policy):
+    """The compiled step traces the policy and the sampling too: policies with per-batch
+    state (semi_ar), their own generators (random, Gumbel noise) and temperature sampling
+    (float64 Gumbel from the decoder's generator) decode what the eager step decodes."""
+    torch._dynamo.reset()
+    model = tiny("set_causal", seed=10)
+    x, r = batch(seed=10)
+    for temperature in (0.0, 1.0):
+        want = decode(model, build("policy", policy), x, r, temperature=temperature, seed=3)
+        got = decode(model, build("policy", policy), x, r, temperature=temperature, seed=3, compile={"backend": "aot_eager"})
+        assert _same(got, want)
