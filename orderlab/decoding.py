@@ -8,9 +8,10 @@
         (the cache appends S_k's K/V at the start of the next step's forward)
 
 Rows decode together with padding; each row reveals its own set per step. With
-``compile=True`` every forward after the first reads a stream padded to one fixed width
-(:class:`_Forward`) through ``model.compiled()``: one static graph for the whole decode,
-compiled once per model and shape (gpt-fast's ``decode_one_token``). A position
+``compile=True`` everything after the candidates (the stream padded to one fixed width,
+the forward, the policy's selection, the sampling and the update) is one function,
+:func:`_advance`, run through ``torch.compile`` (:class:`_Step`): one static graph for the
+whole decode (gpt-fast's ``decode_one_token``, with the policy inside). A position
 revealed at step ``s`` (0-based) gets rank ``s + 1`` in :attr:`Decoded.ranks`, so the
 returned ranks are the order actually used, and ``log_likelihood(model, x, d.ranks)``
 scores the decoded sequence under that order.
@@ -168,10 +169,12 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
 
     ``cache``: keep an exact KV cache (set-causal and block-causal rules); bidirectional
     rules always recompute. ``eos_id``: once a row reveals EOS, its masked positions
-    after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run the
-    forwards through ``model.compiled()`` (a dict: its ``torch.compile`` options, e.g.
-    ``{"backend": "aot_eager"}``) on streams padded to a fixed width (``width``: its
-    starting value, see :class:`_Forward`); same outputs up to float rounding.
+    after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run each
+    step (forward, policy, sampling) through ``torch.compile`` (a dict: its options, e.g.
+    ``{"backend": "aot_eager"}``) on streams
+    padded to a fixed width (``width``: its starting value, see :class:`_Step`); same
+    outputs up to float rounding. The policy is traced too: Python branches on its state
+    or on ``view.step`` become guards (a new graph where they change), never stale code.
     Returns :class:`Decoded`.
     """
     validate(ranks, tokens)

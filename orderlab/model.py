@@ -115,7 +115,6 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(torch.arange(max_len), d_model // n_heads, rope_base)  # [max_len, D/2]
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled: dict[tuple, Any] = {}  # torch.compile options -> compiled forward
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -140,7 +139,7 @@ class Transformer(nn.Module):
         """Logits ``[B, N, vocab_size]`` for every token of the stream.
 
         With a cache the forward has no host synchronisation and no data-dependent shape
-        (a stream of fixed width gives one graph: :meth:`compiled`)."""
+        (a stream of fixed width gives one graph: ``decode(..., compile=True)``)."""
         if not torch.compiler.is_compiling() and s.pos.numel() and int(s.pos.max()) >= self.rope_cos.shape[0]:
             raise ValueError(f"stream positions reach {int(s.pos.max())}, past the model's max_len={self.max_len}")
         h = self.embed(s.tokens)  # [B, N, C]
@@ -153,17 +152,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.commit(s.n_append if s.n_append is not None else torch.zeros_like(cache.length))
         return F.linear(self.norm(h), self.head_weight())
-
-    def compiled(self, **options):
-        """:meth:`forward` through ``torch.compile(dynamic=False, **options)``, built once per
-        model and options.
-
-        Every distinct stream width is its own static graph; the decoder pads its cached
-        steps to one width (``decode(..., compile=True)``), so a whole decode runs one graph."""
-        key = repr(sorted(options.items()))  # options may nest dicts (``options={...}``)
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(self.forward, dynamic=False, **options)
-        return self._compiled[key]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -293,3 +293,38 @@ def test_compiled_step_equals_eager_for_stateful_and_random_policies(policy):
         want = decode(model, build("policy", policy), x, r, temperature=temperature, seed=3)
         got = decode(model, build("policy", policy), x, r, temperature=temperature, seed=3, compile={"backend": "aot_eager"})
         assert _same(got, want)
+
+
+def test_compiled_step_follows_python_branches_of_a_user_policy():
+    """A user policy branching in Python on ``view.step`` and on its own state (left to
+    right on even steps, right to left on odd ones, confidence-first after three calls):
+    the compiled step re-traces where a branch flips (Dynamo guards), so it decodes what
+    the eager step decodes."""
+    from orderlab.policies.base import Policy
+    from orderlab.policies.compose import rank_candidates, take_prefix
+
+    class Alternate(Policy):
+        def __init__(self):
+            self.calls = 0
+
+        def reset(self):
+            self.calls = 0
+
+        def select(self, view):
+            self.calls += 1
+            if self.calls > 3:
+                score = view.confidence
+            elif view.step % 2 == 0:
+                score = -torch.arange(view.length, dtype=torch.float).expand(view.batch_size, -1)
+            else:
+                score = torch.arange(view.length, dtype=torch.float).expand(view.batch_size, -1)
+            r = rank_candidates(score, view.candidates)
+            return take_prefix(r, torch.ones_like(r.n))
+
+    torch._dynamo.reset()
+    model = tiny("set_causal", seed=11)
+    x, r = batch(seed=11)
+    want = decode(model, Alternate(), x, r)
+    got = decode(model, Alternate(), x, r, compile={"backend": "aot_eager"})
+    assert _same(got, want)
+    assert not torch.equal(want.ranks, decode(model, build("policy", "l2r"), x, r).ranks)
