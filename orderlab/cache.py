@@ -13,11 +13,13 @@ CPU, the ragged decode-attention kernel on GPU). Only the first ``n_append[b]`` 
 advances the lengths past them, and the queries written after them are scratch that the
 next step overwrites.
 
-Compiled (``torch.compile``), a forward attends over the **whole** buffer: every shape
-depends only on ``(B, N, C)`` and nothing reads a tensor's value on the host, so a stream
-of fixed width compiles to one graph. Eager, it reads the lengths on the host to check
-for overflow and attends over the used prefix only (cheaper at large batch, where the
-attention reads the cache from memory). Capacity: a row's cached tokens plus the *real*
+Compiled (``torch.compile``), nothing reads a tensor's value on the host: a forward
+attends over the buffer's first :attr:`KVCache.span` slots, a length the caller computes
+before the call (the decoder: the longest row's cached tokens plus the stream's width) and
+passes as a symbolic size, or over the whole buffer when ``span`` is None; either way a
+stream of fixed width compiles to one graph. Eager, it reads the lengths on the host to
+check for overflow and attends over the used prefix. Reading only the used prefix matters
+at large batch, where the attention's cost is reading the cache from memory. Capacity: a row's cached tokens plus the *real*
 tokens of one forward never exceed ``L`` (the set revealed last step and this step's
 queries are disjoint masked positions of the previous step), so ``C = L + 1`` suffices:
 the padding of a fixed-width stream is written at slots clamped to ``C - 1``, a slot no
@@ -50,6 +52,7 @@ class KVCache:
         self.capacity = capacity
         self._rows: Tensor | None = None  # Long[B*H*N]: rows of the [B*H*C, D] view this forward writes
         self._keys = capacity  # buffer prefix the attention reads this forward
+        self.span: int | None = None  # compiled forwards: the prefix to attend over (None: the whole buffer)
 
     def __repr__(self) -> str:
         B, H, C, D = self.k[0].shape
@@ -63,7 +66,7 @@ class KVCache:
         slots = self.length[:, None] + torch.arange(N, device=s.k_rank.device)  # [B, N]
         end = (self.length + N).clamp(max=C)  # keys at or past end[b] are stale scratch
         if torch.compiler.is_compiling():
-            self._keys = C  # static shapes: attend over the whole buffer
+            self._keys = C if self.span is None else self.span
         else:  # eager: host reads are cheap here, so check for overflow and attend over the used prefix
             seen = (s.k_rank != NEVER) | (s.k_group >= 0)  # tokens some query can see (not padding)
             if bool(((slots >= C - 1) & seen).any()):

@@ -81,11 +81,13 @@ def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
 
 
 def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int, kv, width: int | None,
-             temperature: float, top_p: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             temperature: float, top_p: float, gen: torch.Generator, span: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One decode step once its candidates are known: the rule's stream (padded to
     ``width``), one forward, the policy's set and its tokens. Returns the new ``(x, rank)``,
     the set ``sel`` and ``bad`` (the policy broke its contract). A function of tensors (and
     the step number) only, so that ``torch.compile`` makes the whole step one graph."""
+    if span is not None:
+        kv.span = span
     return _choose(policy, _predict(model, x, rank, cand, step, kv, width), x, rank, masked, cand, step, temperature, top_p, gen)
 
 
@@ -118,8 +120,11 @@ class _Step:
     step; one recompile), then to whatever a step needs. ``width`` overrides the starting
     value. A step wider than the width (the prompt's, at step 0) runs eagerly.
 
-    Shapes are static (``dynamic=False``) except the step number, which is symbolic from
-    the first trace (``dynamic_sources``), so a width compiles one graph for every step.
+    Shapes are static (``dynamic=False``) except two sizes symbolic from the first trace
+    (``dynamic_sources``): the step number and the cache prefix the attention reads
+    (``span``: the longest row's cached tokens plus the width, below the capacity's dump
+    slot), so a width compiles one graph for every step and the attention reads the used
+    cache only (at batch 32, ~10% of the step against attending over the whole capacity).
     """
 
     def __init__(self, model, policy, compile: bool | dict, cached: bool, width: int | None, nonpad: int, cand_width: int):
@@ -136,8 +141,11 @@ class _Step:
             self.width = max(n, self.bound)
         if n > self.width:
             return _advance(*args, None, temperature, top_p, gen)
-        with torch.compiler.config.patch(dynamic_sources="L['step']"):
-            return self.compiled(*args, self.width, temperature, top_p, gen)
+        # the buffer prefix that holds every real key (slot C - 1 only ever takes padding):
+        # a symbolic length, so that the attention reads the used cache, not all of it
+        span = min(int(kv.length.max()) + self.width, kv.capacity - 1) if kv is not None else None
+        with torch.compiler.config.patch(dynamic_sources="L['step'],L['span']"):
+            return self.compiled(*args, self.width, temperature, top_p, gen, span)
 
 
 def _compiled_advance(**options):
