@@ -27,7 +27,7 @@ from torch import Tensor
 from orderlab.likelihood import check_tokens, stream_log_probs
 from orderlab.policies.base import StepView
 from orderlab.ranks import dense, validate
-from orderlab.rules import UNKNOWN, Stream
+from orderlab.rules import UNKNOWN
 
 __all__ = ["Decoded", "decode", "sample_tokens", "score_order"]
 
@@ -84,8 +84,9 @@ def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tenso
              temperature: float, top_p: float, gen: torch.Generator, span: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One decode step once its candidates are known: the rule's stream (padded to
     ``width``), one forward, the policy's set and its tokens. Returns the new ``(x, rank)``,
-    the set ``sel`` and ``bad`` (the policy broke its contract). A function of tensors (and
-    the step number) only, so that ``torch.compile`` makes the whole step one graph."""
+    the set ``sel`` and ``bad`` (the policy broke its contract). A function of tensors and
+    two sizes (the step number; ``span``, the cache prefix a compiled step attends over)
+    only, so that ``torch.compile`` makes the whole step one graph."""
     if span is not None:
         kv.span = span
     return _choose(policy, _predict(model, x, rank, cand, step, kv, width), x, rank, masked, cand, step, temperature, top_p, gen)
@@ -179,9 +180,8 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
     rules always recompute. ``eos_id``: once a row reveals EOS, its masked positions
     after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run each
     step (forward, policy, sampling) through ``torch.compile`` (a dict: its options, e.g.
-    ``{"backend": "aot_eager"}``) on streams
-    padded to a fixed width (``width``: its starting value, see :class:`_Step`); same
-    outputs up to float rounding. The policy is traced too: Python branches on its state
+    ``{"backend": "aot_eager"}``) on streams padded to a fixed width (``width``: its
+    starting value, see :class:`_Step`); same outputs up to float rounding. The policy is traced too: Python branches on its state
     or on ``view.step`` become guards (a new graph where they change), never stale code.
     Returns :class:`Decoded`.
     """

@@ -8,7 +8,6 @@ two-stream pass, block-causal and bidirectional passes, and cached decode steps.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
