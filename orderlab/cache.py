@@ -19,11 +19,13 @@ before the call (the decoder: the longest row's cached tokens plus the stream's 
 passes as a symbolic size, or over the whole buffer when ``span`` is None; either way a
 stream of fixed width compiles to one graph. Eager, it reads the lengths on the host to
 check for overflow and attends over the used prefix. Reading only the used prefix matters
-at large batch, where the attention's cost is reading the cache from memory. Capacity: a row's cached tokens plus the *real*
-tokens of one forward never exceed ``L`` (the set revealed last step and this step's
-queries are disjoint masked positions of the previous step), so ``C = L + 1`` suffices:
-the padding of a fixed-width stream is written at slots clamped to ``C - 1``, a slot no
-real token reaches, and padding is invisible (rank ``NEVER``, no group).
+at large batch, where the attention's cost is reading the cache from memory.
+
+Capacity: a row's cached tokens plus the *real* tokens of one forward never exceed ``L``
+(the set revealed last step and this step's queries are disjoint masked positions of the
+previous step), so ``C = L + 1`` suffices: the padding of a fixed-width stream is written
+at slots clamped to ``C - 1``, a slot no real token reaches, and padding is invisible
+(rank ``NEVER``, no group).
 """
 
 from __future__ import annotations

@@ -181,8 +181,9 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
     after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run each
     step (forward, policy, sampling) through ``torch.compile`` (a dict: its options, e.g.
     ``{"backend": "aot_eager"}``) on streams padded to a fixed width (``width``: its
-    starting value, see :class:`_Step`); same outputs up to float rounding. The policy is traced too: Python branches on its state
-    or on ``view.step`` become guards (a new graph where they change), never stale code.
+    starting value, see :class:`_Step`); same outputs up to float rounding. The policy is
+    traced too: Python branches on its state or on ``view.step`` become guards (a new
+    graph where they change), never stale code.
     Returns :class:`Decoded`.
     """
     validate(ranks, tokens)
