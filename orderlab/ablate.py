@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from orderlab.registry import ConfigError
+from orderlab.runtime import derive_seed, sync
 
 __all__ = [
     "AblateConfig",
@@ -294,10 +295,6 @@ def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
     return torch.where(gen, torch.where(decoded >= 1, decoded, last), ranks)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor,
@@ -307,7 +304,6 @@ def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tenso
     and ``orders`` (the decoded ranks of the first ``config.heatmap_rows`` rows)."""
     from orderlab.decoding import decode
     from orderlab.likelihood import log_likelihood
-    from orderlab.train import derive_seed
 
     device = tokens.device
     metrics = RunMetrics()
@@ -315,11 +311,11 @@ def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tenso
     for j, start in enumerate(range(0, tokens.shape[0], config.batch_size)):
         x, r = tokens[start : start + config.batch_size], ranks[start : start + config.batch_size]
         masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = decode(model, policy, masked, r, cache=config.cache, temperature=config.temperature,
                      seed=derive_seed(seed, j, "decode"), eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
         revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
         nats = generated = None

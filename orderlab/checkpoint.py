@@ -30,7 +30,6 @@ the run folder must be on a filesystem all nodes share.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from orderlab import distributed
+from orderlab.report import append_jsonl, atomic_write, write_json
 
 __all__ = [
     "CHECKPOINT",
@@ -121,16 +121,6 @@ class RunFiles:
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file in the same folder, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` atomically: a reader (or a crash) never sees a half-written file.
     Rank 0 only under a process group."""
@@ -145,8 +135,6 @@ def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
     """Append one record (rank 0 only under a process group)."""
     if not distributed.is_main():
         return
-    from orderlab.report import append_jsonl
-
     append_jsonl(path, record)
 
 
@@ -157,7 +145,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
     if len(keep) != len(lines):
-        atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in keep)))
+            atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in keep)))
 
 
 def write_results(files: RunFiles, results: Mapping[str, Any]) -> None:
@@ -165,8 +153,6 @@ def write_results(files: RunFiles, results: Mapping[str, Any]) -> None:
     is its docstring's."""
     if not distributed.is_main():
         return
-    from orderlab.report import write_json
-
     write_json(files.results, results)
 
 

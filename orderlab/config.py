@@ -53,7 +53,8 @@ from orderlab import registry
 from orderlab.ablate import AblateConfig, Ablation
 from orderlab.evaluate import EvaluateConfig
 from orderlab.registry import ConfigError
-from orderlab.train import TrainConfig, derive_seed
+from orderlab.runtime import derive_seed, resolve_device
+from orderlab.train import TrainConfig
 
 __all__ = ["load", "Experiment", "Stage", "RunConfig", "SECTIONS", "policy_label"]
 
@@ -368,11 +369,6 @@ def _build_ablation(cfg: AblateConfig, task: Any, freqs: _Freqs) -> Ablation:
     return Ablation(cfg, policies)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def load(
     source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequence[str] = ()
@@ -390,7 +386,7 @@ def load(
 
     task = registry.build("task", raw["task"], path="task")
     freqs = _Freqs(task)
-    device = _device(run.device)
+    device = resolve_device(run.device)
     seed = next(iter(stage_specs.values()))[1].seed if stage_specs else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 0, "init"))

@@ -33,6 +33,7 @@ from torch import Tensor
 from orderlab import distributed
 from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, check
+from orderlab.runtime import device_of, sync
 
 __all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
            "ACCURACY_METRICS"]
@@ -96,18 +97,10 @@ class EvaluateConfig:
         self.temperature = float(self.temperature)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("_") or "policy"
 
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _histogram(nfe: Tensor) -> dict[str, list[int]]:
@@ -152,7 +145,7 @@ def evaluate(
     """
     from orderlab.decoding import decode
 
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     tokens, ranks = task.batch(n, split="test", seed=seed)
@@ -170,10 +163,10 @@ def evaluate(
                 masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
                 run = lambda: decode(model, policy, masked, r, cache=cache, temperature=temperature,  # noqa: E731
                                      seed=seed + j, eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 out = run()
-                _sync(device)
+                sync(device)
                 wall += time.perf_counter() - t0
                 if _is_learned(policy):
                     s, h = _learned_extras(policy, run, task, x, r, seed + j)
@@ -273,7 +266,7 @@ def test_likelihood(model: torch.nn.Module, task: Any, n: int, batch_size: int, 
     """Test bits per generated token under the left-to-right order (exact, a bound on -log p(x))."""
     from orderlab.likelihood import log_likelihood
 
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
@@ -309,7 +302,7 @@ def iwae_table(model: torch.nn.Module, task: Any, cfg: IWAEConfig, prior: Any = 
     """
     from orderlab.objectives.iwae import likelihood_table
 
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:

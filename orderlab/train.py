@@ -53,7 +53,6 @@ Ctrl-C the last checkpoint is kept and the exception propagates; the caller's
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import random
 import time
@@ -68,6 +67,7 @@ from torch import nn
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
 from orderlab.registry import ConfigError
+from orderlab.runtime import derive_seed, device_of, rank_stream
 
 __all__ = [
     "TrainConfig",
@@ -75,7 +75,6 @@ __all__ = [
     "EMA",
     "WarmupCosine",
     "WindowMeans",
-    "derive_seed",
     "train",
     "validate",
 ]
@@ -127,20 +126,6 @@ def _check_world(cfg: TrainConfig) -> None:
                                               f"of processes ({w}, torchrun's world size)")
 
 
-def _rank_stream(stream: str) -> str:
-    """This rank's seed stream ``stream``: ``stream`` itself in one process (single-process
-    runs keep their seeds), ``stream@r/W`` for rank ``r`` of ``W``."""
-    w = distributed.world()
-    return stream if w == 1 else f"{stream}@{distributed.rank()}/{w}"
-
-
-def derive_seed(seed: int, step: int, stream: str) -> int:
-    """A 62-bit seed from ``(seed, step, stream)``: independent streams per step and use.
-
-    A hash (not ``seed * k + step``) so that nearby seeds never share streams.
-    """
-    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
 
 
 class WarmupCosine:
@@ -352,10 +337,6 @@ def _frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
 
 def _format(record: Mapping[str, Any]) -> str:
     """The progress bar's text: every metric of a record, 4 significant digits."""
@@ -404,7 +385,7 @@ def validate(
     (``distributed.shard``) and every rank's outputs merged in batch order: the same
     numbers as one process.
     """
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     modes = model.training, objective.training
     model.eval()
     objective.eval()
@@ -457,7 +438,7 @@ def train(
     Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
     False and the objective has no trainable parameters).
     """
-    device = _device_of(model)
+    device = device_of(model)
     files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
     result = result if result is not None else TrainResult()
     frozen = not getattr(objective, "trains_model", True)
@@ -490,8 +471,8 @@ def train(
             ckpt.truncate_metrics(files.metrics, start)
             result.checkpoint_step = start
         else:
-            torch.manual_seed(derive_seed(cfg.seed, 0, _rank_stream("global")))
-            random.seed(derive_seed(cfg.seed, 0, _rank_stream("python")))
+            torch.manual_seed(derive_seed(cfg.seed, 0, rank_stream("global")))
+            random.seed(derive_seed(cfg.seed, 0, rank_stream("python")))
             if files is not None:
                 files.clear()  # a fresh run: no stale checkpoint or records
         result.status, result.start_step, result.step, result.ema = "running", start, start, ema
@@ -508,8 +489,8 @@ def _resume_rng(state: Mapping[str, Any], seed: int, step: int) -> None:
     elif per_rank is not None and len(per_rank) == w:
         ckpt.set_rng_state(per_rank[distributed.rank()])
     else:  # another world size: the data and the weights resume exactly, the per-rank streams cannot
-        torch.manual_seed(derive_seed(seed, step, _rank_stream("global")))
-        random.seed(derive_seed(seed, step, _rank_stream("python")))
+        torch.manual_seed(derive_seed(seed, step, rank_stream("global")))
+        random.seed(derive_seed(seed, step, rank_stream("python")))
 
 
 class _Step(nn.Module):
@@ -553,7 +534,7 @@ def _global_loss(out: Any) -> tuple[float, float]:
 
 def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result, *, frozen, progress, name,
           on_step, extra) -> TrainResult:
-    device = _device_of(model)
+    device = device_of(model)
     world, rank = distributed.world(), distributed.rank()
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's part of a batch
     step_fn = _data_parallel(model, objective, device)
@@ -601,7 +582,7 @@ def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, l
                 tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
                 window_tokens += int((ranks >= 0).sum())  # the global batch's
                 tokens, ranks = tokens[rows].to(device), ranks[rows].to(device)
-                g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, _rank_stream("objective")))
+                g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, rank_stream("objective")))
                 out = step_fn(tokens, ranks, g)
                 share, loss = _global_loss(out)
                 opt.zero_grad(set_to_none=True)

@@ -11,7 +11,8 @@ from torch import nn
 
 from orderlab.checkpoint import load as load_checkpoint
 from orderlab.objectives.base import LossOutput, Objective, StepOutput
-from orderlab.train import EMA, TrainConfig, TrainResult, WarmupCosine, WindowMeans, derive_seed, train
+from orderlab.train import EMA, TrainConfig, TrainResult, WarmupCosine, WindowMeans, train
+from orderlab.runtime import derive_seed
 
 V, L = 7, 6
 
