@@ -17,12 +17,13 @@ import argparse
 import time
 
 import torch
+
+import orderlab
 from rich.console import Console
 from rich.table import Table
 
 from orderlab.decoding import decode
-from orderlab.model import Transformer
-from orderlab.registry import build
+from orderlab.builder import build
 
 
 def run(model, policy_spec, x, r, cache, reps):
@@ -46,7 +47,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     L, V = args.length, 256
-    model = Transformer(V, L, "set_causal", d_model=256, n_layers=4, n_heads=4).eval()
+    model = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention="set_causal", d_model=256, n_layers=4, n_heads=4).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import os
 
 import torch
+
+import orderlab
 import torch.nn.functional as F
 
 from orderlab.model import Transformer, rope
-from orderlab.registry import build
+from orderlab.builder import build
 
 LENGTH = int(os.environ.get("ORDERLAB_BENCH_LENGTH", 256))
 PROMPT, VOCAB, WINDOW = 16, 64, 8
@@ -37,7 +39,7 @@ def decode_model(rule="set_causal", length: int = LENGTH) -> Transformer:
     """The issue's model, random weights scaled up so that predictions are peaked (greedy
     ties, which float rounding could flip between paths, do not occur)."""
     torch.manual_seed(0)
-    model = Transformer(VOCAB, length, rule, **SIZE).eval()
+    model = orderlab.build("model", "transformer", vocab_size=VOCAB, max_len=length, attention=rule, **SIZE).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)

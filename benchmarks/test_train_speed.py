@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import orderlab
+
 from conftest import run
-from orderlab.model import Transformer
-from orderlab.registry import build
+from orderlab.builder import build
 from setups import LENGTH, SIZE, VOCAB, CausalLM, causal_step
 
 BATCH = 8
@@ -36,7 +37,7 @@ def _data():
 def test_causal_baseline(benchmark):
     benchmark.group = "training step"
     torch.manual_seed(0)
-    lm = CausalLM(Transformer(VOCAB, LENGTH, "set_causal", **SIZE))
+    lm = CausalLM(orderlab.build("model", "transformer", vocab_size=VOCAB, max_len=LENGTH, attention="set_causal", **SIZE))
     x, _ = _data()
     run(benchmark, lambda: causal_step(lm, x), f"plain causal, is_causal SDPA ({BATCH} x {LENGTH} tokens)", baseline=True)
 
@@ -46,7 +47,7 @@ def test_training_step(benchmark, label):
     benchmark.group = "training step"
     rule, objective = CONFIGS[label]
     torch.manual_seed(0)
-    model = Transformer(VOCAB, LENGTH, rule, **SIZE)
+    model = orderlab.build("model", "transformer", vocab_size=VOCAB, max_len=LENGTH, attention=rule, **SIZE)
     obj = build("objective", objective)
     x, ranks = _data()
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from orderlab.processes.base import Process
-from orderlab.registry import build
+from orderlab.registry import declare_kind
 
 __all__ = ["LossOutput", "StepOutput", "Objective"]
 
@@ -46,6 +46,7 @@ class StepOutput:
     label: str | None = None  # what ``bits_per_token`` is: "nll", "nelbo (bound)"; None: no likelihood
 
 
+@declare_kind("objective")
 class Objective(nn.Module):
     """Base class of kind "objective": a training loss, possibly with parameters of its
     own (a policy network, a guide, a learned schedule).
@@ -62,10 +63,10 @@ class Objective(nn.Module):
     exact: bool = False
     trains_model: bool = True
 
-    def __init__(self, process: Process | str | None = "linear"):
+    def __init__(self, process: Process | None = None):
         super().__init__()
         # None: an objective that samples no forward process (policy gradient)
-        self.process: Process | None = None if process is None else build("process", process, path="objective.process")
+        self.process: Process | None = process
 
     def forward(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} is not a likelihood objective; call step()")

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from orderlab.processes.base import Process
 from orderlab.processes.compose import Mixture
+from orderlab.processes.flat import Linear
 from orderlab.processes.corruption import Absorbing
 from orderlab.registry import register
 from orderlab.rules import Bidirectional
@@ -97,11 +98,11 @@ def _at(v: Tensor, idx: Tensor) -> Tensor:
 class GenMD4Nelbo(Objective):
     """GenMD4's NELBO and its REINFORCE-leave-one-out gradient for the schedule (module doc).
 
-    ``process``: e.g. ``{name: learned_token, vocab_size: V}`` or ``{name: learned_position,
-    length: L}``; ``t1``: the smallest time of the integral (the release's ``1e-3``).
+    ``process``: e.g. ``{name: learned_token}`` or ``{name: learned_position}`` (their
+    vocab size and length come from the model); ``t1``: the smallest time of the integral (the release's ``1e-3``).
     """
 
-    def __init__(self, process: Process | str = "linear", t1: float = 1e-3, reinforce: bool = True):
+    def __init__(self, process: Process = Linear(), t1: float = 1e-3, reinforce: bool = True):
         super().__init__(process)
         if not 0.0 < t1 < 1.0:
             raise ValueError(f"t1 must be in (0, 1), got {t1}")

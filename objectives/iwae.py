@@ -40,6 +40,7 @@ from orderlab import ranks as R
 from orderlab.likelihood import log_likelihood
 from orderlab.processes.base import Process
 from orderlab.processes.windowed import Quench
+from orderlab.processes.flat import Linear
 from orderlab.registry import build
 
 __all__ = ["OrderDistribution", "ProcessOrders", "as_orders", "iwae_bound", "likelihood_table", "log_weights", "nested_iwae"]
@@ -62,8 +63,10 @@ class ProcessOrders:
     """The order distribution of a process (its first-hitting-time order; ``x`` unused).
     ``steps``: binned orders with multi-token sets, as ``Process.sample_ranks(steps=...)``."""
 
-    def __init__(self, process: Process | str, steps: int | None = None):
-        self.process: Process = build("process", process, path="process")
+    def __init__(self, process: Process, steps: int | None = None):
+        if not isinstance(process, Process):
+            raise TypeError(f"ProcessOrders needs a built Process, got {type(process).__name__} {process!r}")
+        self.process = process
         self.steps = steps
 
     def sample(self, x: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
@@ -79,7 +82,9 @@ class ProcessOrders:
 
 def as_orders(spec: Any) -> OrderDistribution:
     """An ``OrderDistribution`` from one, or from a process (instance, name or mapping)."""
-    if isinstance(spec, (Process, str, Mapping)) or hasattr(spec, "keys"):  # hasattr: omegaconf's DictConfig
+    if isinstance(spec, (str, Mapping)) or hasattr(spec, "keys"):  # hasattr: omegaconf's DictConfig
+        spec = build("process", spec, path="orders")
+    if isinstance(spec, Process):
         return ProcessOrders(spec)
     if isinstance(spec, OrderDistribution):
         return spec
@@ -194,7 +199,7 @@ def likelihood_table(
     log_w = chunked(lambda x, r: log_weights(model, x, r, prior, proposal, k=kmax, generator=generator), kmax)
     for k, b in nested_iwae(log_w, tuple(ks)).items():
         table.append(_row("iwae", -b, n_tok, "bound", k=k))
-    flat = ProcessOrders("linear")
+    flat = ProcessOrders(Linear())
 
     def nelbo(x: Tensor, r: Tensor) -> Tensor:
         xs, rs = x.repeat_interleave(nelbo_samples, 0), r.repeat_interleave(nelbo_samples, 0)  # [B*S, L]

@@ -12,7 +12,7 @@ from torch import Tensor
 from orderlab.likelihood import log_likelihood, stream_log_probs
 from orderlab.processes.base import Process
 from orderlab.processes.corruption import Absorbing, Corruption
-from orderlab.processes.flat import Flat
+from orderlab.processes.flat import Flat, Linear
 from orderlab.registry import register
 from orderlab.rules import Bidirectional, BlockCausal
 
@@ -44,7 +44,7 @@ class SetNLL(Objective):
 
     exact = True
 
-    def __init__(self, process: Process | str = "linear", steps: int | None = None):
+    def __init__(self, process: Process = Linear(), steps: int | None = None):
         super().__init__(process)
         self.steps = steps
 
@@ -155,7 +155,7 @@ class MDMNelbo(Objective):
     token may be noise), which reduces to the absorbing NELBO as γ → 0.
     """
 
-    def __init__(self, process: Process | str = "linear", eps: float = 1e-3):
+    def __init__(self, process: Process = Linear(), eps: float = 1e-3):
         super().__init__(process)
         self.eps = eps
         self.mask_prob = _corruption(self.process).mask_prob
@@ -193,7 +193,7 @@ class BlockNelbo(Objective):
     clean blocks. For a block-causal model. A bound on the NLL. Absorbing corruption only:
     the noisy blocks hold [MASK] (eq. 7 is the absorbing-state ELBO)."""
 
-    def __init__(self, process: Process | str = "linear", eps: float = 1e-3):
+    def __init__(self, process: Process = Linear(), eps: float = 1e-3):
         super().__init__(process)
         if not isinstance(self.process, Flat):
             raise ValueError(f"block_nelbo needs a flat schedule inside blocks, got {self.process!r}")

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from orderlab.decoding import Decoded, decode
 from orderlab.likelihood import log_likelihood
 from orderlab.policies.base import Policy, PolicyError
-from orderlab.policies.learned import LearnedPolicy, Replay, Trajectory
-from orderlab.registry import ConfigError, build, register
+from orderlab.policies.learned import LearnedBernoulli, LearnedPolicy, Replay, Trajectory
+from orderlab.registry import ConfigError, register
 
 from .base import Objective, StepOutput
-from .rewards import Reward
+from .rewards import Reward, TaskScore
 
 __all__ = ["Rollout", "PolicyGradient", "Reinforce", "RLOO", "GRPO"]
 
@@ -64,27 +64,29 @@ class PolicyGradient(Objective):
     an entropy bonus and the optional joint denoiser term. Subclasses define
     ``advantages(reward Float[B, G]) -> Float[B, G]``.
 
-    ``task``: injected by the config (rewards call ``task.score``). ``policy``: a
-    :class:`LearnedPolicy` (its parameters are this objective's). ``entropy``: weight of
+    ``task``: the experiment's, from the build's context (rewards score with
+    ``task.score``). ``policy``: a :class:`LearnedPolicy` (its parameters are this
+    objective's; default ``learned``). ``reward``: default the task's score. ``entropy``: weight of
     the bonus ``mean over decode steps of H(π(· | state))``. ``temperature``: token
     sampling in rollouts (0 = argmax). ``cache``: decode with the exact KV cache.
     """
 
     trains_model = False
+    needs = ("task",)
 
-    def __init__(self, task, policy: Policy | str = "learned", reward: Reward | str = "score", group: int = 1,
+    def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 1,
                  entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
         super().__init__(process=None)
         self.task = task
-        self.policy = build("policy", policy, path="objective.policy")
+        self.policy = LearnedBernoulli() if policy is None else policy
         if not isinstance(self.policy, LearnedPolicy):
-            raise ConfigError("objective.policy", f"a policy-gradient objective needs a learned policy (learned, "
+            raise ConfigError("policy", f"a policy-gradient objective needs a learned policy (learned, "
                               f"learned_plackett_luce), got {type(self.policy).__name__}")
-        self.reward = build("reward", reward, path="objective.reward")
+        self.reward = TaskScore() if reward is None else reward
         if int(group) < 1:
-            raise ConfigError("objective.group", f"must be >= 1, got {group}")
+            raise ConfigError("group", f"must be >= 1, got {group}")
         if train_model and float(temperature) != 1.0:
-            raise ConfigError("objective.temperature", "train_model needs tokens sampled at temperature 1.0 (the "
+            raise ConfigError("temperature", "train_model needs tokens sampled at temperature 1.0 (the "
                               f"likelihood's distribution), got {temperature}")
         self.group, self.entropy, self.temperature, self.cache = int(group), float(entropy), float(temperature), bool(cache)
         self.trains_model = bool(train_model)
@@ -164,12 +166,12 @@ class Reinforce(PolicyGradient):
     (1 − β) mean R``; 0 before the first batch), kept in the state dict.
     """
 
-    def __init__(self, task, policy: Policy | str = "learned", reward: Reward | str = "score", group: int = 1,
+    def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 1,
                  baseline_decay: float | None = None, entropy: float = 0.0, temperature: float = 0.0,
                  cache: bool = True, train_model: bool = False):
         super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
-            raise ConfigError("objective.baseline_decay", f"must be in [0, 1) or null, got {baseline_decay}")
+            raise ConfigError("baseline_decay", f"must be in [0, 1) or null, got {baseline_decay}")
         self.baseline_decay = baseline_decay
         self.register_buffer("ema", torch.zeros((), dtype=torch.float64))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
@@ -193,7 +195,7 @@ class Reinforce(PolicyGradient):
 
 def _check_group(group: int, name: str) -> None:
     if int(group) < 2:
-        raise ConfigError("objective.group", f"{name} needs group >= 2 rollouts per prompt, got {group}")
+        raise ConfigError("group", f"{name} needs group >= 2 rollouts per prompt, got {group}")
 
 
 @register("objective", "rloo")
@@ -201,7 +203,7 @@ class RLOO(PolicyGradient):
     """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): ``G`` rollouts per
     prompt, ``A_i = R_i − (1/(G−1)) Σ_{j≠i} R_j``. Unbiased: ``E[∇̂] = ∇J``."""
 
-    def __init__(self, task, policy: Policy | str = "learned", reward: Reward | str = "score", group: int = 4,
+    def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 4,
                  entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
         _check_group(group, "rloo")
         super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
@@ -234,18 +236,18 @@ class GRPO(PolicyGradient):
     are frozen.
     """
 
-    def __init__(self, task, policy: Policy | str = "learned", reward: Reward | str = "score", group: int = 4,
-                 clip: float = 0.2, scale: bool = True, kl: float = 0.0, reference: Policy | str | None = None,
+    def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 4,
+                 clip: float = 0.2, scale: bool = True, kl: float = 0.0, reference: Policy | None = None,
                  entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
         _check_group(group, "grpo")
         super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
         if not 0.0 < clip < 1.0:
-            raise ConfigError("objective.clip", f"must be in (0, 1), got {clip}")
+            raise ConfigError("clip", f"must be in (0, 1), got {clip}")
         if kl < 0 or (kl > 0) != (reference is not None):
-            raise ConfigError("objective.kl", f"a KL weight kl > 0 needs a reference policy and vice versa (kl={kl}, "
+            raise ConfigError("kl", f"a KL weight kl > 0 needs a reference policy and vice versa (kl={kl}, "
                               f"reference={reference!r})")
         self.clip, self.scale, self.kl = float(clip), bool(scale), float(kl)
-        self.reference = None if reference is None else build("policy", reference, path="objective.reference")
+        self.reference = reference
         if isinstance(self.reference, nn.Module):
             self.reference.requires_grad_(False)
 
@@ -265,7 +267,7 @@ class GRPO(PolicyGradient):
         if self.reference is not None:
             ref = ro.traj.stacked("ref_log_prob").to(new)
             if torch.isinf(ref[rep.active]).any():
-                raise ConfigError("objective.reference", f"{self.reference!r} gives probability 0 to a set the policy "
+                raise ConfigError("reference", f"{self.reference!r} gives probability 0 to a set the policy "
                                   "chose; the reference needs the policy's support (same set family and size rule)")
             log_r = torch.where(rep.active, ref - new, torch.zeros_like(new))
             k3 = (log_r.exp() - log_r - 1).sum(0).mean()

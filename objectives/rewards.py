@@ -12,7 +12,7 @@ import abc
 
 from torch import Tensor
 
-from orderlab.registry import register
+from orderlab.registry import declare_kind, register
 
 __all__ = ["Reward", "TaskScore", "NFEPenalty", "StepDiscount"]
 
@@ -21,6 +21,7 @@ def _to_generate(ranks: Tensor) -> Tensor:
     return (ranks >= 1).sum(1).clamp_min(1).double()  # [B]
 
 
+@declare_kind("reward")
 class Reward(abc.ABC):
     """Base of kind "reward": ``__call__(task, decoded, tokens, ranks) -> Float[B]``."""
 

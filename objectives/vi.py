@@ -63,10 +63,10 @@ from torch import Tensor, nn
 
 from orderlab.policies.base import Policy, PolicyError, StepView
 from orderlab.policies.compose import Count
-from orderlab.policies.learned import LearnedPolicy, PolicyNet
+from orderlab.policies.learned import Features, LearnedBernoulli, LearnedPolicy, MLPNet, PolicyNet
 from orderlab.policies.sets import SetDistribution
 from orderlab.ranks import dense, validate
-from orderlab.registry import ConfigError, build, register
+from orderlab.registry import ConfigError, register
 from orderlab.rules import UNKNOWN
 
 from .base import Objective, StepOutput
@@ -168,16 +168,23 @@ class OrderGuide(nn.Module):
     policy's features plus two features of the true tokens at the candidates,
     ``p_θ(x_i | x_{S<k})`` and ``max(log p_θ(x_i | x_{S<k}), −10) / 10`` (0 elsewhere).
 
-    ``net``: a ``policy_net`` spec (``in_features`` injected). The output layer starts at
-    zero weights like the policy's, so ``q`` starts as a state-independent set distribution.
+    ``net``: a ``policy_net`` over ``in_features(policy)`` features (default an MLP). The
+    output layer starts at zero weights like the policy's, so ``q`` starts as a
+    state-independent set distribution.
     """
 
-    def __init__(self, policy_features: int, net: str | dict = "mlp"):
+    def __init__(self, net: PolicyNet):
         super().__init__()
-        self.net: PolicyNet = build("policy_net", net, path="objective.guide",
-                                    in_features=policy_features + len(TRUTH_FEATURES))
-        if not isinstance(self.net, PolicyNet):
-            raise ConfigError("objective.guide", f"must build a policy_net, got {type(self.net).__name__}")
+        if not isinstance(net, PolicyNet):
+            raise ConfigError("guide", f"must be a policy_net, got {type(net).__name__}")
+        self.net = net
+
+    @staticmethod
+    def in_features(policy: Policy | None) -> int:
+        """The width of the guide net's input: the policy's features (the default ones for
+        a policy that has none: the objective then rejects it) and the truth's."""
+        features = policy.features if isinstance(policy, LearnedPolicy) else Features(None)
+        return features.size + len(TRUTH_FEATURES)
 
     @staticmethod
     def truth(logp: Tensor, x: Tensor, candidates: Tensor) -> Tensor:
@@ -258,23 +265,26 @@ class VIOrders(Objective):
     trains_model = False
     label = "elbo (bound)"
 
-    def __init__(self, policy: Policy | str | dict = "learned", guide: str | dict = "mlp", baseline: int | None = 32,
+    # a guide given as a spec reads the policy's features and the truth's
+    provides = {"in_features": lambda args: OrderGuide.in_features(args["policy"])}
+
+    def __init__(self, policy: Policy | None = None, guide: PolicyNet | None = None, baseline: int | None = 32,
                  entropy: float = 0.0, train_model: bool = False):
         super().__init__(process=None)
-        self.policy = build("policy", policy, path="objective.policy")
+        self.policy = LearnedBernoulli() if policy is None else policy
         if not isinstance(self.policy, LearnedPolicy):
-            raise ConfigError("objective.policy", f"vi_orders needs a learned policy (learned, learned_plackett_luce), "
+            raise ConfigError("policy", f"vi_orders needs a learned policy (learned, learned_plackett_luce), "
                               f"got {type(self.policy).__name__}")
         k = getattr(self.policy, "k", None)
         if isinstance(k, Count) and k.score is None:  # the set size would depend on whose logits rank the candidates
-            raise ConfigError("objective.policy.k", "a count rule for vi_orders needs its own score (e.g. "
+            raise ConfigError("policy.k", "a count rule for vi_orders needs its own score (e.g. "
                               "Threshold(Confidence(), 0.9)), so that π and q share the set size")
-        self.guide = OrderGuide(self.policy.features.size, guide)
+        self.guide = OrderGuide(MLPNet(OrderGuide.in_features(self.policy)) if guide is None else guide)
         if baseline is not None and int(baseline) < 1:
-            raise ConfigError("objective.baseline", f"must be a hidden width >= 1 or null, got {baseline}")
+            raise ConfigError("baseline", f"must be a hidden width >= 1 or null, got {baseline}")
         self.baseline = None if baseline is None else StepBaseline(int(baseline))
         if float(entropy) < 0:
-            raise ConfigError("objective.entropy", f"must be >= 0, got {entropy}")
+            raise ConfigError("entropy", f"must be >= 0, got {entropy}")
         self.entropy = float(entropy)
         self.trains_model = bool(train_model)
         self.elbo = TraceGraph_ELBO(max_plate_nesting=1)

@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load": "orderlab.config",
     "Experiment": "orderlab.config",
-    "build": "orderlab.registry",
-    "register": "orderlab.registry",
+    "build": "orderlab.builder",
+    "check": "orderlab.builder",
+    "register": "orderlab.builder",
     "ConfigError": "orderlab.registry",
     "log_likelihood": "orderlab.likelihood",
     "decode": "orderlab.decoding",

@@ -131,7 +131,7 @@ class GridPoint:
         return json.dumps(self.spec, sort_keys=True)
 
 
-def expand_grid(grid: Any, path: str = "ablate.grid") -> list[GridPoint]:
+def expand_grid(grid: Any, path: str = "grid") -> list[GridPoint]:
     """The grid points of ``grid`` in order (entry by entry, each the product of its lists)."""
     if not isinstance(grid, list) or not grid:
         raise ConfigError(path, "must be a non-empty list of policy specs, e.g. [{name: threshold, tau: [0.5, 0.9]}]")
@@ -189,16 +189,16 @@ class AblateConfig:
         if self.seeds is None:
             self.seeds = [0]
         if not isinstance(self.seeds, list) or not self.seeds:
-            raise ConfigError("ablate.seeds", f"must be a non-empty list of seeds, got {self.seeds!r}")
+            raise ConfigError("seeds", f"must be a non-empty list of seeds, got {self.seeds!r}")
         for i, s in enumerate(self.seeds):
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                raise ConfigError(f"ablate.seeds[{i}]", f"a seed is an integer >= 0, got {s!r}")
+                raise ConfigError(f"seeds[{i}]", f"a seed is an integer >= 0, got {s!r}")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("ablate.seeds", f"repeats a seed: {self.seeds}")
+            raise ConfigError("seeds", f"repeats a seed: {self.seeds}")
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("heatmap_rows", self.heatmap_rows >= 1)):
             if not ok:
-                raise ConfigError(f"ablate.{key}", f"out of range: {getattr(self, key)!r}")
+                raise ConfigError(key, f"out of range: {getattr(self, key)!r}")
         self.temperature = float(self.temperature)
         self.points  # noqa: B018  # expand now: a bad entry is an error before anything runs
 

@@ -17,20 +17,26 @@ The only module (with run.py) that sees a whole config (DESIGN.md section 9.4). 
 
 A stage has exactly the keys ``objective`` (required) and ``train`` (optional, every
 field defaulted). ``stages: {}`` trains nothing (evaluate the model as built or loaded).
-The model and the task's size are the task's: ``model.vocab_size`` / ``model.max_len``
-are errors. ``model.checkpoint`` is a checkpoint file, a stage folder or a run folder
-(``orderlab.checkpoint.resolve``); its final (EMA) weights are loaded into the model.
-A component whose constructor takes ``task`` gets the built task (a policy-gradient
-objective scores samples with ``task.score``); one that takes ``token_freqs`` gets the
-task's token frequencies unless the YAML gives them.
+``policy`` may be left out when ``evaluate.policies`` lists what to evaluate (the decode
+policy, ``Experiment.policy``, is then the first of them). ``model.checkpoint`` is a
+checkpoint file, a stage folder or a run folder (``orderlab.checkpoint.resolve``); its
+final (EMA) weights are loaded into the model.
 
-Loading is two passes: first every key of every section and component is checked
-against its constructor (``registry.check``, recursively into nested components), so a
-typo in ``evaluate.policies[1]`` (or in any point of the ``ablate`` grid,
-``ablate.grid[2].gama``) is reported before a model is built; then everything is built
-(the grid's policies too: one per point and seed, ``orderlab.ablate``). Errors are
-:class:`~orderlab.registry.ConfigError` naming the key path and, for a typo, the
-nearest valid key. ``load`` creates no folder and loads no weights
+Runtime values come from one explicit :class:`~orderlab.registry.Context`, filled here in
+order: the built task (``task``, and its ``vocab_size``, ``max_len`` = ``seq_len`` and
+``token_freqs``, computed on first use), then the built model's sizes (a pretrained
+model's vocabulary and length are its own). A component declares the constructor
+arguments it takes from it (``needs``: a policy-gradient objective's ``task``, the
+model's ``vocab_size`` and ``max_len``, ``pc_sampler``'s ``token_freqs``); the YAML does
+not give them (``model.vocab_size`` is an error naming the task as its source).
+
+Loading is one walk made twice (``orderlab.registry``): the check pass visits every key
+of every section and every nested component (``stages.policy.objective.policy.net.hidden``,
+``evaluate.policies[1]``, every point of the ``ablate`` grid, ``ablate.grid[2].gama``)
+and builds nothing, so a typo is reported, with its full key path and the nearest valid
+key, before a model is built; the build pass then builds everything (the grid's policies
+too: one per point and seed, ``orderlab.ablate``). Errors are
+:class:`~orderlab.registry.ConfigError`. ``load`` creates no folder and loads no weights
 other than ``model.checkpoint`` (the run's own checkpoints: :meth:`Experiment.restore`).
 """
 
@@ -49,14 +55,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orderlab import checkpoint as ckpt
+from orderlab import builder  # noqa: F401  (fills the registry: every component package)
 from orderlab import registry
 from orderlab.ablate import AblateConfig, Ablation
 from orderlab.evaluate import EvaluateConfig
-from orderlab.registry import ConfigError
+from orderlab.policies.base import Policy
+from orderlab.registry import DEFERRED, ConfigError, Context
 from orderlab.runtime import derive_seed, resolve_device
 from orderlab.train import TrainConfig
 
-__all__ = ["load", "Experiment", "Stage", "RunConfig", "SECTIONS", "policy_label"]
+__all__ = ["load", "Experiment", "Stage", "RunConfig", "SECTIONS", "policy_label", "learned_label"]
 
 
 @dataclass
@@ -73,12 +81,11 @@ class RunConfig:
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as e:
-                raise ConfigError("run.device", f"not a torch device: {e}") from None
+                raise ConfigError("device", f"not a torch device: {e}") from None
 
 
 SECTIONS = ("task", "model", "stages", "policy", "evaluate", "run", "ablate")
 _STAGE_KEYS = ("objective", "train")
-_FROM_TASK = {"vocab_size": "task.vocab_size", "max_len": "task.seq_len"}  # model keys the task sets
 _STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -96,10 +103,11 @@ class Stage:
 class Experiment:
     """Everything an experiment needs, built from one config.
 
-    ``stages`` in training order. ``policy`` is the decode policy; ``policies`` the
-    evaluation policies by label: ``evaluate.policies`` (or just ``policy`` when that is
-    null), then the policy every stage learned (a stage whose objective has a ``policy``
-    attribute that is an ``nn.Module``), labelled with the stage's name.
+    ``stages`` in training order. ``policy`` is the decode policy (the ``policy`` section,
+    else the first of ``evaluate.policies``); ``policies`` the evaluation policies by label:
+    ``evaluate.policies`` (or just ``policy`` when that is null), then the policy every
+    stage learned (a stage whose objective's ``policy`` is a ``Policy``), labelled by
+    the stage and what learned it: ``"policy (grpo)"`` (:func:`learned_label`).
     """
 
     config: DictConfig  # resolved, with every default filled in
@@ -190,77 +198,47 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(getattr(e, "full_key", "") or ""), str(e).splitlines()[0]) from None
 
 
-# --------------------------------------------------------------------------- checking
+# --------------------------------------------------------------------------- the walk
 
 
-def _needs(cls: Any, arg: str) -> bool:
-    """Whether the constructor of ``cls`` takes an argument named ``arg``."""
-    try:
-        return arg in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
+def policy_label(spec: Any) -> str:
+    """A short readable label of a policy spec: ``"l2r"``, ``"threshold(tau=0.9)"``."""
+    if isinstance(spec, str):
+        return spec.rsplit(".", 1)[-1]
+    d = dict(spec)
+    head = str(d.pop("name", None) or d.pop("_target_", "policy")).rsplit(".", 1)[-1]
+    d.pop("_target_", None)
+    args = ", ".join(f"{k}={policy_label(v) if isinstance(v, Mapping) else v}" for k, v in d.items())
+    return f"{head}({args})" if args else head
 
 
-def _injections(cls: Any, args: Mapping[str, Any], path: str, task: Any = None, freqs: Any = None) -> dict[str, Any]:
-    """What the builder adds to a component's arguments: ``task`` (always the experiment's;
-    a YAML value is an error) and ``token_freqs`` (unless the YAML gives them).
-    ``freqs`` is a callable giving the task's frequencies (None: a placeholder)."""
-    extra: dict[str, Any] = {}
-    if _needs(cls, "task"):
-        if "task" in args:
-            raise ConfigError(f"{path}.task", "is set by the experiment (its built task section); remove this key")
-        extra["task"] = task
-    if _needs(cls, "token_freqs") and "token_freqs" not in args:
-        extra["token_freqs"] = freqs() if freqs is not None else None
-    return extra
+def learned_label(stage: str, objective: Any) -> str:
+    """The evaluation label of the policy a stage learned: the stage and what learned it,
+    ``"policy (grpo)"`` (the objective's registered name, or its class name)."""
+    spec = objective if isinstance(objective, str) else (objective.get("name") or objective.get("_target_", "?"))
+    what = str(spec).rsplit(".", 1)[-1]
+    return stage if stage == what else f"{stage} ({what})"
 
 
-def check_component(kind: str, spec: Any, path: str, **inject: Any) -> Any:
-    """Check a component spec (and its nested components) without building anything.
-
-    ``inject`` holds the arguments the builder will add besides ``task`` and
-    ``token_freqs`` (see :func:`_injections`). Returns the component class.
-    """
-    if not isinstance(spec, (str, Mapping)):
-        raise ConfigError(path, f"expected a {kind} name or a mapping with 'name'/'_target_', got {type(spec).__name__}")
-    cls, args = registry.split(kind, spec, path)
-    return registry.check_spec(kind, spec, path, **{**_injections(cls, args, path), **inject})
-
-
-def _settings(cls: type, path: str, values: Any) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(path, f"must be a mapping of {cls.__name__} keys, got {type(values).__name__}")
-    registry.check(cls, values, path)
-    try:
-        return cls(**values)
-    except ConfigError as e:  # range checks name "train.<key>": say which stage
-        if path != e.path.split(".")[0]:
-            raise ConfigError(f"{path}.{e.path.split('.', 1)[-1]}", str(e).split(": ", 1)[-1]) from None
-        raise
+def _sections(raw: Mapping[str, Any]) -> None:
+    for key in raw:
+        if key in _STAGE_KEYS:
+            raise ConfigError(key, f"'{key}' belongs to a stage: stages: {{<name>: {{objective: ..., train: ...}}}}")
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, SECTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown section{hint} (valid sections: {', '.join(SECTIONS)})")
+    for section in ("task", "model", "stages"):
+        if raw.get(section) is None:
+            raise ConfigError(section, "missing section")
+    evaluated = raw.get("evaluate") or {}
+    if raw.get("policy") is None and not (isinstance(evaluated, Mapping) and evaluated.get("policies")):
+        raise ConfigError("policy", "missing section: the decode policy (or list the policies to evaluate in "
+                                    "evaluate.policies)")
 
 
-def _check_model(spec: Any) -> tuple[Any, str | None]:
-    """The model spec without ``checkpoint``, and that checkpoint (checked to exist)."""
-    if not isinstance(spec, Mapping):
-        check_component("model", spec, "model", vocab_size=1, max_len=1)
-        return spec, None
-    spec = dict(spec)
-    for key, source in _FROM_TASK.items():
-        if key in spec:
-            raise ConfigError(f"model.{key}", f"is set by the task ({source}); remove this key")
-    path = spec.pop("checkpoint", None)
-    if path is not None:
-        try:
-            ckpt.resolve(path)
-        except ckpt.CheckpointError as e:
-            raise ConfigError("model.checkpoint", str(e)) from None
-    check_component("model", spec, "model", vocab_size=1, max_len=1)
-    return spec, path
-
-
-def _check_stages(raw: Any) -> dict[str, tuple[Any, TrainConfig]]:
+def _stage_specs(raw: Any) -> dict[str, tuple[Any, Any]]:
+    """``{name: (objective spec, train mapping)}`` with the stage keys checked."""
     if not isinstance(raw, Mapping):
         raise ConfigError("stages", f"must be a mapping of stage name -> {{objective: ..., train: ...}}, got "
                                     f"{type(raw).__name__}")
@@ -278,81 +256,47 @@ def _check_stages(raw: Any) -> dict[str, tuple[Any, TrainConfig]]:
                 raise ConfigError(f"{path}.{key}", f"unknown stage key{hint} (valid keys: {', '.join(_STAGE_KEYS)})")
         if stage.get("objective") is None:
             raise ConfigError(f"{path}.objective", "missing: every stage trains an objective")
-        check_component("objective", stage["objective"], f"{path}.objective")
-        stages[str(name)] = (stage["objective"], _settings(TrainConfig, f"{path}.train", stage.get("train")))
+        stages[str(name)] = (stage["objective"], stage.get("train"))
     return stages
 
 
-def _check_ablate(raw: Any) -> AblateConfig | None:
-    """The ``ablate`` section (None when absent) with every grid point's policy checked."""
-    if raw is None:
-        return None
-    if isinstance(raw, Mapping):
-        registry.check(AblateConfig, {"grid": [], **raw}, "ablate")  # typos before a missing grid
-        if "grid" not in raw:
-            raise ConfigError("ablate.grid", "missing: the list of policy specs to evaluate (list values expand)")
-    cfg = _settings(AblateConfig, "ablate", raw)
-    for point in cfg.points:
-        check_component("policy", dict(point.spec), f"ablate.grid[{point.entry}]")
-    return cfg
+def _model_spec(spec: Any) -> tuple[Any, str | None]:
+    """The model spec without ``checkpoint``, and that checkpoint (checked to exist)."""
+    if not isinstance(spec, Mapping):
+        return spec, None
+    spec = dict(spec)
+    path = spec.pop("checkpoint", None)
+    if path is not None:
+        try:
+            ckpt.resolve(path)
+        except ckpt.CheckpointError as e:
+            raise ConfigError("model.checkpoint", str(e)) from None
+    return spec, path
 
 
-def _check(raw: dict[str, Any]) -> tuple[Any, str | None, dict[str, tuple[Any, TrainConfig]], EvaluateConfig, RunConfig,
-                                         AblateConfig | None]:
-    """The check pass: every key of every section, nothing built."""
-    for key in raw:
-        if key in ("objective", "train"):
-            raise ConfigError(key, f"'{key}' belongs to a stage: stages: {{<name>: {{objective: ..., train: ...}}}}")
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(key, f"unknown section{hint} (valid sections: {', '.join(SECTIONS)})")
-    for section in ("task", "model", "stages", "policy"):
-        if raw.get(section) is None:
-            raise ConfigError(section, "missing section")
-    evaluate = _settings(EvaluateConfig, "evaluate", raw.get("evaluate"))
-    run = _settings(RunConfig, "run", raw.get("run"))
-    check_component("task", raw["task"], "task")
-    model, model_ckpt = _check_model(raw["model"])
-    stages = _check_stages(raw["stages"])
-    check_component("policy", raw["policy"], "policy")
-    for i, spec in enumerate(evaluate.policies or []):
-        check_component("policy", spec, f"evaluate.policies[{i}]")
-    return model, model_ckpt, stages, evaluate, run, _check_ablate(raw.get("ablate"))
+def _context(task: Any) -> Context:
+    """The runtime values components may need (``needs``), as the task gives them; in the
+    check pass (``task`` is ``DEFERRED``) only their names."""
+    def value(get: Any) -> Any:
+        return DEFERRED if task is DEFERRED else get()
+
+    ctx = Context().set("task", task, "the task section")
+    ctx.set("vocab_size", value(lambda: task.vocab_size), "the task (task.vocab_size)")
+    ctx.set("max_len", value(lambda: task.seq_len), "the task (task.seq_len)")
+    if task is DEFERRED:
+        return ctx.set("token_freqs", DEFERRED, "the task's token frequencies")
+    return ctx.lazy("token_freqs", task.token_freqs, "the task's token frequencies")
 
 
-# --------------------------------------------------------------------------- building
+def _with_model(ctx: Context, model: Any) -> Context:
+    """Components built after the model see its sizes (a pretrained model's are its own)."""
+    if model is DEFERRED:
+        return ctx
+    ctx.set("vocab_size", model.vocab_size, "the model (model.vocab_size)")
+    return ctx.set("max_len", model.max_len, "the model (model.max_len)")
 
 
-def policy_label(spec: Any) -> str:
-    """A short readable label of a policy spec: ``"l2r"``, ``"threshold(tau=0.9)"``."""
-    if isinstance(spec, str):
-        return spec.rsplit(".", 1)[-1]
-    d = dict(spec)
-    head = str(d.pop("name", None) or d.pop("_target_", "policy")).rsplit(".", 1)[-1]
-    d.pop("_target_", None)
-    args = ", ".join(f"{k}={policy_label(v) if isinstance(v, Mapping) else v}" for k, v in d.items())
-    return f"{head}({args})" if args else head
-
-
-class _Freqs:
-    """The task's token frequencies, computed once on first use."""
-
-    def __init__(self, task: Any):
-        self.task, self.value = task, None
-
-    def __call__(self) -> Any:
-        if self.value is None:
-            self.value = self.task.token_freqs()
-        return self.value
-
-
-def _build(kind: str, spec: Any, path: str, task: Any, freqs: _Freqs) -> Any:
-    cls, args = registry.split(kind, spec, path)
-    return registry.build(kind, spec, path=path, **_injections(cls, args, path, task, freqs))
-
-
-def _build_ablation(cfg: AblateConfig, task: Any, freqs: _Freqs) -> Ablation:
+def _grid_policies(cfg: AblateConfig, ctx: Context, make: Any) -> dict[tuple[int, int], Any]:
     """A policy per (grid point, seed): a policy taking ``seed`` that its entry leaves
     unset gets the run's seed; any other is built once and shared by the seeds."""
     policies: dict[tuple[int, int], Any] = {}
@@ -360,76 +304,82 @@ def _build_ablation(cfg: AblateConfig, task: Any, freqs: _Freqs) -> Ablation:
         path = f"ablate.grid[{point.entry}]"
         spec = dict(point.spec)
         cls, _ = registry.split("policy", spec, path)
-        if _needs(cls, "seed") and "seed" not in spec:
+        if "seed" in inspect.signature(cls).parameters and "seed" not in spec:
             for s in cfg.seeds:
-                policies[point.index, s] = _build("policy", {**spec, "seed": s}, path, task, freqs)
+                policies[point.index, s] = make("policy", {**spec, "seed": s}, path, ctx)
         else:
-            shared = _build("policy", spec, path, task, freqs)
+            shared = make("policy", spec, path, ctx)
             policies.update({(point.index, s): shared for s in cfg.seeds})
-    return Ablation(cfg, policies)
+    return policies
 
 
+def _walk(raw: dict[str, Any], stem: str, check_only: bool) -> Experiment | None:
+    """Every section of ``raw`` by the one component walk (``registry.check`` or
+    ``registry.build``): the check pass builds nothing (settings sections aside, which
+    are plain values) and returns None; the build pass returns the experiment."""
+    make = registry.check if check_only else registry.build
+    evaluate = registry.build_settings(EvaluateConfig, raw.get("evaluate"), "evaluate")
+    run = registry.build_settings(RunConfig, raw.get("run"), "run")
+    stage_specs = _stage_specs(raw["stages"])
+    trains = {name: registry.build_settings(TrainConfig, train, f"stages.{name}.train")
+              for name, (_, train) in stage_specs.items()}
+    ablate = None if raw.get("ablate") is None else _ablate_settings(raw["ablate"])
+    model_spec, model_ckpt = _model_spec(raw["model"])
 
-def load(
-    source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequence[str] = ()
-) -> Experiment:
-    """Read a YAML experiment (or a mapping), apply ``key=value`` overrides, check, build.
-
-    The model is initialised from the first stage's ``train.seed`` (0 without stages;
-    inside a forked RNG: the global torch RNG is left as it was), loaded from
-    ``model.checkpoint`` when given, and moved to ``run.device``.
-    """
-    cfg, stem = _read(source, overrides)
-    raw = _resolve(cfg)
-    model_spec, model_ckpt, stage_specs, evaluate, run, ablate = _check(raw)
-    run_files = ckpt.RunFiles(Path(run.dir) / (run.name or stem))
-
-    task = registry.build("task", raw["task"], path="task")
-    freqs = _Freqs(task)
-    device = resolve_device(run.device)
-    seed = next(iter(stage_specs.values()))[1].seed if stage_specs else 0
-    with torch.random.fork_rng(devices=[]):
+    task = make("task", raw["task"], "task", Context())
+    ctx = _context(DEFERRED if check_only else task)
+    seed = next(iter(trains.values())).seed if trains else 0
+    with torch.random.fork_rng(devices=[]):  # the model's init is a function of the seed alone
         torch.manual_seed(derive_seed(seed, 0, "init"))
-        model = registry.build("model", model_spec, path="model", vocab_size=task.vocab_size, max_len=task.seq_len)
-    if model_ckpt is not None:
+        model = make("model", model_spec, "model", ctx)
+    if check_only:
+        model = DEFERRED
+    elif model_ckpt is not None:
         try:
             ckpt.restore_final(ckpt.resolve(model_ckpt), model)
         except ckpt.CheckpointError as e:
             raise ConfigError("model.checkpoint", str(e)) from None
-    model = model.to(device)
+    ctx = _with_model(ctx, model)
 
-    stages: dict[str, Stage] = {}
-    for name, (spec, train) in stage_specs.items():
-        objective = _build("objective", spec, f"stages.{name}.objective", task, freqs)
-        if isinstance(objective, torch.nn.Module):
-            objective = objective.to(device)
-        if not getattr(objective, "trains_model", True) and not any(p.requires_grad for p in objective.parameters()):
-            raise ConfigError(f"stages.{name}.objective", f"nothing to train: {type(objective).__name__} has "
-                                                          "trains_model=False and no parameters of its own")
-        stages[name] = Stage(name, objective, train, run_files.stage(name))
-
-    policy = _build("policy", raw["policy"], "policy", task, freqs)
-    policies: dict[str, Any] = {}
-    if evaluate.policies is None:
-        policies[policy_label(raw["policy"])] = policy
+    objectives = {name: make("objective", spec, f"stages.{name}.objective", ctx)
+                  for name, (spec, _) in stage_specs.items()}
+    policy = None if raw.get("policy") is None else make("policy", raw["policy"], "policy", ctx)
+    listed = {}
     for i, spec in enumerate(evaluate.policies or []):
         label = policy_label(spec)
-        while label in policies:
+        while label in listed:
             label += "'"
-        policies[label] = _build("policy", spec, f"evaluate.policies[{i}]", task, freqs)
-    for stage in stages.values():
-        learned = getattr(stage.objective, "policy", None)
-        if isinstance(learned, torch.nn.Module):
-            if stage.name in policies:
-                raise ConfigError(f"stages.{stage.name}", f"the stage's learned policy would be labelled "
-                                                          f"{stage.name!r}, as an evaluate policy is: rename the stage")
-            policies[stage.name] = learned
+        listed[label] = make("policy", spec, f"evaluate.policies[{i}]", ctx)
+    grid = None if ablate is None else _grid_policies(ablate, ctx, make)
+    if check_only:
+        return None
 
-    ablation = _build_ablation(ablate, task, freqs) if ablate is not None else None
+    device = resolve_device(run.device)
+    model = model.to(device)
+    run_files = ckpt.RunFiles(Path(run.dir) / (run.name or stem))
+    stages: dict[str, Stage] = {}
+    for name, objective in objectives.items():
+        if isinstance(objective, torch.nn.Module):
+            objective = objective.to(device)
+        if not objective.trains_model and not any(p.requires_grad for p in objective.parameters()):
+            raise ConfigError(f"stages.{name}.objective", f"nothing to train: {type(objective).__name__} has "
+                                                          "trains_model=False and no parameters of its own")
+        stages[name] = Stage(name, objective, trains[name], run_files.stage(name))
+    policies = listed if evaluate.policies is not None else {policy_label(raw["policy"]): policy}
+    for name, stage in stages.items():
+        learned = getattr(stage.objective, "policy", None)
+        if isinstance(learned, Policy):
+            label = learned_label(name, stage_specs[name][0])
+            if label in policies:
+                raise ConfigError(f"stages.{name}", f"the stage's learned policy would be labelled {label!r}, as an "
+                                                    "evaluate policy is: rename the stage")
+            policies[label] = learned
 
     full = {"task": raw["task"], "model": raw["model"],
-            "stages": {n: {"objective": s[0], "train": asdict(s[1])} for n, s in stage_specs.items()},
-            "policy": raw["policy"], "evaluate": asdict(evaluate), "run": asdict(run)}
+            "stages": {n: {"objective": spec, "train": asdict(trains[n])} for n, (spec, _) in stage_specs.items()},
+            "evaluate": asdict(evaluate), "run": asdict(run)}
+    if raw.get("policy") is not None:
+        full["policy"] = raw["policy"]
     if ablate is not None:
         full["ablate"] = ablate.spec()
     return Experiment(
@@ -437,11 +387,37 @@ def load(
         task=task,
         model=model,
         stages=stages,
-        policy=policy,
+        policy=policy if policy is not None else next(iter(listed.values())),
         evaluate=evaluate,
         run=run,
         run_dir=run_files.dir,
         policies=policies,
         device=device,
-        ablation=ablation,
+        ablation=None if ablate is None else Ablation(ablate, grid),
     )
+
+
+def _ablate_settings(raw: Any) -> AblateConfig:
+    if isinstance(raw, Mapping) and "grid" not in raw:
+        registry.build_settings(AblateConfig, {"grid": ["l2r"], **raw}, "ablate")  # typos before a missing grid
+        raise ConfigError("ablate.grid", "missing: the list of policy specs to evaluate (list values expand)")
+    return registry.build_settings(AblateConfig, raw, "ablate")
+
+
+def load(
+    source: str | Path | Mapping[str, Any] | DictConfig, overrides: Sequence[str] = ()
+) -> Experiment:
+    """Read a YAML experiment (or a mapping), apply ``key=value`` overrides, check every
+    key of every section and component, then build (the same walk twice).
+
+    The model is initialised from the first stage's ``train.seed`` (0 without stages;
+    inside a forked RNG: the global torch RNG is left as it was), loaded from
+    ``model.checkpoint`` when given, and moved to ``run.device``.
+    """
+    cfg, stem = _read(source, overrides)
+    raw = _resolve(cfg)
+    _sections(raw)
+    _walk(raw, stem, check_only=True)
+    exp = _walk(raw, stem, check_only=False)
+    assert exp is not None
+    return exp

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from orderlab import distributed
 from orderlab.policies.base import PolicyError
-from orderlab.registry import ConfigError, check
+from orderlab.registry import ConfigError, build_settings
 from orderlab.runtime import device_of, sync
 
 __all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
@@ -59,11 +59,11 @@ class IWAEConfig:
         k = self.k
         if (not isinstance(k, (list, tuple)) or not k or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in k)
                 or any(a >= b for a, b in zip(k, k[1:]))):
-            raise ConfigError("evaluate.iwae.k", f"must be a non-empty increasing list of integers >= 1, got {k!r}")
+            raise ConfigError("k", f"must be a non-empty increasing list of integers >= 1, got {k!r}")
         self.k = list(k)
         for key in ("n", "nelbo_samples", "max_rows"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"evaluate.iwae.{key}", f"out of range: {getattr(self, key)!r} (must be >= 1)")
+                raise ConfigError(key, f"out of range: {getattr(self, key)!r} (must be >= 1)")
 
 
 @dataclass
@@ -81,19 +81,14 @@ class EvaluateConfig:
     iwae: IWAEConfig | None = None  # the likelihood table over orders (IWAEConfig keys); null: none
 
     def __post_init__(self) -> None:
-        if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):
-            if not isinstance(self.iwae, Mapping):
-                keys = ", ".join(IWAEConfig.__dataclass_fields__)
-                raise ConfigError("evaluate.iwae", f"must be a mapping of IWAEConfig keys ({keys}) or null, got "
-                                                   f"{type(self.iwae).__name__} {self.iwae!r}")
-            check(IWAEConfig, self.iwae, "evaluate.iwae")
-            self.iwae = IWAEConfig(**self.iwae)
+        if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):  # from Python: a mapping
+            self.iwae = build_settings(IWAEConfig, self.iwae, "iwae")
         if self.policies is not None and not isinstance(self.policies, list):
-            raise ConfigError("evaluate.policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
+            raise ConfigError("policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("seed", self.seed >= 0)):
             if not ok:
-                raise ConfigError(f"evaluate.{key}", f"out of range: {getattr(self, key)!r}")
+                raise ConfigError(key, f"out of range: {getattr(self, key)!r}")
         self.temperature = float(self.temperature)
 
 

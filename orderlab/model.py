@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from orderlab.cache import KVCache
 from orderlab.kernels import RankMask
-from orderlab.registry import ConfigError, build, register
-from orderlab.rules import AttentionRule, Stream
+from orderlab.registry import ConfigError, build, declare_kind, register
+from orderlab.rules import AttentionRule, SetCausal, Stream
 
 __all__ = ["ModelConfig", "Transformer"]
 
@@ -85,20 +85,24 @@ class Block(nn.Module):
 
 
 @register("model", "transformer")
+@declare_kind("model")
 class Transformer(nn.Module):
     """Pre-norm transformer over rank-masked streams.
 
-    Args (the YAML keys of ``model:``): ``vocab_size`` and ``max_len`` come from the task;
-    ``attention`` is an attention rule (name or mapping); sizes as in :class:`ModelConfig`.
+    Args (the YAML keys of ``model:``): ``vocab_size`` and ``max_len`` come from the build's
+    context (the task's); ``attention`` is an attention rule (default set-causal); sizes as
+    in :class:`ModelConfig`.
     """
 
-    def __init__(self, vocab_size: int, max_len: int, attention: AttentionRule | str | dict = "set_causal",
+    needs = ("vocab_size", "max_len")
+
+    def __init__(self, vocab_size: int, max_len: int, attention: AttentionRule | None = None,
                  d_model: int = 128, n_layers: int = 4, n_heads: int = 4, mlp_ratio: int = 4,
                  tie_embeddings: bool = True, rope_base: float = 10000.0):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ConfigError("model.n_heads", f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
-        rule = build("attention", attention, path="model.attention")
+            raise ConfigError("n_heads", f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
+        rule = SetCausal() if attention is None else attention
         self.rule: AttentionRule = rule
         self.config = ModelConfig(vocab_size, max_len, rule.spec(), d_model, n_layers, n_heads, mlp_ratio,
                                   tie_embeddings, rope_base)
@@ -122,7 +126,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | dict) -> "Transformer":
-        return cls(**(asdict(cfg) if isinstance(cfg, ModelConfig) else cfg))
+        args = asdict(cfg) if isinstance(cfg, ModelConfig) else dict(cfg)
+        args["attention"] = build("attention", args["attention"], path="attention")  # the rule's spec()
+        return cls(**args)
 
     def head_weight(self) -> Tensor:
         return self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from orderlab.ranks import NEVER, RanksError, dense, require
-from orderlab.registry import register
+from orderlab.registry import declare_kind, register
 
 __all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN", "PROMPTS", "given_key_rank"]
 
@@ -164,6 +164,7 @@ def given_key_rank(rank: Tensor, k_rank: Tensor, prompt: str) -> Tensor:
     return torch.where(rank == 0, _positions(rank) - rank.shape[1], k_rank)
 
 
+@declare_kind("attention")
 class AttentionRule:
     """Base class of attention rules (registry kind ``"attention"``)."""
 

@@ -100,7 +100,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
-                raise ConfigError(f"train.{key}", f"must be {what}, got {getattr(self, key)!r}")
+                raise ConfigError(key, f"must be {what}, got {getattr(self, key)!r}")
 
         need(self.steps >= 0, "steps", ">= 0")
         need(self.batch_size >= 1, "batch_size", ">= 1")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from orderlab.ranks import require
+from orderlab.registry import declare_kind
 
 __all__ = ["StepView", "Policy", "PolicyError"]
 
@@ -131,6 +132,7 @@ class StepView:
         return -torch.special.xlogy(self.probs, self.probs).sum(dim=-1)
 
 
+@declare_kind("policy")
 class Policy(abc.ABC):
     """Chooses the next set ``S_k`` of positions to reveal (registry kind "policy").
 

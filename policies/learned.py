@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orderlab.registry import build, register
+from orderlab.registry import declare_kind, register
 
 from .base import Policy, PolicyError, StepView
 from .compose import Count, rank_candidates
@@ -139,12 +139,16 @@ class Features:
 # ----------------------------------------------------------------------------- networks
 
 
+@declare_kind("policy_net")
 class PolicyNet(nn.Module):
     """Kind "policy_net": ``net(features Float[N, L, F], keep Bool[N, L]) -> logits Float[N, L]``.
 
     ``keep``: the positions of the sequence (not padding); a net mixing positions must not
-    attend to the others. Built with ``in_features`` injected by the policy.
+    attend to the others. ``in_features`` comes from the build's context: the policy (or
+    guide) that holds the net provides the width of its features.
     """
+
+    needs = ("in_features",)
 
     def _init_output(self, out: nn.Linear, bias: float) -> None:
         nn.init.zeros_(out.weight)  # the initial policy ignores the state ...
@@ -300,12 +304,15 @@ class LearnedPolicy(Policy, nn.Module):
     ``seed``: the policy's own generator, re-seeded at every ``reset()`` (every decode).
     """
 
-    def __init__(self, features: list[str] | None = None, net: str | dict = "transformer", greedy: bool = True, seed: int = 0):
+    # the width of the features, for a ``net`` given as a spec (its ``in_features``)
+    provides = {"in_features": lambda args: Features(args["features"]).size}
+
+    def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, greedy: bool = True, seed: int = 0):
         nn.Module.__init__(self)
         self.features = Features(features)
-        self.net: PolicyNet = build("policy_net", net, path="policy.net", in_features=self.features.size)
+        self.net = TransformerNet(self.features.size) if net is None else net
         if not isinstance(self.net, PolicyNet):
-            raise PolicyError(f"policy.net must build a PolicyNet, got {type(self.net).__name__}")
+            raise PolicyError(f"policy.net must be a PolicyNet, got {type(self.net).__name__}")
         self.greedy, self.seed = bool(greedy), int(seed)
         self._gen: torch.Generator | None = None
         self._state: _State | None = None
@@ -450,7 +457,7 @@ class LearnedPlackettLuce(LearnedPolicy):
     (``Threshold(Confidence(), 0.9)``) whose size is decided from the view, the count's own
     score ranking the candidates (the learned logits when it has none)."""
 
-    def __init__(self, features: list[str] | None = None, net: str | dict = "transformer", k: int | Count = 1,
+    def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, k: int | Count = 1,
                  greedy: bool = True, seed: int = 0):
         super().__init__(features, net, greedy, seed)
         if isinstance(k, int) and k < 1:

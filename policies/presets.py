@@ -133,8 +133,11 @@ class EBSampler(Composed):
 @register("policy", "pc_sampler")
 class PCSampler(Composed):
     """PC-sampler (Huang et al. 2025): score ``exp(−λ(i − |prompt|)) · min(−p_i log p_D(x̂_i), α)``
-    with ``p_D = token_freqs`` (``None``: uniform); ``steps`` split evenly as in the
-    release, which reuses LLaDA's ``get_num_transfer_tokens`` (``EvenSplit``)."""
+    with ``p_D = token_freqs`` (``None``: uniform; unset in YAML, the task's token
+    frequencies from the build's context); ``steps`` split evenly as in the release, which
+    reuses LLaDA's ``get_num_transfer_tokens`` (``EvenSplit``)."""
+
+    needs = ("token_freqs",)
 
     def __init__(self, lam: float = 0.25, alpha: float = 10.0, token_freqs: Tensor | list | None = None, steps: int | None = None):
         super().__init__(All(), PCScore(lam, alpha, token_freqs), _count(steps, EvenSplit))

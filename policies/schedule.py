@@ -3,14 +3,13 @@ used as the decode policy (DESIGN.md sections 1 and 3)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from orderlab.ranks import NEVER
-from orderlab.registry import build, register
+from orderlab.processes.base import Process
+from orderlab.registry import register
 
 from .base import Policy, StepView
 
@@ -27,9 +26,7 @@ class ScheduleSampler(Policy):
     ``reset()`` forgets the sampled order (the decoder calls it per batch).
     """
 
-    def __init__(self, process: Any, steps: int | None = None, seed: int = 0):
-        if isinstance(process, (str, Mapping)) or hasattr(process, "keys"):
-            process = build("process", process, path="policy.process")  # lazy: imports orderlab.processes
+    def __init__(self, process: Process, steps: int | None = None, seed: int = 0):
         if not hasattr(process, "sample_ranks"):
             raise TypeError(f"process must have sample_ranks(ranks, generator=None, steps=None), got {type(process).__name__}")
         self.process, self.steps, self.seed = process, steps, int(seed)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from orderlab import ranks as R
 from orderlab.processes.corruption import Absorbing, Corruption, as_corruption
+from orderlab.registry import declare_kind
 
 __all__ = ["Process", "as_times", "positions", "rows", "uniforms", "chain_log_prob", "singletons"]
 
@@ -74,14 +75,15 @@ def rows(a: Tensor, length: int) -> Tensor:
     return torch.broadcast_to(a, (a.shape[0], length)).contiguous()
 
 
+@declare_kind("process")
 class Process:
     """Base class of kind "process": per-position masking schedules ``α_i(t)``.
 
     Required: ``alpha(t, length)`` and ``dalpha(t, length)``, both ``-> Float[B, L]``.
-    ``corruption`` (default ``"absorbing"``) chooses the token of a noised position.
+    ``corruption`` (default :class:`Absorbing`) chooses the token of a noised position.
     """
 
-    def __init__(self, corruption: Corruption | str = "absorbing"):
+    def __init__(self, corruption: Corruption = Absorbing()):
         self.corruption = as_corruption(corruption)
 
     # ---- the schedule ----------------------------------------------------------------

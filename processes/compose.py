@@ -36,15 +36,16 @@ from torch import Tensor
 from orderlab import ranks as R
 from orderlab.processes.base import Process, as_times, rows, singletons
 from orderlab.processes.corruption import Corruption, as_corruption
-from orderlab.registry import build, register
+from orderlab.processes.flat import Linear
+from orderlab.registry import register
 
 __all__ = ["Blockwise", "Mixture"]
 
 
-def _as_process(spec: Any, path: str) -> Process:
-    obj = build("process", spec, path=path)
+def _as_process(obj: Any, what: str) -> Process:
+    """``obj`` checked to be a built :class:`Process` (the builder turns YAML names into one)."""
     if not isinstance(obj, Process):
-        raise TypeError(f"{path} must be a Process, a name or a mapping, got {type(obj).__name__} {obj!r}")
+        raise TypeError(f"{what} must be a Process (e.g. Linear()), got {type(obj).__name__} {obj!r}")
     return obj
 
 
@@ -53,12 +54,12 @@ class Blockwise(Process):
     """Blocks left to right; the ``inner`` process (default ``linear``) inside each block."""
 
     def __init__(
-        self, block_size: int, inner: Process | str = "linear", corruption: Corruption | str | None = None
+        self, block_size: int, inner: Process | None = None, corruption: Corruption | None = None
     ):
         if int(block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = int(block_size)
-        self.inner = _as_process(inner, "inner")
+        self.inner = _as_process(Linear() if inner is None else inner, "inner")
         self._own = corruption is not None
         self.corruption = as_corruption(corruption) if self._own else self.inner.corruption
 
@@ -143,13 +144,13 @@ class Mixture(Process):
 
     def __init__(
         self,
-        processes: list[Process | str],
+        processes: list[Process],
         weights: list[float] | None = None,
-        corruption: Corruption | str | None = None,
+        corruption: Corruption | None = None,
     ):
         if not processes:
             raise ValueError("a mixture needs at least one process")
-        self.processes = [_as_process(p, f"processes.{i}") for i, p in enumerate(processes)]
+        self.processes = [_as_process(p, f"processes[{i}]") for i, p in enumerate(processes)]
         w = [1.0] * len(self.processes) if weights is None else [float(v) for v in weights]
         if len(w) != len(self.processes):
             raise ValueError(f"{len(w)} weights for {len(self.processes)} processes")

@@ -2,7 +2,7 @@
 
 A process decides *which* positions are noised at time ``t`` (``T_i <= t``); a corruption
 decides *what they become*. The two compose: every process takes a ``corruption``
-argument (a ``Corruption``, a registered name, or a ``{name: ..., ...}`` mapping).
+argument (a built ``Corruption``; in YAML a registered name or a ``{name: ..., ...}`` mapping).
 
 - ``Absorbing``: the [MASK] token (MDLM, MD4): ``Q = Q_absorb``.
 - ``Uniform``: a uniformly random token of the vocabulary ``[0, vocab_size)`` (it may
@@ -19,8 +19,8 @@ fixed ``π`` = [MASK] with probability ``mask_prob``, else uniform over the voca
 ``q(x_t^i | x_0^i) = α_i(t) onehot(x_0^i) + (1 − α_i(t)) π`` (``mask_prob``: 1 absorbing,
 0 uniform, 1 − γ hybrid). ``objectives.MDMNelbo`` reads ``mask_prob`` for its ELBO.
 
-Corruptions are registered under kind "corruption" (a kind declared here, with
-``register_kind``, so ``build("corruption", "hybrid", gamma=0.05)`` works).
+Corruptions are registered under kind "corruption" (a kind declared here, by its base
+class, so ``build("corruption", "hybrid", gamma=0.05)`` works).
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orderlab.registry import build, register, register_kind
+from orderlab.registry import declare_kind, register
 
 __all__ = ["Corruption", "Absorbing", "Uniform", "Hybrid", "as_corruption"]
 
-register_kind("corruption", "orderlab.processes", "orderlab.processes.corruption:Corruption")
-
-
+@declare_kind("corruption")
 class Corruption:
     """Base class of kind "corruption": ``__call__(x, noised, mask_id, vocab_size, generator)``.
 
@@ -111,9 +109,8 @@ class Hybrid(Corruption):
         return f"Hybrid(gamma={self.gamma:g})"
 
 
-def as_corruption(spec: Any) -> Corruption:
-    """A ``Corruption`` from an instance, a registered name or a ``{name: ...}`` mapping."""
-    obj = build("corruption", spec, path="corruption")
+def as_corruption(obj: Any) -> Corruption:
+    """``obj`` checked to be a built :class:`Corruption` (the builder turns YAML names into one)."""
     if not isinstance(obj, Corruption):
-        raise TypeError(f"corruption must be a Corruption, a name or a mapping, got {type(obj).__name__} {obj!r}")
+        raise TypeError(f"corruption must be a Corruption (e.g. Uniform()), got {type(obj).__name__} {obj!r}")
     return obj

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from orderlab import ranks as R
 from orderlab.processes.base import Process, as_times, rows, singletons
-from orderlab.processes.corruption import Corruption
+from orderlab.processes.corruption import Absorbing, Corruption
 from orderlab.registry import register
 
 __all__ = ["Flat", "Linear", "Cosine", "LogLinear", "Polynomial"]
@@ -99,7 +99,7 @@ class Cosine(Flat):
 class LogLinear(Flat):
     """MDLM's log-linear noise: ``σ(t) = -log(1 - (1-ε) t)``, ``α(t) = e^{-σ(t)} = 1 - (1-ε) t``."""
 
-    def __init__(self, eps: float = 1e-3, corruption: Corruption | str = "absorbing"):
+    def __init__(self, eps: float = 1e-3, corruption: Corruption = Absorbing()):
         super().__init__(corruption)
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
@@ -122,7 +122,7 @@ class LogLinear(Flat):
 class Polynomial(Flat):
     """``α(t) = 1 - t^p`` (``power`` = p > 0; p = 1 is linear)."""
 
-    def __init__(self, power: float = 2.0, corruption: Corruption | str = "absorbing"):
+    def __init__(self, power: float = 2.0, corruption: Corruption = Absorbing()):
         super().__init__(corruption)
         if not power > 0:
             raise ValueError(f"power must be > 0, got {power}")

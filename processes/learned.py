@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orderlab.processes.base import Process, as_times
-from orderlab.processes.corruption import Corruption
+from orderlab.processes.corruption import Absorbing, Corruption
 from orderlab.registry import register
 
 __all__ = ["PowerSchedule", "Powers", "LearnedPositionSchedule", "LearnedTokenSchedule", "inverse_softplus"]
@@ -105,7 +105,7 @@ class Powers(PowerSchedule):
     """Fixed powers ``w`` Float ``[B or 1, L]`` (a tensor; it may carry a gradient): e.g. the
     schedule ``LearnedTokenSchedule.given(x)`` of one batch. Not registered (no YAML form)."""
 
-    def __init__(self, power: Tensor, eps: float = 0.0, corruption: Corruption | str = "absorbing"):
+    def __init__(self, power: Tensor, eps: float = 0.0, corruption: Corruption = Absorbing()):
         super().__init__(corruption)
         if power.dim() != 2 or not bool((power > 0).all()):
             raise ValueError(f"power must be a positive Float[B or 1, L], got shape {tuple(power.shape)}")
@@ -132,21 +132,24 @@ def _initial(power_init: float | list[float], n: int, what: str) -> Tensor:
 @register("process", "learned_position")
 class LearnedPositionSchedule(PowerSchedule, nn.Module):
     """A learned hyperschedule: ``α_i(t) = 1 - (1-ε) t^{w_i}``, ``w = softplus(ρ)``, one ``ρ_i``
-    per position ``i < length`` (sequences up to ``length``; shorter ones use the first powers).
+    per position ``i < max_len`` (sequences up to ``max_len``, the model's, from the build's
+    context; shorter ones use the first powers).
     ``power_init``: the initial ``w`` (one number, or one per position)."""
+
+    needs = ("max_len",)
 
     def __init__(
         self,
-        length: int,
+        max_len: int,
         power_init: float | list[float] = 1.0,
         eps: float = 1e-4,
-        corruption: Corruption | str = "absorbing",
+        corruption: Corruption = Absorbing(),
     ):
         nn.Module.__init__(self)
         PowerSchedule.__init__(self, corruption)
-        if int(length) < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.length, self.eps = int(length), _check_eps(eps)
+        if int(max_len) < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.length, self.eps = int(max_len), _check_eps(eps)
         self.rho = nn.Parameter(_initial(power_init, self.length, "positions"))
 
     def powers(self, length: int) -> Tensor:  # noqa: D102
@@ -155,7 +158,7 @@ class LearnedPositionSchedule(PowerSchedule, nn.Module):
         return F.softplus(self.rho[:length])[None]  # [1, L]
 
     def _args(self):
-        return {"length": self.length, "eps": self.eps}
+        return {"max_len": self.length, "eps": self.eps}
 
 
 @register("process", "learned_token")
@@ -164,12 +167,14 @@ class LearnedTokenSchedule(Process, nn.Module):
     ``v < vocab_size`` (``w = softplus(ρ)``). Everything that needs the clean tokens gets
     them: ``given(x)``, ``corrupt(x, ...)``; ``alpha_values`` gives ``α`` for every value."""
 
+    needs = ("vocab_size",)
+
     def __init__(
         self,
         vocab_size: int,
         power_init: float | list[float] = 1.0,
         eps: float = 1e-4,
-        corruption: Corruption | str = "absorbing",
+        corruption: Corruption = Absorbing(),
     ):
         nn.Module.__init__(self)
         Process.__init__(self, corruption)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from orderlab import ranks as R
 from orderlab.processes.base import Process, as_times, positions
-from orderlab.processes.corruption import Corruption
+from orderlab.processes.corruption import Absorbing, Corruption
 from orderlab.registry import register
 
 __all__ = ["Windowed", "Staggered", "SlidingWindow", "Quench"]
@@ -112,7 +112,7 @@ class Staggered(Windowed):
         d: float = 4,
         window: float | None = None,
         length: int | None = None,
-        corruption: Corruption | str = "absorbing",
+        corruption: Corruption = Absorbing(),
     ):
         super().__init__(corruption)
         if not d > 0:
@@ -146,7 +146,7 @@ class Staggered(Windowed):
 class SlidingWindow(Windowed):
     """hdlm "diagonal" annealing: a linear ramp over a window of ``window`` positions (k = 1)."""
 
-    def __init__(self, window: float, corruption: Corruption | str = "absorbing"):
+    def __init__(self, window: float, corruption: Corruption = Absorbing()):
         super().__init__(corruption)
         if not window > 0:
             raise ValueError(f"window must be > 0, got {window}")
@@ -163,7 +163,7 @@ class SlidingWindow(Windowed):
 class Quench(SlidingWindow):
     """Autoregression as a hyperschedule: ``sliding_window(1)``, ranks ``1..L`` left to right."""
 
-    def __init__(self, corruption: Corruption | str = "absorbing"):
+    def __init__(self, corruption: Corruption = Absorbing()):
         super().__init__(1, corruption)
 
     def inverse_alpha(self, u: Tensor, length: int) -> Tensor:  # noqa: D102

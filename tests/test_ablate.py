@@ -96,7 +96,7 @@ def test_experiment_builds_a_policy_per_point_and_seed(tmp_path):
         ({"grid": [{"name": "threshold", "tau": []}]}, "ablate.grid[0].tau", "empty list"),
         ({"grid": [{"name": "threshold", "tau": ["high"]}]}, "ablate.grid[0].tau", "float"),
         ({"grid": [{"name": "threshold", "tau": [0.5, 0.9]}, {"name": "threshold", "tau": 0.9}]}, "ablate.grid[1]",
-         r"threshold\(tau=0.9\) is also in ablate.grid\[0\]"),
+         r"threshold\(tau=0.9\) is also in grid\[0\]"),
         ({"grid": [3]}, "ablate.grid[0]", "policy name or a mapping"),
         ({"grid": ["l2r"], "seeds": 3}, "ablate.seeds", "list"),
         ({"grid": ["l2r"], "seeds": []}, "ablate.seeds", "non-empty"),

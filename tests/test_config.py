@@ -34,7 +34,7 @@ class CountingTask:
 
     def __init__(self, digits: int = 2):
         type(self).built += 1
-        self.inner = registry.build("task", {"name": "addition", "digits": digits})
+        self.inner = orderlab.build("task", {"name": "addition", "digits": digits})
         self.vocab_size, self.seq_len = self.inner.vocab_size, self.inner.seq_len
 
     def token_freqs(self):
@@ -148,8 +148,11 @@ def test_missing_file_section_and_bad_override(yaml_path, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load(tmp_path / "nope.yaml")
     yaml_path.write_text(TINY.replace("policy: {name: l2r}", ""))
+    exp = load(yaml_path)  # evaluate.policies says what to evaluate: no decode policy section needed
+    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)"] and exp.policy is exp.policies["l2r"]
+    assert "policy" not in exp.config
     with pytest.raises(ConfigError, match="missing section") as info:
-        load(yaml_path)
+        load(yaml_path, ["evaluate.policies=null"])
     assert info.value.path == "policy"
     with pytest.raises(ConfigError, match="key=value"):
         load(yaml_path, ["policy"])
@@ -163,13 +166,23 @@ def test_token_freqs_injected(yaml_path, monkeypatch):
     seen = {}
 
     class Spy:
+        needs = ("token_freqs",)  # declared: no name sniffing
+
         def __init__(self, token_freqs=None, lam: float = 0.5):
             seen["freqs"] = token_freqs
 
+    class Undeclared:  # takes token_freqs but does not declare it: nothing is injected
+        def __init__(self, token_freqs=None):
+            seen["undeclared"] = token_freqs
+
     registry.names("policy")
     monkeypatch.setitem(registry._REGISTRY["policy"], "test_spy", Spy)
-    exp = load(yaml_path, ["evaluate.policies=[l2r,{name: test_spy, lam: 0.1}]"])
-    assert seen["freqs"] is freqs and list(exp.policies) == ["l2r", "test_spy(lam=0.1)"]
+    monkeypatch.setitem(registry._REGISTRY["policy"], "test_undeclared", Undeclared)
+    exp = load(yaml_path, ["evaluate.policies=[l2r,{name: test_spy, lam: 0.1},test_undeclared]"])
+    assert seen["freqs"] is freqs and list(exp.policies) == ["l2r", "test_spy(lam=0.1)", "test_undeclared"]
+    assert seen["undeclared"] is None
+    load(yaml_path, ["evaluate.policies=[{name: test_spy, token_freqs: [0.5, 0.5]}]"])  # a default: may be given
+    assert seen["freqs"] == [0.5, 0.5]
     with pytest.raises(ConfigError, match="must be float") as info:
         load(yaml_path, ["evaluate.policies=[{name: test_spy, lam: x}]"])
     assert info.value.path == "evaluate.policies[0].lam"
@@ -234,6 +247,8 @@ class TaskAware:
 
     trains_model = True
 
+    needs = ("task",)
+
     def __init__(self, task, scale: float = 1.0):
         self.task, self.scale = task, scale
 
@@ -247,7 +262,7 @@ def test_task_is_injected_into_objectives(yaml_path, monkeypatch):
     exp = load(yaml_path, ["stages.pg={objective: {name: test_task_aware, scale: 2.0}}"])
     assert list(exp.stages) == ["lm", "pg"] and exp.stages["pg"].objective.task is exp.task
     assert exp.stages["pg"].train.steps == 1000  # every train field defaulted
-    with pytest.raises(ConfigError, match="is set by the experiment") as info:
+    with pytest.raises(ConfigError, match="is set by the task section") as info:
         load(yaml_path, ["stages.pg={objective: {name: test_task_aware, task: addition}}"])
     assert info.value.path == "stages.pg.objective.task"
     with pytest.raises(ConfigError, match="must be float") as info:
@@ -256,27 +271,29 @@ def test_task_is_injected_into_objectives(yaml_path, monkeypatch):
 
 
 def test_learned_stage_policies_are_evaluated_and_nothing_to_train_is_an_error(yaml_path, monkeypatch):
-    from torch import nn
-
     from orderlab.objectives.base import Objective
+    from orderlab.policies import LearnedBernoulli, LinearNet
 
     class Learns(Objective):
         trains_model = False
 
         def __init__(self, frozen: bool = False):
-            super().__init__("linear")
-            self.policy = nn.Linear(2, 2)
+            super().__init__()
+            self.policy = LearnedBernoulli(features=["position"], net=LinearNet(1))
             self.policy.requires_grad_(not frozen)
 
     registry.names("objective")
     monkeypatch.setitem(registry._REGISTRY["objective"], "test_learns", Learns)
     exp = load(yaml_path, ["stages.pg={objective: test_learns}"])
-    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)", "pg"] and exp.policies["pg"] is exp.stages["pg"].objective.policy
+    # labelled by the stage and what learned it
+    assert list(exp.policies) == ["l2r", "threshold(tau=0.9)", "pg (test_learns)"]
+    assert exp.policies["pg (test_learns)"] is exp.stages["pg"].objective.policy
     with pytest.raises(ConfigError, match="nothing to train: Learns has trains_model=False") as info:
         load(yaml_path, ["stages.pg={objective: {name: test_learns, frozen: true}}"])
     assert info.value.path == "stages.pg.objective"
     with pytest.raises(ConfigError, match="rename the stage") as info:
-        load(yaml_path, ["stages={l2r: {objective: test_learns}}"])
+        monkeypatch.setitem(registry._REGISTRY["objective"], "l2r", Learns)  # stage l2r, objective l2r: label "l2r"
+        load(yaml_path, ["stages={l2r: {objective: l2r}}"])
     assert info.value.path == "stages.l2r"
 
 

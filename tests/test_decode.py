@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+
+import orderlab
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderlab.decoding import decode, sample_tokens
 from orderlab.likelihood import log_likelihood
-from orderlab.model import Transformer
-from orderlab.registry import build
+from orderlab.builder import build
 
 V, L = 6, 12
 BLOCK = {"name": "block_causal", "block_size": 4}
@@ -16,7 +17,7 @@ BLOCK = {"name": "block_causal", "block_size": 4}
 
 def tiny(rule, seed=0):
     torch.manual_seed(seed)
-    m = Transformer(V, L, rule, d_model=32, n_layers=2, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention=rule, d_model=32, n_layers=2, n_heads=2)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(5.0)  # peaked predictions: confidences vary, greedy ties are unlikely

@@ -19,7 +19,8 @@ from torch import nn
 
 from orderlab import distributed
 from orderlab.objectives.base import Objective, StepOutput
-from orderlab.registry import ConfigError, build
+from orderlab.registry import ConfigError
+from orderlab.builder import build
 from orderlab.tasks.addition import Addition
 
 HERE = Path(__file__).resolve().parent

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+import orderlab
+
 import orderlab.processes as P
 from orderlab.likelihood import log_likelihood
-from orderlab.model import Transformer
 from orderlab.objectives import MDMNelbo, ProcessOrders, as_orders, iwae_bound, likelihood_table
 from orderlab.objectives.iwae import nested_iwae
 
@@ -20,7 +21,7 @@ RANKS = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])  # row 1 has a given position
 
 def _model(rule="set_causal", seed=0):
     torch.manual_seed(seed)
-    m = Transformer(V, 4, rule, d_model=16, n_layers=2, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=4, attention=rule, d_model=16, n_layers=2, n_heads=2)
     with torch.no_grad():  # sharper than init, so that orders matter
         for p in m.parameters():
             p.mul_(6.0)
@@ -84,7 +85,7 @@ def test_bound_rises_with_k_below_exact_log_px(row, prior, proposal):
 def test_true_posterior_gives_exact_log_px_for_every_draw():
     model = _model()
     x, ranks = X[1:2], RANKS[1:2]
-    prior = ProcessOrders("cosine")
+    prior = ProcessOrders(P.Cosine())
     with torch.no_grad():
         table, joint, exact = _exact(model, x, ranks[0], prior)
         posterior = Enumerated(table, joint)  # q(σ|x) = π(σ) p(x|σ) / p(x)
@@ -101,7 +102,7 @@ def test_k1_with_flat_orders_is_minus_the_mdm_nelbo():
     with torch.no_grad():
         want = log_likelihood(model, x.expand(len(table), -1), table).double().mean().item()  # exact E_σ
         m, se = _mean(model, x, ranks, "linear", None, 1, n=6000)
-        nelbo = MDMNelbo("linear")(model, x.expand(6000, -1), ranks.expand(6000, -1), torch.Generator().manual_seed(3)).nats
+        nelbo = MDMNelbo(P.Linear())(model, x.expand(6000, -1), ranks.expand(6000, -1), torch.Generator().manual_seed(3)).nats
     assert abs(m - want) < 4 * se + 1e-4, (m, want, se)
     assert abs(-nelbo.mean().item() - want) < 4 * nelbo.std().item() / math.sqrt(6000) + 2e-3
 
@@ -110,7 +111,7 @@ def test_multi_token_sets():
     """Binned orders (steps = 2): the prior sums over ordered set partitions."""
     model = _model()
     x, ranks = X[:1], RANKS[:1]
-    prior = ProcessOrders("linear", steps=2)
+    prior = ProcessOrders(P.Linear(), steps=2)
     with torch.no_grad():
         table, joint, exact = _exact(model, x, ranks[0], prior, multi=True)
         assert prior.log_prob(x.expand(len(table), -1), table).exp().sum().item() == pytest.approx(1.0, abs=1e-12)

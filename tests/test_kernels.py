@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import orderlab
+
 from orderlab.kernels import (
     append_kv,
     append_kv_reference,
@@ -456,11 +458,10 @@ def test_triton_model_likelihood_and_cached_decode_match_reference(rule):
     from orderlab.decoding import decode, score_order
     from orderlab.kernels import use_backend
     from orderlab.likelihood import log_likelihood
-    from orderlab.model import Transformer
-    from orderlab.registry import build
+    from orderlab.builder import build
 
     torch.manual_seed(0)
-    model = Transformer(5, 12, rule, d_model=32, n_layers=1, n_heads=1).to(DEVICE)
+    model = orderlab.build("model", "transformer", vocab_size=5, max_len=12, attention=rule, d_model=32, n_layers=1, n_heads=1).to(DEVICE)
     x = torch.randint(0, 5, (2, 12), device=DEVICE)
     ranks = torch.tensor([[0, 0, 1, 2, 2, 3, 4, 4, 5, 6, -1, -1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]], device=DEVICE)
     out = {}

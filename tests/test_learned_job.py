@@ -33,7 +33,7 @@ def test_the_main_job_config_is_what_the_issue_asks():
         assert name in labels
     for family in ("eb(", "threshold(", "factor("):  # sweeps of γ, τ, f
         assert sum(label.startswith(family) for label in labels) >= 3, family
-    assert labels[-1] == "policy"  # the learned policy, by stage name
+    assert labels[-1] == "policy (grpo)"  # the learned policy, by stage and objective
 
 
 def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path):
@@ -42,15 +42,15 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path):
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "completed" and set(res["checkpoints"]) == {"denoiser", "policy"}
     rows = {r["policy"]: r for r in res["evaluations"]}
-    assert set(rows) == {"top_prob", "threshold(tau=0.9)", "policy"}
+    assert set(rows) == {"top_prob", "threshold(tau=0.9)", "policy (grpo)"}
     for r in rows.values():
         assert {"policy", "accuracy", "nfe_mean", "tokens_per_step"} <= set(r) and r["accuracy"] == r["score"]
-    learned = rows["policy"]
+    learned = rows["policy (grpo)"]
     assert 0.0 <= learned["sampled_accuracy"] <= 1.0
     # a Bernoulli set over >= 1 candidate: entropy in [0, n_candidates · log 2] nats per step
     assert 0.0 <= learned["entropy"] <= 12 * math.log(2)
     assert "sampled_accuracy" not in rows["top_prob"]  # heuristics have no distribution
-    assert (run / PARETO).stat().st_size > 0 and (run / "order_policy.png").stat().st_size > 0
+    assert (run / PARETO).stat().st_size > 0 and (run / "order_policy_grpo.png").stat().st_size > 0
     metrics = [json.loads(x) for x in (run / "policy" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "score", "nfe", "entropy"} <= set(metrics[-1])
 
@@ -62,7 +62,7 @@ def test_learned_row_entropy_is_the_replayed_mean(tmp_path):
     from orderlab.evaluate import evaluate
 
     exp = load(YAML, [*TINY, "stages.denoiser.train.steps=0", "stages.policy.train.steps=0"])
-    policy = exp.policies["policy"]
+    policy = exp.policies["policy (grpo)"]
     torch.manual_seed(0)
     with torch.no_grad():
         for p in policy.parameters():

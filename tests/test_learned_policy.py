@@ -6,14 +6,16 @@ import math
 import pytest
 import torch
 
+import orderlab
+
 from orderlab.decoding import decode
-from orderlab.model import Transformer
 from orderlab.policies import (
     FEATURES, LearnedBernoulli, LearnedPlackettLuce, NonEmptyBernoulli, PlackettLuceTopK, PolicyError, StepView, Threshold,
     Confidence,
 )
 from orderlab.policies.learned import Features, _State
-from orderlab.registry import ConfigError, build
+from orderlab.registry import ConfigError
+from orderlab.builder import build
 
 # ----------------------------------------------------------------------------- set distributions
 
@@ -184,7 +186,7 @@ V, L = 6, 8
 
 def tiny(rule="set_causal", seed=0):
     torch.manual_seed(seed)
-    m = Transformer(V, L, rule, d_model=16, n_layers=1, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention=rule, d_model=16, n_layers=1, n_heads=2)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(5.0)
@@ -206,7 +208,7 @@ def batch(B=4, seed=0):
 
 def position_policy(cls, weight, **kw):
     """A learned policy whose logits are weight · position (all mass on one order for |weight| large)."""
-    return cls(features=["position"], net={"name": "linear", "weight": [weight], "bias": 0.0}, **kw)
+    return orderlab.build("policy", {"_target_": cls, "features": ["position"], "net": {"name": "linear", "weight": [weight], "bias": 0.0}, **kw})
 
 
 @pytest.mark.parametrize("cls", [LearnedPlackettLuce, LearnedBernoulli])
@@ -231,7 +233,7 @@ def test_policy_with_all_mass_on_one_order_decodes_as_that_order(cls, greedy, ru
 def test_greedy_ties_random_in_the_decoder_and_seeded():
     model = tiny()
     x, r = batch()
-    pol = LearnedPlackettLuce(net="mlp", greedy=True, seed=0)  # zero output weights: every logit is −2
+    pol = orderlab.build("policy", "learned_plackett_luce", net="mlp", greedy=True, seed=0)  # zero output weights: every logit is −2
     a = decode(model, pol, x, r).ranks
     assert torch.equal(a, decode(model, pol, x, r).ranks)  # reset() re-seeds: same seed, same order
     assert not torch.equal(a, decode(model, build("policy", "l2r"), x, r).ranks)
@@ -247,11 +249,11 @@ def test_replay_equals_the_decode_time_log_probs(cls, kw, net):
     torch.manual_seed(0)
     model = tiny()
     x, r = batch()
-    pol = cls(net=net, **kw)
+    pol = orderlab.build("policy", {"_target_": cls, "net": net, **kw})
     with torch.no_grad():  # a non-trivial policy: random output weights
         pol.net.out.weight.normal_(0, 2.0)
     # a fixed reference with the same support: a softened confidence rule of the same family
-    ref = cls(features=["confidence"], net={"name": "linear", "weight": [10.0], "bias": -5.0}, **kw)
+    ref = orderlab.build("policy", {"_target_": cls, "features": ["confidence"], "net": {"name": "linear", "weight": [10.0], "bias": -5.0}, **kw})
     with pol.recording(seed=3, greedy=False, reference=ref) as traj:
         d = decode(model, pol, x, r)
     assert traj.steps == d.steps
@@ -272,7 +274,7 @@ def test_replay_equals_the_decode_time_log_probs(cls, kw, net):
 def test_follow_records_log_prob_of_a_given_order():
     model = tiny()
     x, r = batch()
-    pol = LearnedPlackettLuce(features=["position", "confidence"], net="mlp")
+    pol = orderlab.build("policy", "learned_plackett_luce", features=["position", "confidence"], net="mlp")
     with torch.no_grad():
         pol.net.out.weight.normal_(0, 1.0)
     order = decode(model, build("policy", "r2l"), x, r).ranks

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import orderlab
+
 import orderlab.processes as P
-from orderlab.model import Transformer
 from orderlab.objectives import GenMD4Nelbo, MDMNelbo
 from orderlab.objectives.likelihood import _times, _weighted_nats
-from orderlab.registry import build
+from orderlab.builder import build
 
 
 def gen(seed=0):
@@ -21,7 +22,7 @@ def gen(seed=0):
 
 def _model(V=2, L=2, seed=0, scale=4.0):
     torch.manual_seed(seed)
-    m = Transformer(V, L, "bidirectional", d_model=16, n_layers=1, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention="bidirectional", d_model=16, n_layers=1, n_heads=2)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(scale)
@@ -32,14 +33,14 @@ def _model(V=2, L=2, seed=0, scale=4.0):
 
 
 def test_learned_position_is_a_polynomial_schedule_per_position():
-    p = P.LearnedPositionSchedule(length=6, power_init=2.0, eps=0.0)
+    p = P.LearnedPositionSchedule(max_len=6, power_init=2.0, eps=0.0)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     torch.testing.assert_close(p.alpha(t, 4), P.Polynomial(2.0).alpha(t, 4), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(p.dalpha(t, 4), P.Polynomial(2.0).dalpha(t, 4), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(p.weight(t, 4), P.Polynomial(2.0).weight(t, 4), rtol=1e-6, atol=1e-6)
     u = torch.rand(5, 4, generator=gen(0), dtype=torch.float64)
     torch.testing.assert_close(p.inverse_alpha(u, 4), P.Polynomial(2.0).inverse_alpha(u, 4), rtol=1e-6, atol=1e-7)
-    q = P.LearnedPositionSchedule(length=3, power_init=[0.5, 1.0, 3.0], eps=0.1)
+    q = P.LearnedPositionSchedule(max_len=3, power_init=[0.5, 1.0, 3.0], eps=0.1)
     a = q.alpha(torch.tensor([0.25]), 3)
     want = 1 - 0.9 * torch.tensor([0.25**0.5, 0.25, 0.25**3])
     torch.testing.assert_close(a[0], want, rtol=1e-6, atol=1e-7)
@@ -47,13 +48,13 @@ def test_learned_position_is_a_polynomial_schedule_per_position():
     with pytest.raises(ValueError, match="3 positions, got length 4"):
         q.alpha(torch.tensor([0.5]), 4)
     with pytest.raises(ValueError, match="power_init"):
-        P.LearnedPositionSchedule(length=3, power_init=[1.0, 2.0])
-    assert repr(q) == "LearnedPositionSchedule(length=3, eps=0.1)"
+        P.LearnedPositionSchedule(max_len=3, power_init=[1.0, 2.0])
+    assert repr(q) == "LearnedPositionSchedule(max_len=3, eps=0.1)"
     assert [n for n, _ in q.named_parameters()] == ["rho"]
 
 
 def test_token_schedule_depends_on_the_tokens():
-    p = build("process", {"name": "learned_token", "vocab_size": 3, "power_init": [0.5, 1.0, 3.0], "eps": 0.0})
+    p = build("process", {"name": "learned_token", "power_init": [0.5, 1.0, 3.0], "eps": 0.0}, vocab_size=3)
     x = torch.tensor([[0, 1, 2, 2], [2, 2, 1, 0]])
     t = torch.tensor([0.3, 0.6], dtype=torch.float64)
     w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
@@ -95,7 +96,7 @@ def test_token_schedule_orders_through_given():
 
 
 def test_log_prob_is_differentiable_in_the_learned_powers():
-    p = P.LearnedPositionSchedule(length=3, power_init=[0.5, 1.0, 2.0], eps=0.0)
+    p = P.LearnedPositionSchedule(max_len=3, power_init=[0.5, 1.0, 2.0], eps=0.0)
     lp = p.log_prob(torch.tensor([[1, 2, 3]]))
     lp.sum().backward()
     assert p.rho.grad is not None and p.rho.grad.abs().sum() > 0
@@ -112,7 +113,7 @@ def test_integrand_equals_mdm_nelbo_for_fixed_value_free_powers():
     ranks[:, 0] = 0
     t = _times(32, gen(5), "cpu", 1e-3)
     for power, ref in ((1.0, P.Linear()), (2.5, P.Polynomial(2.5))):
-        obj = GenMD4Nelbo({"name": "learned_token", "vocab_size": 4, "power_init": power, "eps": 0.0})
+        obj = GenMD4Nelbo(P.LearnedTokenSchedule(4, power_init=power, eps=0.0))
         with torch.no_grad():
             f, _ = obj.integrand(model, x, ranks, t, gen(7))
             _, noised = ref.corrupt(x, t, model.mask_id, 4, ranks=ranks, generator=gen(7))
@@ -122,10 +123,10 @@ def test_integrand_equals_mdm_nelbo_for_fixed_value_free_powers():
     # the whole estimate against MDMNelbo's (w = 1: linear), within Monte Carlo error
     n = 4000
     X, R = x[:1].expand(n, -1), ranks[:1].expand(n, -1)
-    obj = GenMD4Nelbo({"name": "learned_token", "vocab_size": 4, "eps": 0.0})
+    obj = GenMD4Nelbo(P.LearnedTokenSchedule(4, eps=0.0))
     with torch.no_grad():
         a = obj(model, X, R, gen(1)).nats
-        b = MDMNelbo("linear")(model, X, R, gen(2)).nats
+        b = MDMNelbo(P.Linear())(model, X, R, gen(2)).nats
     se = math.hypot(a.std().item(), b.std().item()) / math.sqrt(n)
     assert abs(a.mean().item() - b.mean().item()) < 4 * se + 0.01
 
@@ -173,9 +174,9 @@ def test_expected_nelbo_matches_enumeration(kind):
 
 def _objective(kind, reinforce=True):
     if kind == "token":
-        proc = {"name": "learned_token", "vocab_size": 2, "power_init": [0.6, 2.0], "eps": 1e-4}
+        proc = P.LearnedTokenSchedule(2, power_init=[0.6, 2.0], eps=1e-4)
     else:
-        proc = {"name": "learned_position", "length": 2, "power_init": [0.6, 2.0], "eps": 1e-4}
+        proc = P.LearnedPositionSchedule(2, power_init=[0.6, 2.0], eps=1e-4)
     obj = GenMD4Nelbo(proc, reinforce=reinforce).double()
     w = torch.nn.functional.softplus(obj.process.rho)
     W = w[None, :].expand(2, 2) if kind == "token" else w[:, None].expand(2, 2)  # [L, V]
@@ -215,26 +216,26 @@ def test_rloo_gradient_is_unbiased(kind):
 
 def test_objective_owns_nested_schedules_and_checks_its_inputs():
     obj = build("objective", {"name": "genmd4_nelbo", "process": {
-        "name": "blockwise", "block_size": 2, "inner": {"name": "learned_position", "length": 2}}})
+        "name": "blockwise", "block_size": 2, "inner": {"name": "learned_position"}}}, context={"max_len": 2})
     assert [n for n, _ in obj.named_parameters()] == ["schedules.0.rho"]
     with pytest.raises(ValueError, match="mixture"):
         GenMD4Nelbo(P.Mixture([P.LearnedPositionSchedule(4), P.Linear()]))
     with pytest.raises(ValueError, match="bidirectional"):
-        obj(Transformer(2, 2, "set_causal", d_model=8, n_layers=1, n_heads=1), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
+        obj(orderlab.build("model", "transformer", vocab_size=2, max_len=2, attention="set_causal", d_model=8, n_layers=1, n_heads=1), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="t1"):
         GenMD4Nelbo(t1=0.0)
     with pytest.raises(ValueError, match="absorbing"):
-        GenMD4Nelbo({"name": "learned_token", "vocab_size": 3, "corruption": "uniform"})
+        GenMD4Nelbo(P.LearnedTokenSchedule(3, corruption=P.Uniform()))
 
 
 @pytest.mark.parametrize("proc", [
-    {"name": "learned_token", "vocab_size": 4},
-    {"name": "learned_position", "length": 6},
+    lambda: P.LearnedTokenSchedule(4),
+    lambda: P.LearnedPositionSchedule(6),
 ])
 def test_training_lowers_the_loss_and_moves_the_powers(proc):
     torch.manual_seed(0)
-    model = Transformer(4, 6, "bidirectional", d_model=16, n_layers=1, n_heads=2)
-    obj = GenMD4Nelbo(proc)
+    model = orderlab.build("model", "transformer", vocab_size=4, max_len=6, attention="bidirectional", d_model=16, n_layers=1, n_heads=2)
+    obj = GenMD4Nelbo(proc())
     w0 = torch.nn.functional.softplus(obj.process.rho).detach().clone()
     opt = torch.optim.Adam(list(model.parameters()) + list(obj.parameters()), lr=2e-2)
     # data: token i is (i mod 2) + 2 * coin, so positions are partly predictable

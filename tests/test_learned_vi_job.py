@@ -51,7 +51,7 @@ def test_the_vi_job_is_the_main_job_with_the_policy_learned_by_vi():
     labels = list(exp.policies)
     for name in ("random", "l2r", "r2l", "top_prob", "margin"):
         assert name in labels
-    assert labels[-2:] == ["vi", "grpo"] and exp.policies["vi"] is vi.policy
+    assert labels[-2:] == ["vi (vi_orders)", "grpo"] and exp.policies["vi (vi_orders)"] is vi.policy
 
 
 def test_the_vi_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
@@ -60,8 +60,8 @@ def test_the_vi_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "completed" and set(res["checkpoints"]) == {"denoiser", "vi", "grpo"}
     rows = {r["policy"]: r for r in res["evaluations"]}
-    assert set(rows) == {"random", "top_prob", "vi", "grpo"}
-    assert 0.0 <= rows["vi"]["accuracy"] <= 1.0 and 0.0 <= rows["vi"]["sampled_accuracy"] <= 1.0
+    assert set(rows) == {"random", "top_prob", "vi (vi_orders)", "grpo"}
+    assert 0.0 <= rows["vi (vi_orders)"]["accuracy"] <= 1.0 and 0.0 <= rows["vi (vi_orders)"]["sampled_accuracy"] <= 1.0
     table = res["likelihood_table"]
     assert table["orders"] == "vi" and table["n"] == 5
     assert "pyro_model" in table["prior"] and "pyro_guide" in table["proposal"]  # π_ψ weighs, q_φ proposes

@@ -5,10 +5,11 @@ import itertools
 import pytest
 import torch
 
+import orderlab
+
 from orderlab.decoding import score_order
 from orderlab.kernels import visible
 from orderlab.likelihood import log_likelihood
-from orderlab.model import Transformer
 from orderlab.ranks import NEVER, RanksError
 from orderlab.rules import Stream, pack
 
@@ -18,7 +19,7 @@ RULES = ["set_causal", {"name": "block_causal", "block_size": 2}, "bidirectional
 
 def tiny(rule, vocab=3, length=8, seed=0, **kw):
     torch.manual_seed(seed)
-    return Transformer(vocab, length, rule, d_model=16, n_layers=2, n_heads=2, **kw).eval()
+    return orderlab.build("model", "transformer", vocab_size=vocab, max_len=length, attention=rule, d_model=16, n_layers=2, n_heads=2, **kw).eval()
 
 
 def random_ranks(gen, length, rule, n_targets=3):

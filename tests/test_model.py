@@ -3,13 +3,16 @@
 import pytest
 import torch
 
+import orderlab
+
 from orderlab.model import Transformer
-from orderlab.registry import ConfigError, build
+from orderlab.registry import ConfigError
+from orderlab.builder import build
 
 
 def test_stream_permutation_and_position_shift_invariance():
     torch.manual_seed(0)
-    m = Transformer(7, 16, "set_causal", d_model=32, n_layers=2, n_heads=2).eval()
+    m = orderlab.build("model", "transformer", vocab_size=7, max_len=16, attention="set_causal", d_model=32, n_layers=2, n_heads=2).eval()
     x = torch.randint(0, 7, (2, 10))
     ranks = torch.tensor([[0, 0, 3, 1, 1, 2, 4, 4, 5, -1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
     (s,) = m.rule.passes(x, ranks, m.mask_id)
@@ -29,14 +32,14 @@ def test_config_round_trip_and_errors():
     again = Transformer.from_config(m.config)
     again.load_state_dict(m.state_dict())
     assert again.rule == m.rule and again.config == m.config
-    untied = Transformer(5, 9, d_model=32, n_heads=2, n_layers=1, tie_embeddings=False)
-    assert untied.num_params() == Transformer(5, 9, d_model=32, n_heads=2, n_layers=1).num_params() + 5 * 32
+    untied = orderlab.build("model", "transformer", vocab_size=5, max_len=9, d_model=32, n_heads=2, n_layers=1, tie_embeddings=False)
+    assert untied.num_params() == orderlab.build("model", "transformer", vocab_size=5, max_len=9, d_model=32, n_heads=2, n_layers=1).num_params() + 5 * 32
     with pytest.raises(ConfigError, match="block_sze.*did you mean 'block_size'"):
         build("model", {"name": "transformer", "attention": {"name": "block_causal", "block_sze": 3}}, vocab_size=5, max_len=9)
     with pytest.raises(ConfigError, match="unknown attention 'set_casual'.*set_causal"):
-        Transformer(5, 9, "set_casual")
+        orderlab.build("model", "transformer", vocab_size=5, max_len=9, attention="set_casual")
     with pytest.raises(ConfigError, match="n_heads"):
-        Transformer(5, 9, d_model=30, n_heads=4)
+        orderlab.build("model", "transformer", vocab_size=5, max_len=9, d_model=30, n_heads=4)
 
 
 def test_training_stream_lets_the_kernel_skip_most_tiles():
@@ -44,7 +47,7 @@ def test_training_stream_lets_the_kernel_skip_most_tiles():
     slot, so the Triton tile pre-pass proves about 3/4 of the tiles empty (L = 2048)."""
     from orderlab.kernels import tile_stats
 
-    m = Transformer(10, 2048, "set_causal", d_model=32, n_layers=1, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=10, max_len=2048, attention="set_causal", d_model=32, n_layers=1, n_heads=2)
     L = 2048
     x = torch.randint(0, 10, (1, L))
     ranks = torch.randperm(L)[None] + 1  # a random order: positions are far from sorted
@@ -69,7 +72,7 @@ def test_rope_tables_match_the_angles_and_are_not_saved():
     max_len are an error rather than an out-of-range gather."""
     from orderlab.model import rope_angles
 
-    m = Transformer(7, 16, "set_causal", d_model=32, n_layers=1, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=7, max_len=16, attention="set_causal", d_model=32, n_layers=1, n_heads=2)
     assert not any("rope" in k for k in m.state_dict())
     pos = torch.tensor([[0, 5, 15, 3]])
     cos, sin = rope_angles(pos, 16, 10000.0)

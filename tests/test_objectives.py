@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+import orderlab
+
 from orderlab.likelihood import log_likelihood
-from orderlab.model import Transformer
 from orderlab.objectives import BlockNelbo, MDMNelbo, SetNLL
 from orderlab.objectives.likelihood import interpolating_nelbo_rate, prior_kl
-from orderlab.registry import build
+from orderlab.processes.flat import Linear
+from orderlab.builder import build
 
 
 def _model(rule, V=4, L=4, seed=0):
     torch.manual_seed(seed)
-    m = Transformer(V, L, rule, d_model=16, n_layers=2, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention=rule, d_model=16, n_layers=2, n_heads=2)
     with torch.no_grad():  # sharper than init so orders matter
         for p in m.parameters():
             p.mul_(8.0)
@@ -45,7 +47,7 @@ def test_mdm_nelbo_equals_expected_any_order_nll():
     orders = [torch.tensor([0, *(p.index(i) + 1 for i in range(3))]) for p in itertools.permutations(range(3))]
     with torch.no_grad():
         want = _expected_nll(model, x, ranks, orders)
-    got, se, out = _estimate(MDMNelbo("linear"), model, x, ranks)
+    got, se, out = _estimate(MDMNelbo(Linear()), model, x, ranks)
     assert not out.exact
     assert abs(got - want) < 4 * se + 1e-3, (got, want, se)
 
@@ -58,7 +60,7 @@ def test_block_nelbo_equals_expected_blockwise_order_nll():
     orders = [torch.tensor([a, 3 - a, 2 + b, 5 - b]) for a in (1, 2) for b in (1, 2)]
     with torch.no_grad():
         want = _expected_nll(model, x, ranks, orders)
-    got, se, _ = _estimate(BlockNelbo("linear"), model, x, ranks)
+    got, se, _ = _estimate(BlockNelbo(Linear()), model, x, ranks)
     assert abs(got - want) < 4 * se + 1e-3, (got, want, se)
 
 
@@ -66,7 +68,7 @@ def test_set_nll_is_exact_nll_of_the_sampled_order():
     model = _model("set_causal")
     x = torch.tensor([[1, 3, 0, 2]])
     ranks = torch.tensor([[0, 1, 1, 1]])
-    obj = SetNLL("quench")
+    obj = orderlab.build("objective", "set_nll", process="quench")
     out = obj(model, x, ranks, torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = -log_likelihood(model, x, torch.tensor([[0, 1, 2, 3]]))
@@ -80,10 +82,10 @@ def test_objectives_check_the_model_and_process():
     with pytest.raises(ValueError, match="bidirectional"):
         MDMNelbo()(_model("set_causal"), torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="flat"):
-        BlockNelbo("quench")
+        orderlab.build("objective", "block_nelbo", process="quench")
     with pytest.raises(ValueError, match="one corruption"):
-        MDMNelbo({"name": "mixture", "processes": ["linear", {"name": "cosine", "corruption": "uniform"}]})
-    assert MDMNelbo({"name": "mixture", "processes": ["linear", "cosine"]}).mask_prob == 1.0
+        orderlab.build("objective", "mdm_nelbo", process={"name": "mixture", "processes": ["linear", {"name": "cosine", "corruption": "uniform"}]})
+    assert orderlab.build("objective", "mdm_nelbo", process={"name": "mixture", "processes": ["linear", "cosine"]}).mask_prob == 1.0
     obj = build("objective", {"name": "set_nll", "process": {"name": "staggered", "d": 2}, "steps": 3})
     assert obj.steps == 3 and type(obj.process).__name__ == "Staggered"
 
@@ -288,7 +290,7 @@ def test_mdm_nelbo_hybrid_estimator_is_unbiased(process):
     model = _model("bidirectional", V=3, L=3)
     x = torch.tensor([[2, 0, 1]])
     ranks = torch.tensor([[0, 1, 1]])
-    obj = MDMNelbo(process)
+    obj = orderlab.build("objective", "mdm_nelbo", process=process)
     want = _exact_objective(obj, model, x, ranks)
     got, se, out = _estimate(obj, model, x, ranks, n=20000)
     assert out.label == "nelbo (bound)" and torch.isfinite(out.nats).all()
@@ -301,8 +303,8 @@ def test_mdm_nelbo_gamma_zero_is_the_absorbing_nelbo():
     model = _model("bidirectional", V=4, L=4)
     x = torch.tensor([[1, 3, 0, 2]]).expand(64, -1)
     ranks = torch.tensor([[0, 1, 1, 1]]).expand(64, -1)
-    a = MDMNelbo({"name": "cosine", "corruption": {"name": "hybrid", "gamma": 0.0}})(model, x, ranks, torch.Generator().manual_seed(5))
-    b = MDMNelbo("cosine")(model, x, ranks, torch.Generator().manual_seed(5))
+    a = orderlab.build("objective", "mdm_nelbo", process={"name": "cosine", "corruption": {"name": "hybrid", "gamma": 0.0}})(model, x, ranks, torch.Generator().manual_seed(5))
+    b = orderlab.build("objective", "mdm_nelbo", process="cosine")(model, x, ranks, torch.Generator().manual_seed(5))
     assert torch.equal(a.nats, b.nats)
     g = torch.Generator().manual_seed(0)
     logp = torch.log_softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), -1)
@@ -316,7 +318,7 @@ def test_hybrid_nelbo_gradients_are_finite_where_alpha_is_0_or_1():
     """Windowed schedules have α = 1 before and α = 0 after their window (α' = 0 there)."""
     model = _model("bidirectional", V=4, L=8)
     model.train()
-    obj = MDMNelbo({"name": "staggered", "d": 1, "corruption": {"name": "hybrid", "gamma": 0.1}})
+    obj = orderlab.build("objective", "mdm_nelbo", process={"name": "staggered", "d": 1, "corruption": {"name": "hybrid", "gamma": 0.1}})
     x = torch.randint(0, 4, (16, 8), generator=torch.Generator().manual_seed(0))
     out = obj(model, x, torch.ones(16, 8, dtype=torch.long), torch.Generator().manual_seed(1))
     out.loss.backward()

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import orderlab.processes as P
 from orderlab import ranks as R
-from orderlab.registry import ConfigError, build, names
+from orderlab.registry import ConfigError
+from orderlab.builder import build, names
 
 # Every registered process, with the constructor arguments to test it under.
 EXAMPLES = {
@@ -24,7 +25,7 @@ EXAMPLES = {
         {"block_size": 4, "inner": {"name": "loglinear", "eps": 0.2}},
     ],
     "mixture": [{"processes": ["cosine", "quench"], "weights": [0.3, 0.7]}],
-    "learned_position": [{"length": 12, "eps": 0.0, "power_init": [0.3, 0.5, 0.8, 1, 1.5, 2, 3, 1, 0.7, 4, 1, 1]}],
+    "learned_position": [{"eps": 0.0, "power_init": [0.3, 0.5, 0.8, 1, 1.5, 2, 3, 1, 0.7, 4, 1, 1]}],
 }
 # its schedule depends on the token values: tests/test_learned_schedule.py checks it through given(x)
 NEEDS_TOKENS = {"learned_token"}
@@ -34,7 +35,7 @@ L = 10
 
 
 def make(name, kw):
-    return build("process", {"name": name, **kw})
+    return build("process", {"name": name, **kw}, context={"max_len": 12})  # learned_position's capacity
 
 
 def gen(seed=0):
@@ -267,14 +268,14 @@ def test_uniform_and_hybrid_corruption_statistics():
 
 def test_process_corruption_argument():
     x = torch.zeros(200, 6, dtype=torch.long)
-    xt, noised = P.Cosine(corruption="uniform").corrupt(x, 1.0, 9, 9, generator=gen(0))
+    xt, noised = P.Cosine(corruption=P.Uniform()).corrupt(x, 1.0, 9, 9, generator=gen(0))
     assert noised.all() and not (xt == 9).any() and (xt != 0).any()
     p = build("process", "staggered", d=1, corruption={"name": "hybrid", "gamma": 0.05})
     assert p.corruption == P.Hybrid(0.05) and repr(p) == "Staggered(d=1, corruption=Hybrid(gamma=0.05))"
 
 
 def test_mixture_draws_one_component_per_sequence():
-    m = P.Mixture([P.Linear(corruption="uniform"), P.Quench()], weights=[1, 3])
+    m = P.Mixture([P.Linear(corruption=P.Uniform()), P.Quench()], weights=[1, 3])
     assert m.weights == [0.25, 0.75]
     x = torch.zeros(4000, 8, dtype=torch.long)
     xt, noised = m.corrupt(x, 0.5, 9, 9, generator=gen(0))
@@ -308,8 +309,8 @@ def test_build_repr_and_errors():
     m = build("process", {"name": "mixture", "processes": ["linear", {"name": "polynomial", "power": 3}]})
     assert repr(m) == "Mixture([Linear(), Polynomial(power=3.0)], weights=[0.5, 0.5])"
     assert repr(P.Quench()) == "Quench()" and repr(P.SlidingWindow(8)) == "SlidingWindow(window=8)"
-    assert repr(P.Blockwise(2, P.Linear(corruption="uniform"))) == "Blockwise(block_size=2, inner=Linear(corruption=Uniform()))"
-    assert P.Blockwise(2, P.Linear(corruption="uniform")).corruption == P.Uniform()
+    assert repr(P.Blockwise(2, P.Linear(corruption=P.Uniform()))) == "Blockwise(block_size=2, inner=Linear(corruption=Uniform()))"
+    assert P.Blockwise(2, P.Linear(corruption=P.Uniform())).corruption == P.Uniform()
     with pytest.raises(ConfigError, match="did you mean 'block_size'"):
         build("process", {"name": "blockwise", "blocksize": 4})
     with pytest.raises(ConfigError, match="unknown corruption"):

@@ -187,10 +187,11 @@ def prior_pg(monkeypatch):
 
     class PriorPG(Objective):
         trains_model = False
+        needs = ("task",)
         interrupt_at: int | None = None
 
         def __init__(self, task, baseline: float = 0.5):
-            super().__init__("linear")
+            super().__init__()
             self.task, self.baseline, self.calls = task, baseline, 0
             self.policy = Prior(task.seq_len)
 
@@ -248,7 +249,7 @@ def test_two_stages_resume_exactly_inside_stage_two(yaml_path, tmp_path, prior_p
     full = json.loads((runs / "full" / "results.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]  # noqa: E731
     assert strip(res["evaluations"]) == strip(full["evaluations"])
-    assert [r["policy"] for r in full["evaluations"]] == ["l2r", "pg"]  # the learned policy, by stage name
+    assert [r["policy"] for r in full["evaluations"]] == ["l2r", "pg (test_prior_pg)"]  # the learned policy, by stage and objective
     # stage pg froze the model: its checkpoint holds stage lm's final (EMA) weights, bit for bit
     from orderlab.checkpoint import final_weights, load as load_ckpt
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from orderlab import ranks as R
-from orderlab.registry import build
+from orderlab.builder import build
 from orderlab.tasks import StarGraph, hash_split
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orderlab import ranks as R
-from orderlab.registry import build
+from orderlab.builder import build
 from orderlab.tasks import Sudoku, SudokuSolver, hash_split
 from orderlab.tasks import sudoku as sudoku_module
 

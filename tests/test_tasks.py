@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from orderlab import ranks as R
-from orderlab.registry import ConfigError, build, names
+from orderlab.registry import ConfigError
+from orderlab.builder import build, names
 from orderlab.tasks import (
     Addition,
     Infill,

@@ -86,9 +86,9 @@ def test_warmup_cosine_and_derived_seeds():
 def test_config_ranges_are_config_errors():
     from orderlab.registry import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^train\.ema: must be in \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"^ema: must be in \(0, 1\)"):
         TrainConfig(ema=1.5)
-    with pytest.raises(ConfigError, match=r"^train\.batch_size"):
+    with pytest.raises(ConfigError, match=r"^batch_size"):
         TrainConfig(batch_size=0)
 
 

@@ -9,6 +9,8 @@ import math
 import pyro
 import pytest
 import torch
+
+import orderlab
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,7 +19,8 @@ from orderlab.likelihood import log_likelihood
 from orderlab.model import Transformer
 from orderlab.objectives import VIOrders
 from orderlab.objectives.vi import _parts
-from orderlab.registry import ConfigError, build
+from orderlab.registry import ConfigError
+from orderlab.builder import build
 from orderlab.rules import Bidirectional
 
 # ----------------------------------------------------------------------------- toys
@@ -29,7 +32,7 @@ def denoiser(seed: int = 0, scale: float = 40.0) -> Transformer:
     """A fixed random set-causal transformer with sharp predictions (weights ×``scale``),
     so that p(x | σ) differs between orders."""
     torch.manual_seed(seed)
-    m = Transformer(V, L, d_model=16, n_layers=1, n_heads=2)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, d_model=16, n_layers=1, n_heads=2)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(scale) if p.dim() > 1 else None
@@ -79,7 +82,7 @@ def objective(family: str = "bernoulli", baseline: int | None = 16, perturb: flo
     policy = ({"name": "learned", "net": {"name": "mlp", "hidden": 8, "layers": 1}} if family == "bernoulli"
               else {"name": "learned_plackett_luce", "k": 1, "net": {"name": "mlp", "hidden": 8, "layers": 1}})
     torch.manual_seed(seed)
-    obj = VIOrders(policy=policy, guide={"name": "mlp", "hidden": 8, "layers": 1}, baseline=baseline, **kw)
+    obj = orderlab.build("objective", "vi_orders", policy=policy, guide={"name": "mlp", "hidden": 8, "layers": 1}, baseline=baseline, **kw)
     if perturb:  # move off the zero-output start, so every parameter has a gradient
         with torch.no_grad():
             for name, p in obj.named_parameters():
@@ -151,7 +154,7 @@ def test_one_order_with_all_mass_gives_its_nll():
     ELBO is log p(x | l2r), computed independently by the one-pass likelihood; rows of
     different lengths and padding."""
     m = denoiser()
-    obj = VIOrders(policy={"name": "learned_plackett_luce", "features": ["position"],
+    obj = orderlab.build("objective", "vi_orders", policy={"name": "learned_plackett_luce", "features": ["position"],
                            "net": {"name": "linear", "weight": [-60.0], "bias": 0.0}},
                    guide={"name": "linear", "weight": [-60.0, 0.0, 0.0], "bias": 0.0}, baseline=None)
     x = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 0], [1, 0, 1, 2]])
@@ -236,7 +239,7 @@ def test_training_closes_the_gap_and_q_approaches_the_posterior():
 def test_learned_prior_decodes_the_likely_order_greedily():
     n, a = 5, 0.9
     fake = MarkovFake(V, n, a)
-    obj = VIOrders(policy={"name": "learned", "net": "linear"}, guide="linear", baseline=16)
+    obj = orderlab.build("objective", "vi_orders", policy={"name": "learned", "net": "linear"}, guide="linear", baseline=16)
     x, ranks = markov_data(64, n, V, a, seed=0)
     l2r = torch.where(ranks >= 1, (ranks >= 1).long().cumsum(1), ranks)
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from orderlab import ranks as R
+from orderlab.registry import declare_kind
 
 __all__ = [
     "Task",
@@ -151,6 +152,7 @@ def empirical_freqs(tokens: Tensor, vocab_size: int) -> Tensor:
     return (counts / counts.sum()).float()
 
 
+@declare_kind("task")
 class Task(abc.ABC):
     """Base class of kind "task": a data generator with its metric.
 
