@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,33 +13,12 @@ import torch
 
 from orderlab.run import main
 
-TINY = textwrap.dedent(
-    """
-    task: {name: addition, digits: 2}
-    model: {name: transformer, d_model: 32, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    stages:
-      lm:
-        objective: {name: set_nll, process: {name: staggered, d: 2}}
-        train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
-    policy: {name: l2r}
-    evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 16, batch_size: 16}
-    run: {dir: runs}
-    """
-)
-
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # one thread: tiny ops on a busy machine run faster without OpenMP spinning
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "orderlab.run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture
-def yaml_path(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
 
 
 def test_cli_trains_evaluates_and_writes_the_run_folder(yaml_path, tmp_path):
@@ -138,11 +116,11 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "tiny" / "lm" / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
-def test_evaluate_rows_cache_exact_and_l2r_ranks():
+def test_evaluate_rows_cache_exact_and_l2r_ranks(tiny_config):
     from orderlab.config import load
     from orderlab.evaluate import evaluate, l2r_ranks
 
-    exp = load(_tiny_dict())
+    exp = load(tiny_config)
     pols = {"l2r": exp.policy, "thr": exp.policies["threshold(tau=0.9)"]}
     a = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=True)
     b = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=False)
@@ -151,12 +129,6 @@ def test_evaluate_rows_cache_exact_and_l2r_ranks():
     assert [r["n"] for r in a] == [12, 12] and a[0]["nfe_hist"] == {"nfe": [3], "count": [12]}
     r = torch.tensor([[0, 1, 1, -1, 1], [0, 0, 1, 1, -1]])
     assert l2r_ranks(r).tolist() == [[0, 1, 2, -1, 3], [0, 0, 1, 2, -1]]
-
-
-def _tiny_dict():
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.create(TINY))
 
 
 # --------------------------------------------------------------------------- stages
