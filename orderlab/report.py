@@ -47,6 +47,7 @@ __all__ = [
     "write_csv",
     "append_jsonl",
     "to_jsonable",
+    "NONFINITE",
 ]
 
 GIVEN_COLOR = (0.80, 0.80, 0.80, 1.0)  # light grey: given positions (rank 0)
@@ -482,23 +483,66 @@ def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], title: s
 # ---------------------------------------------------------------- files
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Tensors -> numbers/lists, paths -> str, tuples/sets -> lists, dataclasses -> dicts."""
+NONFINITE = "nonfinite"  # the key of a JSON object that says why some of its numbers are null
+
+
+def _plain(obj: Any) -> Any:
+    """One level of conversion: tensors -> numbers/lists, paths -> str, dataclasses ->
+    dicts, numpy scalars -> numbers; anything else as it is."""
     if isinstance(obj, Tensor):
         return obj.item() if obj.numel() == 1 and obj.dim() == 0 else obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
         import dataclasses
 
-        return to_jsonable(dataclasses.asdict(obj))
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
+        return dataclasses.asdict(obj)
+    if not isinstance(obj, (Mapping, list, tuple, set, frozenset, str)) and callable(getattr(obj, "item", None)):
+        return obj.item()  # numpy scalars
     return obj
+
+
+def _nonfinite_reason(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def _jsonable(obj: Any, reasons: dict[str, str] | None, path: str) -> Any:
+    """``obj`` as JSON-ready containers; a non-finite float becomes None and, when a dict
+    holds it, ``reasons[path]`` its reason (``path``: the key, ``[i]`` per list level)."""
+    obj = _plain(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if reasons is not None:
+            reasons[path] = _nonfinite_reason(obj)
+        return None
+    if isinstance(obj, Mapping):
+        own: dict[str, str] = {}
+        out = {str(k): _jsonable(v, own, str(k)) for k, v in obj.items()}
+        if own:  # merged with the reasons of a record read back and written again
+            earlier = out.get(NONFINITE) or {}
+            if not isinstance(earlier, dict):
+                raise ValueError(f"key {NONFINITE!r} is reserved for the reasons of null numbers, got {earlier!r}")
+            out[NONFINITE] = {**earlier, **own}
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v, reasons, f"{path}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON containers that ``json.dumps(..., allow_nan=False)`` accepts: tensors ->
+    numbers/lists, paths -> str, tuples/sets -> lists, dataclasses -> dicts.
+
+    JSON has no NaN or infinity, so a non-finite float becomes ``null`` and the object
+    that held it says why: a ``"nonfinite"`` entry maps the number's key to ``"nan"``,
+    ``"inf"`` or ``"-inf"`` (``"key[i]"`` for one inside a list under that key), e.g.
+    ``{"loss": null, "grad_norm": null, "nonfinite": {"loss": "nan", "grad_norm": "inf"}}``.
+    A nested object carries its own entry; a number in a list outside any object becomes
+    ``null`` without a reason."""
+    return _jsonable(obj, None, "")
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -526,9 +570,14 @@ def _atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``)."""
-    text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=True) + "\n"
-    return _atomic_write_text(path, text)
+    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``); valid JSON:
+    non-finite numbers are ``null`` with their reason (:func:`to_jsonable`)."""
+    return _atomic_write_text(path, _dumps(obj, indent) + "\n")
+
+
+def _csv_cell(v: Any) -> Any:
+    v = _plain(v)
+    return v if isinstance(v, float) else to_jsonable(v)  # CSV has nan and inf: a float stays one
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -537,15 +586,16 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({str(k): to_jsonable(v) for k, v in r.items()})
+        writer.writerow({str(k): _csv_cell(v) for k, v in r.items()})
     return _atomic_write_text(path, buf.getvalue())
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Append one JSON line to ``path`` and flush it (a log readable while a run goes on)."""
+    """Append one JSON line to ``path`` and flush it (a log readable while a run goes on);
+    non-finite numbers are ``null`` with their reason (:func:`to_jsonable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(to_jsonable(record), allow_nan=True)
+    line = _dumps(record)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()

@@ -155,6 +155,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert s["solved"] == {"mean": 0.75, "std": pytest.approx(math.sqrt(0.125))}
     assert s["nfe"]["std"] == 0.0 and "seed" not in s
     assert math.isnan(ablate.summarize([{"seed": 0, "solved": 0.5}])["solved"]["std"])
+    # a run read back from results.json: its non-finite numbers are null, with the reason
+    back = ablate.summarize([{"seed": 0, "bits": None, "nonfinite": {"bits": "inf"}, "solved": 0.5},
+                             {"seed": 1, "bits": 2.0, "solved": 1.0}])
+    assert math.isnan(back["bits"]["mean"]) and back["solved"]["mean"] == 0.75 and "nonfinite" not in back
 
 
 def test_evaluate_point_does_not_depend_on_the_batch_size(tmp_path):

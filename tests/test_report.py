@@ -93,6 +93,37 @@ def test_write_csv_and_append_jsonl(tmp_path):
     assert [json.loads(x) for x in log.read_text().splitlines()] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
 
 
+def _strict(text: str):
+    """``json.loads`` that rejects NaN and Infinity, as JSON itself does."""
+    def reject(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_nonfinite_numbers_are_null_with_the_reason(tmp_path):
+    record = {"step": 3, "loss": float("nan"), "grad_norm": torch.tensor(float("inf")), "lr": 1e-3,
+              "hist": [1.0, float("-inf")], "valid": {"nll": float("nan"), "rows": [{"x": float("inf")}]},
+              "grid": [[0.5, float("nan")]]}
+    with pytest.raises(ValueError, match="NaN"):
+        _strict(json.dumps(record["loss"]))  # the check itself rejects a bare NaN
+    log = report.append_jsonl(tmp_path / "metrics.jsonl", record)
+    out = report.write_json(tmp_path / "results.json", {"rows": [record], "top": [float("nan")]})
+    line = _strict(log.read_text())
+    assert line == _strict(out.read_text())["rows"][0]
+    assert line["loss"] is None and line["grad_norm"] is None and line["lr"] == 1e-3 and line["hist"] == [1.0, None]
+    assert line["nonfinite"] == {"loss": "nan", "grad_norm": "inf", "hist[1]": "-inf", "grid[0][1]": "nan"}
+    assert line["valid"] == {"nll": None, "rows": [{"x": None, "nonfinite": {"x": "inf"}}], "nonfinite": {"nll": "nan"}}
+    assert _strict(out.read_text())["top"] == [None]  # in a list outside any object: null, no reason
+    assert "nonfinite" not in report.to_jsonable({"a": 1.0, "b": [2.0]})
+    # a record read back and written again keeps its reasons, merged with new ones
+    again = report.to_jsonable({**line, "lr": float("nan")})
+    assert again["nonfinite"] == {**line["nonfinite"], "lr": "nan"}
+    # CSV has nan and inf: a cell says so rather than staying empty
+    p = report.write_csv(tmp_path / "t.csv", [{"a": float("nan"), "b": torch.tensor(float("inf")), "c": (1, 2)}])
+    assert p.read_text().splitlines()[1] == 'nan,inf,"[1, 2]"'
+
+
 def test_results_table():
     from rich.console import Console
 
