@@ -293,7 +293,7 @@ def test_interrupted_sweep_resumes_with_only_the_missing_points(tmp_path, monkey
     assert again.calls == [] and _numbers(results2["ablation"]) == _numbers(results["ablation"])
 
     fresh = _Counter(monkeypatch)  # the same sweep uninterrupted gives the same numbers
-    cfg["run"]["resume"] = False
+    cfg["run"]["resume"], cfg["run"]["overwrite"] = False, True
     _, uninterrupted = _run(cfg)
     assert len(fresh.calls) == total
     assert _numbers(uninterrupted["ablation"]) == _numbers(results["ablation"])
