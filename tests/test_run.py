@@ -349,6 +349,21 @@ def test_a_lock_of_a_live_process_refuses_and_a_dead_ones_is_taken_over(yaml_pat
     assert not (run / "run.lock").exists()
 
 
+def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path):
+    import socket
+
+    from orderlab.runfolder import RunLock
+
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        pytest.skip("no /proc: a reused pid cannot be told from the holder")
+    lock, said = tmp_path / "run.lock", []
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "then", "start": "1"}))
+    with RunLock(lock, said.append):  # our pid, but a process started at another time: a reused pid
+        mine = json.loads(lock.read_text())
+        assert mine["pid"] == os.getpid() and mine["start"] not in (None, "1")
+    assert len(said) == 1 and "taking over the stale lock" in said[0] and not lock.exists()
+
+
 def test_an_earlier_run_is_not_overwritten_without_resume_or_overwrite(yaml_path, tmp_path, capsys):
     run = tmp_path / "tiny"
     assert main(_quick(yaml_path, tmp_path)) == 0
