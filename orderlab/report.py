@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -334,13 +334,18 @@ def _largest_cluster(pts: Sequence[_Point], log_x: bool, radius: float = 0.06) -
     return [pts[i] for i in best]
 
 
+def _padded(vs: Sequence[float], every: Sequence[float], pad: float) -> tuple[float, float]:
+    """``vs``'s range widened by ``pad`` of its span (at least 2% of ``every``'s span; of
+    the value itself when both are 0: points on one line)."""
+    span = max(max(vs) - min(vs), 0.02 * (max(every) - min(every))) or (0.1 * abs(vs[0]) or 1.0)
+    return min(vs) - pad * span, max(vs) + pad * span
+
+
 def _zoom_box(cluster: Sequence[_Point], pts: Sequence[_Point]) -> tuple[float, float, float, float]:
     """``(x0, x1, y0, y1)``: the cluster's bounding box with room around it for labels."""
-    xs, ys = [p.x for p in cluster], [p.y for p in cluster]
-    allx, ally = [p.x for p in pts], [p.y for p in pts]
-    dx = max(max(xs) - min(xs), 0.02 * (max(allx) - min(allx)), 1e-9)
-    dy = max(max(ys) - min(ys), 0.02 * (max(ally) - min(ally)), 1e-9)
-    return min(xs) - 0.35 * dx, max(xs) + 0.35 * dx, min(ys) - 0.3 * dy, max(ys) + 0.3 * dy
+    x0, x1 = _padded([p.x for p in cluster], [p.x for p in pts], 0.35)
+    y0, y1 = _padded([p.y for p in cluster], [p.y for p in pts], 0.3)
+    return x0, x1, y0, y1
 
 
 def _inside(p: _Point, box: tuple[float, float, float, float]) -> bool:
@@ -437,12 +442,13 @@ def _pareto_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], xlabel: st
             pts.append(_Point(float(p["x"]), float(p["y"]), text, f"C{k % 10}", bool(p.get("learned"))))
     pts = [p for p in pts if math.isfinite(p.x) and math.isfinite(p.y)]
     on = pareto_mask([p.x for p in pts], [p.y for p in pts])
-    pts = [_Point(p.x, p.y, p.text, p.color, p.learned, f) for p, f in zip(pts, on)]
+    pts = [replace(p, frontier=f) for p, f in zip(pts, on)]
     front = sorted((p.x, p.y) for p in pts if p.frontier)
     xs = [p.x for p in pts if p.x > 0]
     log_x = bool(xs) and len(xs) == len(pts) and max(xs) / min(xs) > 20
     cluster = _largest_cluster(pts, log_x) if len(pts) >= 4 else []
-    zoom = _zoom_box(cluster, pts) if len(cluster) >= 3 else None
+    # a zoom separates points at 3 places or more; points at one place are labelled around it
+    zoom = _zoom_box(cluster, pts) if len({(p.x, p.y) for p in cluster}) >= 3 else None
 
     fig = _figure(figsize or ((12.5, 5.5) if zoom else (8.0, 5.0)), dpi)
     axes = fig.subplots(1, 2, width_ratios=[3, 2]) if zoom else [fig.add_subplot()]
@@ -489,12 +495,12 @@ def pareto_plot(
     The Pareto frontier over every point (:func:`pareto_mask`) is a dashed black step line
     through ringed points. ``x`` on a log scale when it spans more than 20x.
 
-    Every point is labelled (its ``label``, else its family's name; ``(learned)`` added for
-    a learned policy) where no label covers
-    another or a marker, with a leader line when moved away from its point. When points
-    cluster (the largest group of neighbours closer than 6% of the plot, at least 3 of
-    them), a second panel zooms onto them (a dotted box in the first), and they are
-    labelled there. ``figsize`` default: 8 x 5 inches, 12.5 x 5.5 with the zoom."""
+    Every point is labelled (its ``label``, else its family's name; ``(learned)`` added
+    for a learned policy) where no label covers another or a marker, with a leader line
+    when moved away from its point. When points cluster (the largest group of neighbours
+    closer than 6% of the plot, at 3 places or more), a second panel zooms onto them (a
+    dotted box in the first), and they are labelled there. ``figsize`` default: 8 x 5
+    inches, 12.5 x 5.5 with the zoom."""
     return _save(_pareto_figure(curves, xlabel, ylabel, title, figsize, dpi), path, dpi)
 
 
@@ -657,9 +663,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
+        return asdict(obj)
     if not isinstance(obj, (Mapping, list, tuple, set, frozenset, str)) and callable(getattr(obj, "item", None)):
         return obj.item()  # numpy scalars
     return obj

@@ -113,7 +113,13 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             os.chmod(tmp, 0o644)
-            os.link(tmp, self.path)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: create exclusively, then write
+                with open(self.path, "x") as f:
+                    json.dump(me, f)
         finally:
             os.unlink(tmp)
 

@@ -243,6 +243,22 @@ def _main_job_rows():
     return rows
 
 
+def _assert_labels_apart(fig):
+    """No two point labels of an axes overlap, and each lies inside its axes."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        ts = [t for t in ax.texts if t.get_text()]
+        boxes = [Text.get_window_extent(t, renderer) for t in ts]  # the words (an Annotation's adds its leader line)
+        frame = ax.get_window_extent(renderer)
+        for i, a in enumerate(boxes):
+            assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, ts[i].get_text()
+            for j, b in enumerate(boxes[:i]):
+                assert not a.overlaps(b), (ts[i].get_text(), ts[j].get_text())
+
+
 def test_clustered_pareto_plot_has_a_zoom_and_labels_that_do_not_collide(tmp_path, monkeypatch):
     from orderlab import evaluate
 
@@ -261,15 +277,7 @@ def test_clustered_pareto_plot_has_a_zoom_and_labels_that_do_not_collide(tmp_pat
     assert texts == sorted([p for p, _, _ in MAIN_JOB[:-1]] + ["policy (learned)"])  # each point once
     in_zoom = {t.get_text() for t in labels[zoom]}
     assert {"policy (learned)", "factor(f=1)", "factor(f=0.5)", "threshold(tau=0.7)", "threshold(tau=0.9)"} <= in_zoom
-    from matplotlib.text import Text
-
-    for ax, ts in labels.items():
-        boxes = [Text.get_window_extent(t, renderer) for t in ts]  # the words (an Annotation's adds its leader line)
-        frame = ax.get_window_extent(renderer)
-        for i, a in enumerate(boxes):
-            assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, ts[i].get_text()
-            for j, b in enumerate(boxes[:i]):
-                assert not a.overlaps(b), (ts[i].get_text(), ts[j].get_text())
+    _assert_labels_apart(fig)
     # the learned policy is a star of its own, in the legend too
     stars = [ln for ln in zoom.get_lines() if ln.get_marker() == "*"]
     assert len(stars) == 1 and tuple(stars[0].get_xydata()[0]) == (5.12, 0.9844)
@@ -282,4 +290,9 @@ def test_pareto_plot_without_a_cluster_has_one_panel():
     fig = report._pareto_figure(curves, "NFE", "accuracy", None, None, 100)
     assert len(fig.axes) == 1 and sorted(t.get_text() for t in fig.axes[0].texts) == ["l2r", "random", "tau=0.5",
                                                                                         "tau=0.9"]
+    # five policies at one place (an untrained model: same NFE, same score): no zoom, labels around it
+    same = {name: [{"x": 3.0, "y": 0.0625}] for name in ("random", "top_prob", "margin", "tau=0.5", "tau=0.9")}
+    fig = report._pareto_figure({**same, "l2r": [{"x": 3.0, "y": 0.0}]}, "NFE", "accuracy", None, None, 100)
+    assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 6
+    _assert_labels_apart(fig)
 
