@@ -248,9 +248,10 @@ def evaluation_pareto(rows: list[dict[str, Any]], path: str | Path, title: str |
 
     curves: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        family = r["policy"].partition("(")[0]  # labelled in full: no colour to match in a cluster
+        learned = "sampled_score" in r  # a learned policy's row: a point of its own, whatever its label
+        family = r["policy"] if learned else r["policy"].partition("(")[0]
         curves.setdefault(family, []).append({"x": r["nfe_mean"], "y": r["score"], "label": r["policy"],
-                                              "learned": "sampled_score" in r})  # a learned policy's row
+                                              "learned": learned})  # labelled in full: no colour to match
     metric = rows[0]["metric"] if rows else "score"
     return pareto_plot(curves, path, xlabel="NFE (mean forwards per sequence)", ylabel=metric, title=title)
 
