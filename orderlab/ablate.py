@@ -330,12 +330,14 @@ def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tenso
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """``{quantity: {mean, std}}`` over the runs (seeds) of a point: sample std (ddof 1),
-    NaN with one run. Quantities: the numbers every run has, except ``seed``."""
-    names = [k for k, v in runs[0].items() if k not in ("seed", "orders") and isinstance(v, (int, float))
-             and all(k in r for r in runs)]
+    NaN with one run. Quantities: the numbers every run has, except ``seed``; a null (a
+    non-finite number read back from ``results.json``) counts as NaN."""
+    number = lambda v: v is None or isinstance(v, (int, float))  # noqa: E731
+    names = [k for k, v in runs[0].items() if k not in ("seed", "orders") and number(v)
+             and all(k in r and number(r[k]) for r in runs)]
     out = {}
     for name in names:
-        v = torch.tensor([float(r[name]) for r in runs], dtype=torch.float64)
+        v = torch.tensor([math.nan if r[name] is None else float(r[name]) for r in runs], dtype=torch.float64)
         out[name] = {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else math.nan}
     return out
 

@@ -4,6 +4,7 @@ One module owns the layout; train.py, config.py and run.py read and write these 
 only through it. ``run.dir / <name>/``::
 
     config.yaml              the resolved experiment, every default filled in (run.py)
+    run.lock                 who runs in the folder while a run does (orderlab.runfolder)
     results.json             status, per-stage summaries, evaluation rows (run.py, one schema)
     order_<policy>.png       order heatmaps of the evaluation
     <stage>/checkpoint.pt    per training stage (train.py), written atomically
@@ -47,6 +48,7 @@ __all__ = [
     "METRICS",
     "RESULTS",
     "CONFIG",
+    "LOCK",
     "CheckpointError",
     "RunFiles",
     "StageFiles",
@@ -67,6 +69,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CONFIG = "config.yaml"
+LOCK = "run.lock"
 
 
 class CheckpointError(ValueError):
@@ -113,6 +116,10 @@ class RunFiles:
     @property
     def results(self) -> Path:
         return self.dir / RESULTS
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / LOCK
 
     def stage(self, name: str) -> StageFiles:
         return StageFiles(self.dir / name)

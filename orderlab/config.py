@@ -75,8 +75,12 @@ class RunConfig:
     name: str | None = None  # null: the YAML file's stem
     device: str = "auto"  # "auto": cuda when available, else cpu
     resume: bool = False  # skip completed stages, continue the interrupted one exactly
+    overwrite: bool = False  # a fresh run may replace an earlier run in the folder (orderlab.runfolder)
 
     def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("run.overwrite", "contradicts run.resume=true (resume continues the run in the "
+                                               "folder, overwrite replaces it): set one of them")
         if self.device != "auto":
             try:
                 torch.device(self.device)

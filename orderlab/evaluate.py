@@ -238,13 +238,15 @@ def _learned_extras(policy: Any, run: Any, task: Any, x: Tensor, r: Tensor, seed
 def evaluation_pareto(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Score vs mean NFE of the evaluation rows (``orderlab.report.pareto_plot``): the rows
     of one heuristic family (``threshold(tau=0.5)``, ``threshold(tau=0.9)``, ...) form a
-    curve over its knob; every other row (a learned policy, a fixed order) is a point."""
+    curve over its knob; every other row (a learned policy: a star, a fixed order) is a point."""
     from orderlab.report import pareto_plot
 
     curves: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        family, _, knobs = r["policy"].partition("(")
-        curves.setdefault(family, []).append({"x": r["nfe_mean"], "y": r["score"], "label": knobs.rstrip(")")})
+        learned = "sampled_score" in r  # a learned policy's row: a point of its own, whatever its label
+        family = r["policy"] if learned else r["policy"].partition("(")[0]
+        curves.setdefault(family, []).append({"x": r["nfe_mean"], "y": r["score"], "label": r["policy"],
+                                              "learned": learned})  # labelled in full: no colour to match
     metric = rows[0]["metric"] if rows else "score"
     return pareto_plot(curves, path, xlabel="NFE (mean forwards per sequence)", ylabel=metric, title=title)
 

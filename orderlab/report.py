@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "write_csv",
     "append_jsonl",
     "to_jsonable",
+    "NONFINITE",
 ]
 
 GIVEN_COLOR = (0.80, 0.80, 0.80, 1.0)  # light grey: given positions (rank 0)
@@ -289,49 +290,218 @@ def pareto_mask(x: Sequence[float], y: Sequence[float]) -> list[bool]:
     return out
 
 
+MARKERS = "os^Dv<>ph"  # one per heuristic family (with one of ten colours); learned policies: a star
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One point of a Pareto plot, as drawn: where, its text, its family's colour."""
+
+    x: float
+    y: float
+    text: str
+    color: str
+    learned: bool
+    frontier: bool = False
+
+
+def _normalised(pts: Sequence[_Point], log_x: bool) -> list[tuple[float, float]]:
+    """Points in ``[0, 1]^2`` over their own span (log x when the plot is log x)."""
+    xs = [math.log(p.x) if log_x else p.x for p in pts]
+    ys = [p.y for p in pts]
+    spanx, spany = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    return [((a - min(xs)) / spanx, (b - min(ys)) / spany) for a, b in zip(xs, ys)]
+
+
+def _largest_cluster(pts: Sequence[_Point], log_x: bool, radius: float = 0.06) -> list[_Point]:
+    """The largest group of points chained by neighbours closer than ``radius`` (of the
+    plot's span, both axes): single linkage, a flood fill over the few points of a plot."""
+    norm = _normalised(pts, log_x)
+    best: list[int] = []
+    seen: set[int] = set()
+    for i in range(len(pts)):
+        if i in seen:
+            continue
+        group, todo = [], [i]
+        seen.add(i)
+        while todo:
+            j = todo.pop()
+            group.append(j)
+            near = [k for k in range(len(pts)) if k not in seen and math.dist(norm[j], norm[k]) < radius]
+            seen.update(near)
+            todo += near
+        best = group if len(group) > len(best) else best
+    return [pts[i] for i in best]
+
+
+def _padded(vs: Sequence[float], every: Sequence[float], pad: float) -> tuple[float, float]:
+    """``vs``'s range widened by ``pad`` of its span (at least 2% of ``every``'s span; of
+    the value itself when both are 0: points on one line)."""
+    span = max(max(vs) - min(vs), 0.02 * (max(every) - min(every))) or (0.1 * abs(vs[0]) or 1.0)
+    return min(vs) - pad * span, max(vs) + pad * span
+
+
+def _zoom_box(cluster: Sequence[_Point], pts: Sequence[_Point]) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)``: the cluster's bounding box with room around it for labels."""
+    x0, x1 = _padded([p.x for p in cluster], [p.x for p in pts], 0.35)
+    y0, y1 = _padded([p.y for p in cluster], [p.y for p in pts], 0.3)
+    return x0, x1, y0, y1
+
+
+def _inside(p: _Point, box: tuple[float, float, float, float]) -> bool:
+    return box[0] <= p.x <= box[1] and box[2] <= p.y <= box[3]
+
+
+def _draw_points(ax, curves: Mapping[str, Sequence[Mapping[str, Any]]], front: Sequence[tuple[float, float]]) -> None:
+    """Every family as a line with error bars (its own colour and marker; a learned
+    policy as a large star), and the Pareto frontier as a dashed step through rings."""
+    for k, (family, pts) in enumerate(curves.items()):
+        pts = sorted(pts, key=lambda p: p["x"])
+        xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
+        err = [0.0 if p.get("yerr") is None or math.isnan(p["yerr"]) else p["yerr"] for p in pts]
+        learned = any(p.get("learned") for p in pts)
+        style = dict(marker="*", ms=15, mec="black", mew=0.8, zorder=6) if learned else dict(
+            marker=MARKERS[k % len(MARKERS)], ms=5, zorder=3)
+        ax.errorbar(xs, ys, yerr=err if any(err) else None, color=f"C{k % 10}", capsize=2, lw=1.2,
+                    label=f"{family} (learned)" if learned else family, **style)
+    if front:
+        fx, fy = zip(*front)
+        ax.step(fx, fy, where="post", ls="--", color="black", lw=1, label="Pareto frontier", zorder=2)
+        ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="black", lw=1.2, zorder=5)
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+# label offsets in points: nearest first, eight directions per ring (upper right first)
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+_OFFSETS = [(r * dx, r * dy) for r in (5, 11, 18, 27, 38, 52, 70) for dx, dy in _DIRECTIONS]
+
+
+def _place_labels(ax, pts: Sequence[_Point], renderer) -> None:
+    """Label every point without any two labels (or a label and a marker) overlapping:
+    greedily, learned policies and frontier points first, each at the nearest offset
+    around its point whose box is free and inside the axes; a label moved beyond the
+    first ring gets a leader line. Where no offset is free, the least overlapping one."""
+    from matplotlib.transforms import Bbox
+
+    inside = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    scale = ax.figure.dpi / 72.0  # points -> pixels
+    taken = []
+    for p in pts:  # every marker is an obstacle (a star is larger)
+        cx, cy = to_px((p.x, p.y))
+        h = (9.0 if p.learned else 5.0) * scale
+        taken.append(Bbox([[cx - h, cy - h], [cx + h, cy + h]]))
+    order = sorted(pts, key=lambda p: (not p.learned, not p.frontier, -p.y, p.x))
+    for p in order:
+        best = None
+        for dx, dy in _OFFSETS:
+            t = _label(ax, p, (dx, dy))
+            box = t.get_window_extent(renderer).padded(1.5)
+            cost = box.width * box.height - _overlap(box, inside) + sum(_overlap(box, b) for b in taken)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box, (dx, dy))
+            else:
+                t.remove()
+            if cost == 0.0:
+                break
+        _, t, box, offset = best
+        if max(map(abs, offset)) > _OFFSETS[0][0]:  # moved away: a leader line back to the point
+            t.remove()
+            _label(ax, p, offset, leader=True)
+        taken.append(box)
+
+
+def _label(ax, p: _Point, offset: tuple[float, float], leader: bool = False):
+    """``p``'s text at ``offset`` points from it, aligned away from it, on a white ground
+    (lines passing under it do not cross out letters)."""
+    dx, dy = offset
+    ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+    va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+    arrow = dict(arrowstyle="-", color=p.color, lw=0.6, alpha=0.7, shrinkA=1, shrinkB=3) if leader else None
+    t = ax.annotate(p.text, (p.x, p.y), xytext=offset, textcoords="offset points", ha=ha, va=va, fontsize=7,
+                    color=p.color, fontweight="bold" if p.learned else "normal", zorder=7, annotation_clip=False,
+                    arrowprops=arrow, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+    t.set_in_layout(False)  # labels are placed inside the axes: they must not move them
+    return t
+
+
+def _pareto_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], xlabel: str, ylabel: str, title: str | None,
+                   figsize: tuple[float, float] | None, dpi: int):
+    """The figure of :func:`pareto_plot`, labels placed, not yet saved."""
+    pts: list[_Point] = []
+    for k, (family, members) in enumerate(curves.items()):
+        for p in members:
+            text = str(p.get("label") or family) + (" (learned)" if p.get("learned") else "")
+            pts.append(_Point(float(p["x"]), float(p["y"]), text, f"C{k % 10}", bool(p.get("learned"))))
+    pts = [p for p in pts if math.isfinite(p.x) and math.isfinite(p.y)]
+    on = pareto_mask([p.x for p in pts], [p.y for p in pts])
+    pts = [replace(p, frontier=f) for p, f in zip(pts, on)]
+    front = sorted((p.x, p.y) for p in pts if p.frontier)
+    xs = [p.x for p in pts if p.x > 0]
+    log_x = bool(xs) and len(xs) == len(pts) and max(xs) / min(xs) > 20
+    cluster = _largest_cluster(pts, log_x) if len(pts) >= 4 else []
+    # a zoom separates points at 3 places or more; points at one place are labelled around it
+    zoom = _zoom_box(cluster, pts) if len({(p.x, p.y) for p in cluster}) >= 3 else None
+
+    fig = _figure(figsize or ((12.5, 5.5) if zoom else (8.0, 5.0)), dpi)
+    axes = fig.subplots(1, 2, width_ratios=[3, 2]) if zoom else [fig.add_subplot()]
+    for ax in axes:
+        _draw_points(ax, curves, front)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    if log_x:
+        axes[0].set_xscale("log")
+    axes[0].margins(0.08)
+    if zoom:
+        from matplotlib.patches import Rectangle
+
+        x0, x1, y0, y1 = zoom
+        axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls=":", color="0.4", lw=1, zorder=1))
+        axes[1].set_xlim(x0, x1)
+        axes[1].set_ylim(y0, y1)
+        axes[1].set_title(f"zoom: the {len(cluster)} clustered points", fontsize=9)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize=7)
+    if title:  # over the axes: a figure title would run into the legend beside them
+        _fit_text(axes[0].set_title(""), title, (0.45 if zoom else 0.6) * fig.bbox.width)
+    fig.canvas.draw()  # the layout is final: labels are placed in its pixels
+    renderer = fig.canvas.get_renderer()
+    _place_labels(axes[0], [p for p in pts if not (zoom and _inside(p, zoom))], renderer)
+    if zoom:
+        _place_labels(axes[1], [p for p in pts if _inside(p, zoom)], renderer)
+    return fig
+
+
 def pareto_plot(
     curves: Mapping[str, Sequence[Mapping[str, Any]]],
     path: str | Path,
     xlabel: str = "NFE",
     ylabel: str = "quality",
     title: str | None = None,
-    figsize: tuple[float, float] = (8.0, 5.0),
+    figsize: tuple[float, float] | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Quality vs cost: one curve per family (``{family: [{x, y, yerr?, label?}, ...]}``,
-    drawn in order of ``x`` with ``yerr`` bars and each point's ``label`` beside it);
-    the Pareto frontier over every point (:func:`pareto_mask`) is a dashed black step
-    line through ringed points. ``x`` on a log scale when it spans more than 20x."""
-    fig = _figure(figsize, dpi)
-    ax = fig.add_subplot()
-    every: list[tuple[float, float]] = []
-    for k, (family, pts) in enumerate(curves.items()):
-        pts = sorted(pts, key=lambda p: p["x"])
-        xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
-        err = [0.0 if p.get("yerr") is None or math.isnan(p["yerr"]) else p["yerr"] for p in pts]
-        color = f"C{k % 10}"
-        ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="os^Dv<>ph*"[k // 10 % 10], color=color,
-                    label=family, capsize=2, lw=1.2, ms=5)
-        for p in pts:
-            if p.get("label"):
-                ax.annotate(str(p["label"]), (p["x"], p["y"]), xytext=(3, 3), textcoords="offset points",
-                            fontsize=6, color=color)
-        every += list(zip(xs, ys))
-    front = sorted(pt for pt, on in zip(every, pareto_mask(*zip(*every))) if on) if every else []
-    if front:
-        fx, fy = zip(*front)
-        ax.step(fx, fy, where="post", ls="--", color="black", lw=1, label="Pareto frontier")
-        ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="black", lw=1.2, zorder=5)
-    xs = [a for a, _ in every if a > 0]
-    if xs and max(xs) / min(xs) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=7)
-    if title:  # over the axes: a figure title would run into the legend beside them
-        _fit_text(ax.set_title(""), title, 0.6 * fig.bbox.width)
-    return _save(fig, path, dpi)
+    """Quality vs cost: one curve per family (``{family: [{x, y, yerr?, label?, learned?},
+    ...]}``, drawn in order of ``x`` with ``yerr`` bars), each family with its own colour
+    and marker; a family with a ``learned`` point (a learned policy) is a large star.
+    The Pareto frontier over every point (:func:`pareto_mask`) is a dashed black step line
+    through ringed points. ``x`` on a log scale when it spans more than 20x.
+
+    Every point is labelled (its ``label``, else its family's name; ``(learned)`` added
+    for a learned policy) where no label covers another or a marker, with a leader line
+    when moved away from its point. When points cluster (the largest group of neighbours
+    closer than 6% of the plot, at 3 places or more), a second panel zooms onto them (a
+    dotted box in the first), and they are labelled there. ``figsize`` default: 8 x 5
+    inches, 12.5 x 5.5 with the zoom."""
+    return _save(_pareto_figure(curves, xlabel, ylabel, title, figsize, dpi), path, dpi)
 
 
 # ---------------------------------------------------------------- tables
@@ -482,23 +652,64 @@ def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], title: s
 # ---------------------------------------------------------------- files
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Tensors -> numbers/lists, paths -> str, tuples/sets -> lists, dataclasses -> dicts."""
+NONFINITE = "nonfinite"  # the key of a JSON object that says why some of its numbers are null
+
+
+def _plain(obj: Any) -> Any:
+    """One level of conversion: tensors -> numbers/lists, paths -> str, dataclasses ->
+    dicts, numpy scalars -> numbers; anything else as it is."""
     if isinstance(obj, Tensor):
         return obj.item() if obj.numel() == 1 and obj.dim() == 0 else obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return to_jsonable(dataclasses.asdict(obj))
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        return asdict(obj)
+    if not isinstance(obj, (Mapping, list, tuple, set, frozenset, str)) and callable(getattr(obj, "item", None)):
+        return obj.item()  # numpy scalars
     return obj
+
+
+def _nonfinite_reason(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def _jsonable(obj: Any, reasons: dict[str, str] | None, path: str) -> Any:
+    """``obj`` as JSON-ready containers; a non-finite float becomes None and, when a dict
+    holds it, ``reasons[path]`` its reason (``path``: the key, ``[i]`` per list level)."""
+    obj = _plain(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if reasons is not None:
+            reasons[path] = _nonfinite_reason(obj)
+        return None
+    if isinstance(obj, Mapping):
+        own: dict[str, str] = {}
+        out = {str(k): _jsonable(v, own, str(k)) for k, v in obj.items()}
+        if own:  # merged with the reasons of a record read back and written again
+            earlier = out.get(NONFINITE) or {}
+            if not isinstance(earlier, dict):
+                raise ValueError(f"key {NONFINITE!r} is reserved for the reasons of null numbers, got {earlier!r}")
+            out[NONFINITE] = {**earlier, **own}
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v, reasons, f"{path}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON containers that ``json.dumps(..., allow_nan=False)`` accepts: tensors ->
+    numbers/lists, paths -> str, tuples/sets -> lists, dataclasses -> dicts.
+
+    JSON has no NaN or infinity, so a non-finite float becomes ``null`` and the object
+    that held it says why: a ``"nonfinite"`` entry maps the number's key to ``"nan"``,
+    ``"inf"`` or ``"-inf"`` (``"key[i]"`` for one inside a list under that key), e.g.
+    ``{"loss": null, "grad_norm": null, "nonfinite": {"loss": "nan", "grad_norm": "inf"}}``.
+    A nested object carries its own entry; a number in a list outside any object becomes
+    ``null`` without a reason."""
+    return _jsonable(obj, None, "")
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -526,9 +737,14 @@ def _atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``)."""
-    text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=True) + "\n"
-    return _atomic_write_text(path, text)
+    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``); valid JSON:
+    non-finite numbers are ``null`` with their reason (:func:`to_jsonable`)."""
+    return _atomic_write_text(path, _dumps(obj, indent) + "\n")
+
+
+def _csv_cell(v: Any) -> Any:
+    v = _plain(v)
+    return v if isinstance(v, float) else to_jsonable(v)  # CSV has nan and inf: a float stays one
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -537,15 +753,16 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({str(k): to_jsonable(v) for k, v in r.items()})
+        writer.writerow({str(k): _csv_cell(v) for k, v in r.items()})
     return _atomic_write_text(path, buf.getvalue())
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Append one JSON line to ``path`` and flush it (a log readable while a run goes on)."""
+    """Append one JSON line to ``path`` and flush it (a log readable while a run goes on);
+    non-finite numbers are ``null`` with their reason (:func:`to_jsonable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(to_jsonable(record), allow_nan=True)
+    line = _dumps(record)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()

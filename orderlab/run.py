@@ -8,6 +8,12 @@ previous stage's final, EMA when present, weights), evaluates every policy (the
 experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``pareto.png``,
 ``order_grid_<entry>.png``) and prints the tables.
 
+- The run folder is locked while a run uses it (``run.lock``: pid, host, start time;
+  ``orderlab.runfolder``): a second run into it exits with status 2 naming the holder; a
+  lock left by a dead process is taken over. A fresh run is refused (status 2) over a
+  folder holding an earlier run (``results.json`` or a stage checkpoint) unless
+  ``run.overwrite=true`` (which removes that run's results, checkpoints and metrics);
+  ``run.dir`` that is a file or not writable is a config error (status 2).
 - A fresh run (no ``run.resume``) starts every stage over. With ``run.resume=true``,
   stages whose checkpoint reached their ``train.steps`` are skipped (their weights
   loaded) and the interrupted stage continues exactly where its checkpoint left it;
@@ -60,6 +66,7 @@ from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
 from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, test_likelihood
 from orderlab.registry import ConfigError
+from orderlab.runfolder import RunFolderError, claim
 from orderlab.train import TrainResult, train
 
 __all__ = ["main", "execute", "PARETO"]
@@ -122,9 +129,16 @@ def _orders(exp: Experiment) -> tuple[str, Any, Any]:
 
 
 def execute(exp: Experiment, eval_only: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the stages (unless ``eval_only``) and evaluate ``exp``; write the run folder."""
+    """Train the stages (unless ``eval_only``) and evaluate ``exp``; write the run folder,
+    locked for the run (``orderlab.runfolder.claim``: a ConfigError for an unusable
+    ``run.dir``, a RunFolderError for a folder in use or holding an earlier run)."""
+    say = lambda m: _console(stderr=True).print(m, highlight=False, soft_wrap=True)  # noqa: E731
+    with claim(exp.files, resume=exp.run.resume, overwrite=exp.run.overwrite, eval_only=eval_only, say=say):
+        return _execute(exp, eval_only, progress)
+
+
+def _execute(exp: Experiment, eval_only: bool, progress: bool) -> dict[str, Any]:
     files = exp.files
-    files.dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         OmegaConf.save(exp.config, files.config)
     results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "stages": {}, "checkpoints": {}}
@@ -237,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error("config error", e)
     try:
         results = execute(exp, eval_only=args.eval_only, progress=not args.no_progress)
+    except ConfigError as e:  # run.dir unusable
+        return _error("config error", e)
+    except RunFolderError as e:  # locked by a live run, or an earlier run there
+        return _error("run folder refused", e)
     except KeyboardInterrupt:
         _console(stderr=True).print(
             f"interrupted: {exp.run_dir} keeps the last checkpoints and metrics (continue with run.resume=true)",

@@ -155,6 +155,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert s["solved"] == {"mean": 0.75, "std": pytest.approx(math.sqrt(0.125))}
     assert s["nfe"]["std"] == 0.0 and "seed" not in s
     assert math.isnan(ablate.summarize([{"seed": 0, "solved": 0.5}])["solved"]["std"])
+    # a run read back from results.json: its non-finite numbers are null, with the reason
+    back = ablate.summarize([{"seed": 0, "bits": None, "nonfinite": {"bits": "inf"}, "solved": 0.5},
+                             {"seed": 1, "bits": 2.0, "solved": 1.0}])
+    assert math.isnan(back["bits"]["mean"]) and back["solved"]["mean"] == 0.75 and "nonfinite" not in back
 
 
 def test_evaluate_point_does_not_depend_on_the_batch_size(tmp_path):
@@ -289,7 +293,7 @@ def test_interrupted_sweep_resumes_with_only_the_missing_points(tmp_path, monkey
     assert again.calls == [] and _numbers(results2["ablation"]) == _numbers(results["ablation"])
 
     fresh = _Counter(monkeypatch)  # the same sweep uninterrupted gives the same numbers
-    cfg["run"]["resume"] = False
+    cfg["run"]["resume"], cfg["run"]["overwrite"] = False, True
     _, uninterrupted = _run(cfg)
     assert len(fresh.calls) == total
     assert _numbers(uninterrupted["ablation"]) == _numbers(results["ablation"])

@@ -210,6 +210,20 @@ def _scenarios(out: Path) -> dict:
     with distributed.solo():  # one process inside the group: no split, no collectives
         got["solo"] = (distributed.world(), distributed.rank(), TrainConfig(batch_size=7).batch_size)
     got["shard"] = distributed.shard(range(5))
+
+    from orderlab.checkpoint import RunFiles
+    from orderlab.runfolder import RunFolderError, claim
+
+    files = RunFiles(out / "claimed")  # rank 0 locks; a second claim is refused on every rank
+    with claim(files):
+        held = files.lock.exists()
+        try:
+            with claim(files):
+                got["claim"] = "not refused"
+        except RunFolderError as e:
+            got["claim"] = str(e)
+    distributed.barrier()
+    got["claim_lock"] = (held, files.lock.exists())
     return got
 
 
@@ -270,6 +284,12 @@ def test_batch_split_errors_and_helpers(ranks):
     assert r0["odd_batch"].startswith("train.batch_size: ") and "(2, torchrun's world size)" in r0["odd_batch"]
     assert r0["solo"] == r1["solo"] == (1, 0, 7)
     assert r0["shard"] == [0, 2, 4] and r1["shard"] == [1, 3]
+
+
+def test_only_rank_0_locks_the_run_folder_and_every_rank_is_refused(ranks):
+    (r0, r1), out = ranks
+    assert r0["claim_lock"] == r1["claim_lock"] == (True, False)  # held in the block, released after it
+    assert f"{out / 'claimed'} is in use by pid " in r0["claim"] and r1["claim"] == f"rank 0: {r0['claim']}"
 
 
 def test_single_process_helpers_are_identities():

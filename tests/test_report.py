@@ -93,6 +93,37 @@ def test_write_csv_and_append_jsonl(tmp_path):
     assert [json.loads(x) for x in log.read_text().splitlines()] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
 
 
+def _strict(text: str):
+    """``json.loads`` that rejects NaN and Infinity, as JSON itself does."""
+    def reject(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_nonfinite_numbers_are_null_with_the_reason(tmp_path):
+    record = {"step": 3, "loss": float("nan"), "grad_norm": torch.tensor(float("inf")), "lr": 1e-3,
+              "hist": [1.0, float("-inf")], "valid": {"nll": float("nan"), "rows": [{"x": float("inf")}]},
+              "grid": [[0.5, float("nan")]]}
+    with pytest.raises(ValueError, match="NaN"):
+        _strict(json.dumps(record["loss"]))  # the check itself rejects a bare NaN
+    log = report.append_jsonl(tmp_path / "metrics.jsonl", record)
+    out = report.write_json(tmp_path / "results.json", {"rows": [record], "top": [float("nan")]})
+    line = _strict(log.read_text())
+    assert line == _strict(out.read_text())["rows"][0]
+    assert line["loss"] is None and line["grad_norm"] is None and line["lr"] == 1e-3 and line["hist"] == [1.0, None]
+    assert line["nonfinite"] == {"loss": "nan", "grad_norm": "inf", "hist[1]": "-inf", "grid[0][1]": "nan"}
+    assert line["valid"] == {"nll": None, "rows": [{"x": None, "nonfinite": {"x": "inf"}}], "nonfinite": {"nll": "nan"}}
+    assert _strict(out.read_text())["top"] == [None]  # in a list outside any object: null, no reason
+    assert "nonfinite" not in report.to_jsonable({"a": 1.0, "b": [2.0]})
+    # a record read back and written again keeps its reasons, merged with new ones
+    again = report.to_jsonable({**line, "lr": float("nan")})
+    assert again["nonfinite"] == {**line["nonfinite"], "lr": "nan"}
+    # CSV has nan and inf: a cell says so rather than staying empty
+    p = report.write_csv(tmp_path / "t.csv", [{"a": float("nan"), "b": torch.tensor(float("inf")), "c": (1, 2)}])
+    assert p.read_text().splitlines()[1] == 'nan,inf,"[1, 2]"'
+
+
 def test_results_table():
     from rich.console import Console
 
@@ -194,3 +225,74 @@ def test_heatmap_title_fits_the_figure():
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert fig._suptitle.get_fontsize() == 6.0 and box.x0 >= 0 and box.x1 <= fig.bbox.width
     assert fig._suptitle.get_text().replace("\n", "") == "x" * 120  # broken, nothing lost
+
+
+# the evaluation rows of docs/results.md, "The main job": (policy, accuracy, mean NFE); the
+# learned policy and five heuristics within 0.4 forwards and 0.09 accuracy of each other
+MAIN_JOB = [("random", 0.0723, 12.00), ("l2r", 0.2559, 12.00), ("r2l", 0.3281, 12.00), ("top_prob", 1.0, 12.00),
+            ("margin", 1.0, 12.00), ("eb(gamma=0.001)", 1.0, 12.00), ("eb(gamma=0.01)", 0.8457, 6.74),
+            ("eb(gamma=0.1)", 0.3594, 4.34), ("eb(gamma=1)", 0.0801, 3.13), ("threshold(tau=0.5)", 0.7734, 4.91),
+            ("threshold(tau=0.7)", 0.9492, 5.02), ("threshold(tau=0.9)", 0.9961, 5.33),
+            ("threshold(tau=0.99)", 1.0, 7.59), ("factor(f=0.5)", 0.9961, 5.25), ("factor(f=1)", 0.9863, 5.10),
+            ("factor(f=2)", 0.9082, 4.96), ("policy", 0.9844, 5.12)]
+
+
+def _main_job_rows():
+    rows = [{"policy": p, "metric": "accuracy", "score": acc, "nfe_mean": nfe} for p, acc, nfe in MAIN_JOB]
+    rows[-1]["sampled_score"] = 0.9844  # what marks a learned policy's row
+    return rows
+
+
+def _assert_labels_apart(fig):
+    """No two point labels of an axes overlap, and each lies inside its axes."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        ts = [t for t in ax.texts if t.get_text()]
+        boxes = [Text.get_window_extent(t, renderer) for t in ts]  # the words (an Annotation's adds its leader line)
+        frame = ax.get_window_extent(renderer)
+        for i, a in enumerate(boxes):
+            assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, ts[i].get_text()
+            for j, b in enumerate(boxes[:i]):
+                assert not a.overlaps(b), (ts[i].get_text(), ts[j].get_text())
+
+
+def test_clustered_pareto_plot_has_a_zoom_and_labels_that_do_not_collide(tmp_path, monkeypatch):
+    from orderlab import evaluate
+
+    figures = []
+    real = report._pareto_figure
+    monkeypatch.setattr(report, "_pareto_figure", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    out = evaluate.evaluation_pareto(_main_job_rows(), tmp_path / "pareto.png", title="learned_policy")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    full, zoom = fig.axes
+    assert zoom.get_xlim()[1] - zoom.get_xlim()[0] < 1.0  # around the cluster at 5 forwards
+    labels = {ax: [t for t in ax.texts if t.get_text()] for ax in (full, zoom)}
+    texts = sorted(t.get_text() for ts in labels.values() for t in ts)
+    assert texts == sorted([p for p, _, _ in MAIN_JOB[:-1]] + ["policy (learned)"])  # each point once
+    in_zoom = {t.get_text() for t in labels[zoom]}
+    assert {"policy (learned)", "factor(f=1)", "factor(f=0.5)", "threshold(tau=0.7)", "threshold(tau=0.9)"} <= in_zoom
+    _assert_labels_apart(fig)
+    # the learned policy is a star of its own, in the legend too
+    stars = [ln for ln in zoom.get_lines() if ln.get_marker() == "*"]
+    assert len(stars) == 1 and tuple(stars[0].get_xydata()[0]) == (5.12, 0.9844)
+    assert "policy (learned)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_pareto_plot_without_a_cluster_has_one_panel():
+    curves = {"threshold": [{"x": 4.0, "y": 0.5, "label": "tau=0.5"}, {"x": 8.0, "y": 0.9, "label": "tau=0.9"}],
+              "random": [{"x": 2.0, "y": 0.1}], "l2r": [{"x": 12.0, "y": 0.3}]}
+    fig = report._pareto_figure(curves, "NFE", "accuracy", None, None, 100)
+    assert len(fig.axes) == 1 and sorted(t.get_text() for t in fig.axes[0].texts) == ["l2r", "random", "tau=0.5",
+                                                                                        "tau=0.9"]
+    # five policies at one place (an untrained model: same NFE, same score): no zoom, labels around it
+    same = {name: [{"x": 3.0, "y": 0.0625}] for name in ("random", "top_prob", "margin", "tau=0.5", "tau=0.9")}
+    fig = report._pareto_figure({**same, "l2r": [{"x": 3.0, "y": 0.0}]}, "NFE", "accuracy", None, None, 100)
+    assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 6
+    _assert_labels_apart(fig)
+

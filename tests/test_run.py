@@ -6,27 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from orderlab.run import main
-
-TINY = textwrap.dedent(
-    """
-    task: {name: addition, digits: 2}
-    model: {name: transformer, d_model: 32, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    stages:
-      lm:
-        objective: {name: set_nll, process: {name: staggered, d: 2}}
-        train: {steps: 20, batch_size: 16, lr: 3.0e-3, warmup: 2, log_every: 5, eval_every: 10, ckpt_every: 10, valid_n: 32, ema: 0.9}
-    policy: {name: l2r}
-    evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 16, batch_size: 16}
-    run: {dir: runs}
-    """
-)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -36,19 +21,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def yaml_path(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
-
-
 def test_cli_trains_evaluates_and_writes_the_run_folder(yaml_path, tmp_path):
     proc = _cli(str(yaml_path), f"run.dir={tmp_path / 'runs'}", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "tiny"
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "results.json", "lm"} <= names
+    assert {"config.yaml", "results.json", "lm"} <= names and "run.lock" not in names  # released
     assert {p.name for p in (run / "lm").iterdir()} == {"metrics.jsonl", "checkpoint.pt"}
     assert {"order_l2r.png", "order_threshold_tau=0.9.png"} <= names
     results = json.loads((run / "results.json").read_text())
@@ -128,6 +106,7 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
     args = [str(yaml_path), f"run.dir={tmp_path}", "stages.lm.train.steps=10", "stages.lm.train.ckpt_every=5",
             "evaluate.policies=[l2r]", "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress"]
     assert main(args) == 130  # interrupted at the validation of step 10
+    assert not (tmp_path / "tiny" / "run.lock").exists()  # released on Ctrl-C too
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert results["status"] == "interrupted" and results["error"] == "KeyboardInterrupt: "
     assert results["stages"]["lm"]["checkpoint_step"] == 5 and results["stages"]["lm"]["status"] == "interrupted"
@@ -138,11 +117,11 @@ def test_interrupted_training_writes_status(yaml_path, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "tiny" / "lm" / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
-def test_evaluate_rows_cache_exact_and_l2r_ranks():
+def test_evaluate_rows_cache_exact_and_l2r_ranks(tiny_config):
     from orderlab.config import load
     from orderlab.evaluate import evaluate, l2r_ranks
 
-    exp = load(_tiny_dict())
+    exp = load(tiny_config)
     pols = {"l2r": exp.policy, "thr": exp.policies["threshold(tau=0.9)"]}
     a = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=True)
     b = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=False)
@@ -151,12 +130,6 @@ def test_evaluate_rows_cache_exact_and_l2r_ranks():
     assert [r["n"] for r in a] == [12, 12] and a[0]["nfe_hist"] == {"nfe": [3], "count": [12]}
     r = torch.tensor([[0, 1, 1, -1, 1], [0, 0, 1, 1, -1]])
     assert l2r_ranks(r).tolist() == [[0, 1, 2, -1, 3], [0, 0, 1, 2, -1]]
-
-
-def _tiny_dict():
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.create(TINY))
 
 
 # --------------------------------------------------------------------------- stages
@@ -313,3 +286,137 @@ def test_bad_checkpoints_exit_2_naming_the_file(yaml_path, tmp_path, capsys):
     _one_line_error(capsys, f"{path}: unreadable checkpoint (truncated or not a checkpoint)")
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert results["status"] == "failed" and "unreadable checkpoint" in results["error"]
+    assert not (tmp_path / "tiny" / "run.lock").exists()  # released on a failure too
+
+
+# --------------------------------------------------------------------------- the run folder: lock, earlier runs, run.dir
+
+
+def _quick(yaml_path, run_dir, *more):
+    """A run that trains nothing and evaluates 4 rows: the run folder's mechanics only."""
+    return [str(yaml_path), f"run.dir={run_dir}", "stages.lm.train.steps=0", "evaluate.policies=[l2r]", "evaluate.n=4",
+            "evaluate.heatmaps=false", "evaluate.likelihood=false", "--no-progress", *more]
+
+
+def _holder(pid: int) -> str:
+    import socket
+
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "since": "2026-01-02 03:04:05 +0000"})
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(yaml_path, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import orderlab.run as R
+
+    run, host = tmp_path / "tiny", socket.gethostname()
+    seen = {}
+    real = R.evaluate
+
+    def second_run_meanwhile(*args, **kwargs):  # while the first run holds the folder
+        seen["lock"] = json.loads((run / "run.lock").read_text())
+        seen["rc"] = main(_quick(yaml_path, tmp_path, "run.overwrite=true"))
+        seen["eval_only"] = main(_quick(yaml_path, tmp_path, "--eval-only"))
+        seen["err"] = capsys.readouterr().err
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "evaluate", second_run_meanwhile)
+    assert main(_quick(yaml_path, tmp_path)) == 0
+    assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["host"] == host and seen["lock"]["since"]
+    assert seen["rc"] == 2 and seen["eval_only"] == 2  # --eval-only writes results too: refused as well
+    lines = seen["err"].strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in seen["err"]
+    assert f"{run} is in use by pid {os.getpid()}@{host} since {seen['lock']['since']}" in lines[0]
+    assert not (run / "run.lock").exists()  # released at the end
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"  # the first run's, whole
+
+
+def test_a_lock_of_a_live_process_refuses_and_a_dead_ones_is_taken_over(yaml_path, tmp_path, capsys):
+    run = tmp_path / "tiny"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run / "run.lock").write_text(_holder(holder.pid))
+        assert main(_quick(yaml_path, tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {holder.pid}@" in err and "since 2026-01-02 03:04:05" in err
+        assert json.loads((run / "run.lock").read_text())["pid"] == holder.pid  # untouched
+        assert not (run / "results.json").exists() and not (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_quick(yaml_path, tmp_path)) == 0  # the holder is gone: a stale lock
+    assert f"taking over the stale lock of pid {holder.pid}@" in capsys.readouterr().err
+    assert not (run / "run.lock").exists()
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path):
+    import socket
+
+    from orderlab.runfolder import RunLock
+
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        pytest.skip("no /proc: a reused pid cannot be told from the holder")
+    lock, said = tmp_path / "run.lock", []
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "then", "start": "1"}))
+    with RunLock(lock, said.append):  # our pid, but a process started at another time: a reused pid
+        mine = json.loads(lock.read_text())
+        assert mine["pid"] == os.getpid() and mine["start"] not in (None, "1")
+    assert len(said) == 1 and "taking over the stale lock" in said[0] and not lock.exists()
+
+
+def test_an_earlier_run_is_not_overwritten_without_resume_or_overwrite(yaml_path, tmp_path, capsys):
+    run = tmp_path / "tiny"
+    assert main(_quick(yaml_path, tmp_path)) == 0
+    first = (run / "results.json").read_text()
+    (run / "old").mkdir()
+    (run / "old" / "checkpoint.pt").write_bytes(b"a stage of an earlier config")
+    (run / "old" / "metrics.jsonl").write_text('{"step": 1}\n')
+    capsys.readouterr()
+    assert main(_quick(yaml_path, tmp_path, "evaluate.n=5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{run} holds an earlier run (results.json, old/checkpoint.pt): run.resume=true" in err
+    assert (run / "results.json").read_text() == first and not (run / "run.lock").exists()
+    assert main(_quick(yaml_path, tmp_path, "--eval-only")) == 0  # evaluates the run there
+    assert main(_quick(yaml_path, tmp_path, "run.resume=true")) == 0  # continues it
+    assert (run / "old" / "checkpoint.pt").exists()
+    assert main(_quick(yaml_path, tmp_path, "run.overwrite=true", "evaluate.n=5")) == 0  # replaces it
+    assert "run.overwrite=true: removed the earlier run" in capsys.readouterr().err
+    assert not (run / "old" / "checkpoint.pt").exists() and not (run / "old" / "metrics.jsonl").exists()
+    assert json.loads((run / "results.json").read_text())["evaluations"][0]["n"] == 5
+    assert main(_quick(yaml_path, tmp_path, "run.overwrite=true", "run.resume=true")) == 2
+    assert "run.overwrite: contradicts run.resume=true" in capsys.readouterr().err
+
+
+def _unwritable(tmp_path) -> Path:
+    """An existing folder this process cannot write in. Root writes through any mode bits,
+    so then a folder of a filesystem that refuses root too (sysfs); a skip where none is."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir(mode=0o555)
+        return folder
+    folder = Path("/sys")
+    try:
+        (folder / "orderlab_probe").mkdir()
+    except OSError:
+        return folder
+    (folder / "orderlab_probe").rmdir()
+    pytest.skip("running as root with a writable /sys: no folder here refuses writes")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "an unwritable folder", "in an unwritable folder"])
+def test_unusable_run_dir_is_a_one_line_config_error(yaml_path, tmp_path, capsys, where):
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    if where == "a file":
+        over, needle = [f"run.dir={blocker}"], f"run.dir: {blocker} is a file, not a folder"
+    elif where == "under a file":
+        over, needle = [f"run.dir={blocker / 'sub'}"], f"run.dir: {blocker} is a file, not a folder"
+    elif where == "an unwritable folder":  # the run folder exists: its lock cannot be written
+        folder = _unwritable(tmp_path)
+        over, needle = [f"run.dir={folder.parent}", f"run.name={folder.name}"], f"run.dir: the run folder {folder} is"
+    else:  # the run folder cannot be created
+        folder = _unwritable(tmp_path)
+        over, needle = [f"run.dir={folder}"], f"run.dir: cannot create the run folder {folder / 'tiny'}"
+    assert main(_quick(yaml_path, tmp_path, *over)) == 2  # the last run.dir= wins
+    _one_line_error(capsys, needle)
