@@ -115,7 +115,9 @@ def test_metrics_checkpoint_and_validation_label(tmp_path):
     assert state["step"] == 12
     assert {"model", "optimizer", "scheduler", "ema", "rng"} <= set(state)
     assert state["ema"]["updates"] == 12
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no tmp file left
+    # no tmp file left; the checkpoint before the last one kept beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.jsonl"]
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["step"] == 8
     ok = train(_model(), FakeObjective(exact=True), FakeTask(), TrainConfig(**CFG), progress=False)
     assert ok.valid["label"] == "nll"
     assert ok.valid["bits_per_token"] == pytest.approx(ok.last["valid_bits_per_token"])
