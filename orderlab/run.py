@@ -16,8 +16,13 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
   ``train.steps > 0`` and none is an error) and evaluates.
 - Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
   "interrupted" and exits with status 130.
-- A config error, or a checkpoint that is missing (``--eval-only``), truncated or does
-  not fit the config, exits with status 2 and one line on stderr naming the key or file.
+- A config error, or a checkpoint that is missing (``--eval-only``), unreadable (and
+  so is the previous one kept beside it) or does not fit the config, exits with status
+  2 and one line on stderr naming the key or file.
+- A non-finite loss, gradient norm or metric stops training at that step (past
+  ``train.skip_nonfinite`` skipped steps): one line on stderr naming the stage, step and
+  quantity, exit status 2, ``results.json`` status "failed"; the stage's last (finite)
+  checkpoint is kept and nothing is evaluated.
 
 ``results.json`` (written here only, atomically, also on failure) holds::
 
@@ -60,7 +65,7 @@ from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
 from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, test_likelihood
 from orderlab.registry import ConfigError
-from orderlab.train import TrainResult, train
+from orderlab.train import NonFiniteError, TrainResult, train
 
 __all__ = ["main", "execute", "PARETO"]
 
@@ -242,8 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"interrupted: {exp.run_dir} keeps the last checkpoints and metrics (continue with run.resume=true)",
             highlight=False, soft_wrap=True)
         return 130
+    except ConfigError as e:  # found when training starts: a batch that does not split across processes
+        return _error("config error", e)
     except ckpt.CheckpointError as e:
         return _error("checkpoint error", e)
+    except NonFiniteError as e:
+        return _error("training diverged", e)
     if distributed.is_main():
         _table(exp, results)
     return 0

@@ -160,12 +160,14 @@ class NonFiniteError(ValueError):
     NaN or infinite: training stops with no weight changed. The one-line message names the
     stage, the step and the quantity."""
 
-    def __init__(self, stage: str | None, step: int, what: str, value: float, skipped: int = 0):
+    def __init__(self, stage: str | None, step: int, what: str, value: float, skipped: int = 0,
+                 checkpoint_step: int | None = None):
         self.stage, self.step, self.what, self.value = stage, step, what, value
         where = f"stage {stage!r}, step {step}" if stage else f"step {step}"
         after = f" after {skipped} skipped non-finite steps (train.skip_nonfinite)" if skipped else ""
-        super().__init__(f"{where}: {what} is {value}, not finite{after}; training stopped, the last checkpoint "
-                         "is kept")
+        kept = f"its last checkpoint (step {checkpoint_step}) is kept" if checkpoint_step is not None else \
+            "no checkpoint was written"
+        super().__init__(f"{where}: {what} is {value}, not finite{after}; training stopped, {kept}")
 
 
 class WarmupCosine:
@@ -465,9 +467,11 @@ class Trainer:
     AdamW, the warmup-cosine scheduler, EMA, the unfinished log windows, ``step`` (of the
     last step done) and ``skipped`` (non-finite steps skipped), plus the global RNG states.
 
-    ``state_dict()`` is the checkpoint; ``load_state_dict(state)`` resumes it exactly.
-    ``train_step`` is one optimisation step, ``log_record`` closes a log window,
-    ``validation`` validates (with the EMA weights when there is an EMA). Build it with
+    ``state_dict()`` is the checkpoint; ``load_state_dict(state)`` resumes it exactly;
+    ``save(path)`` / ``resume(path)`` write and read it as a file (``saved_step``: the
+    step of the last one, None before the first). ``train_step`` is one optimisation
+    step, ``log_record`` closes a log window, ``validation`` validates (with the EMA
+    weights when there is an EMA). Build it with
     the model frozen when the objective does not train it (:func:`train` does).
     ``stage`` names the stage in error messages.
     Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
@@ -488,6 +492,7 @@ class Trainer:
         self.ema = EMA(self.modules, cfg.ema) if cfg.ema is not None else None
         self.metrics, self.losses = WindowMeans(), WindowMeans()  # the objective's metrics; the loop's own
         self.step, self.skipped, self.lr = 0, 0, cfg.lr
+        self.saved_step: int | None = None
         self.parallel = distributed.DataParallelStep(model, objective, cfg.batch_size, self.device)
 
     # -- the checkpoint
@@ -498,7 +503,8 @@ class Trainer:
         for key, value in self.modules.state_dict().items():
             bad = ~torch.isfinite(value) if value.is_floating_point() else None
             if bad is not None and bool(bad.any()):
-                raise NonFiniteError(self.stage, self.step, f"weight {key!r}", float(value[bad].flatten()[0]))
+                raise NonFiniteError(self.stage, self.step, f"weight {key!r}", float(value[bad].flatten()[0]),
+                                     checkpoint_step=self.saved_step)
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -538,6 +544,17 @@ class Trainer:
         else:
             _seed_rng(self.cfg.seed, self.step)
 
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (rank 0; every rank calls it and waits until the file is whole)."""
+        ckpt.save(path, self.state_dict())
+        distributed.barrier()  # no rank goes on (and may read the file) before it is written
+        self.saved_step = self.step
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint file ``path`` (its previous one when it is unreadable)."""
+        self.load_state_dict(ckpt.load(path, map_location=self.device), path)
+        self.saved_step = self.step
+
     # -- training
     def train_mode(self) -> None:
         self.model.train(self.objective.trains_model)  # a frozen model runs in eval mode: no dropout
@@ -565,7 +582,7 @@ class Trainer:
             self.losses.update({"loss": float(out.loss.detach()), "grad_norm": float(norm)}, share)  # shares sum to 1
         else:
             if self.skipped >= self.cfg.skip_nonfinite:
-                raise NonFiniteError(self.stage, step, *fault, skipped=self.skipped)
+                raise NonFiniteError(self.stage, step, *fault, skipped=self.skipped, checkpoint_step=self.saved_step)
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -643,7 +660,7 @@ def train(
     with _frozen(model, not objective.trains_model):
         trainer = Trainer(model, objective, cfg, stage=name, extra=extra)
         if resume and files is not None and files.checkpoint.exists():
-            trainer.load_state_dict(ckpt.load(files.checkpoint, map_location=trainer.device), files.checkpoint)
+            trainer.resume(files.checkpoint)
             ckpt.truncate_metrics(files.metrics, trainer.step)
             result.checkpoint_step = trainer.step
         else:
@@ -694,8 +711,7 @@ def _loop(trainer: Trainer, task: Any, files: ckpt.StageFiles | None, result: Tr
                 if files is not None:
                     ckpt.append_metrics(files.metrics, record)
             if files is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last):
-                ckpt.save(files.checkpoint, trainer.state_dict())  # rank 0 writes
-                distributed.barrier()  # the file is whole before any rank goes on (and may read it)
+                trainer.save(files.checkpoint)
                 result.checkpoint_step = step
             bar.update(bar_id, completed=step)
             if on_step is not None:
