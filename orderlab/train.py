@@ -471,9 +471,8 @@ class Trainer:
     ``save(path)`` / ``resume(path)`` write and read it as a file (``saved_step``: the
     step of the last one, None before the first). ``train_step`` is one optimisation
     step, ``log_record`` closes a log window, ``validation`` validates (with the EMA
-    weights when there is an EMA). Build it with
-    the model frozen when the objective does not train it (:func:`train` does).
-    ``stage`` names the stage in error messages.
+    weights when there is an EMA). Build it with the model frozen when the objective does
+    not train it (:func:`train` does). ``stage`` names the stage in error messages.
     Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
     False and the objective has no trainable parameters).
     """
@@ -659,7 +658,7 @@ def train(
     files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
     with _frozen(model, not objective.trains_model):
         trainer = Trainer(model, objective, cfg, stage=name, extra=extra)
-        if resume and files is not None and files.checkpoint.exists():
+        if resume and files is not None and (files.checkpoint.exists() or files.previous.exists()):
             trainer.resume(files.checkpoint)
             ckpt.truncate_metrics(files.metrics, trainer.step)
             result.checkpoint_step = trainer.step
