@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from orderlab.processes.base import Process
 from orderlab.registry import declare_kind
+
+if TYPE_CHECKING:  # annotations only
+    from orderlab.objectives.iwae import OrderDistribution
+    from orderlab.policies.learned import LearnedPolicy
 
 __all__ = ["LossOutput", "StepOutput", "Objective"]
 
@@ -49,12 +54,29 @@ class StepOutput:
 @declare_kind("objective")
 class Objective(nn.Module):
     """Base class of kind "objective": a training loss, possibly with parameters of its
-    own (a policy network, a guide, a learned schedule).
+    own (a policy network, a guide, a learned schedule). Every objective subclasses it;
+    the trainer, the config and evaluation rely on this contract, not on duck typing:
 
-    ``step(model, tokens, ranks, generator=None) -> StepOutput`` is what the training loop
-    calls, with ``ranks`` as tasks give them (0 given, 1 to generate, -1 padding).
-    ``trains_model``: whether the loop optimises the model's parameters in this stage
-    (False: the model is frozen and only the objective's own parameters learn).
+    - ``step(model, tokens, ranks, generator=None) -> StepOutput`` is what the training
+      loop calls, with ``ranks`` as tasks give them (0 given, 1 to generate, -1 padding).
+      It must be a function of its arguments, the objective's state and the global torch
+      RNG, so that a resumed run repeats it exactly. ``validate`` is what validation calls.
+    - ``trains_model`` (class attribute, or set by the constructor): whether the loop
+      optimises the model's parameters in this stage. False: the model is frozen
+      (``requires_grad`` off, eval mode) and only the objective's own parameters learn; an
+      objective with neither trains nothing, an error.
+    - ``policy``: None, or the :class:`~orderlab.policies.learned.LearnedPolicy` the
+      objective learns (a submodule: its parameters are the objective's, trained and
+      checkpointed with it). After training, evaluation decodes with it as a policy
+      labelled by the stage's name; ``LearnedPolicy`` states what its ``recording`` and
+      ``replay`` mean.
+    - ``orders(model)``: None, or ``(prior, proposal)``, the order distributions the
+      objective has learned (``objectives.iwae.OrderDistribution``: ``sample`` and
+      ``log_prob``), for the likelihood table's IWAE bound; None leaves the table its
+      uniformly random orders.
+    - ``nan_metrics``: names of ``StepOutput.metrics`` that may be NaN meaning "out of
+      reach this step" (logged as NaN). Any other non-finite metric, like a non-finite
+      loss, stops training (``orderlab.train.NonFiniteError``).
 
     Likelihood objectives implement ``forward(model, tokens, ranks, generator) ->
     LossOutput`` and inherit ``step``, which reports bits per predicted token.
@@ -62,11 +84,17 @@ class Objective(nn.Module):
 
     exact: bool = False
     trains_model: bool = True
+    nan_metrics: frozenset[str] = frozenset()
 
     def __init__(self, process: Process | None = None):
         super().__init__()
         # None: an objective that samples no forward process (policy gradient)
         self.process: Process | None = process
+        self.policy: LearnedPolicy | None = None  # a learned policy is assigned after this call (a submodule)
+
+    def orders(self, model) -> tuple[OrderDistribution, OrderDistribution] | None:
+        """``(prior, proposal)`` order distributions learned by this objective, or None."""
+        return None
 
     def forward(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} is not a likelihood objective; call step()")

@@ -73,6 +73,7 @@ class PolicyGradient(Objective):
 
     trains_model = False
     needs = ("task",)
+    nan_metrics = frozenset({"entropy"})  # _entropy_metric: NaN where the exact entropy is out of reach
 
     def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 1,
                  entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):

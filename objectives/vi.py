@@ -437,6 +437,10 @@ class VIOrders(Objective):
 
         return SVI(model_fn, guide_fn, optim, loss if loss is not None else TraceGraph_ELBO(max_plate_nesting=1))
 
+    def orders(self, model) -> tuple[ProgramOrders, ProgramOrders]:
+        """``(π_ψ, q_φ)``: the likelihood table's prior and proposal."""
+        return self.prior(model), self.proposal(model)
+
     def prior(self, model) -> "ProgramOrders":
         """``π_ψ(σ | x)`` as an order distribution (the IWAE bound's prior)."""
         return ProgramOrders(self, model, self.pyro_model)

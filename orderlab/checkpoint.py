@@ -8,17 +8,24 @@ only through it. ``run.dir / <name>/``::
     results.json             status, per-stage summaries, evaluation rows (run.py, one schema)
     order_<policy>.png       order heatmaps of the evaluation
     <stage>/checkpoint.pt    per training stage (train.py), written atomically
+    <stage>/checkpoint.prev.pt  the checkpoint before it (a hard link, no copy)
     <stage>/metrics.jsonl    one JSON record per logged step of that stage
 
-A checkpoint is a dict of plain containers and tensors (``torch.load(weights_only=True)``)::
+A checkpoint is a dict of plain containers and tensors (``torch.load(weights_only=True)``;
+it is ``train.Trainer.state_dict()``)::
 
     step, model, objective (state dict or None), optimizer, scheduler,
     ema ({decay, updates, shadow} or None; shadow keys "model.*" / "objective.*" for the
     modules the stage trained), rng ({torch, python[, cuda]}), window (the metrics of the
-    steps since the last log record, so a resumed run logs the same records), extra
+    steps since the last log record, so a resumed run logs the same records), skipped
+    (non-finite steps skipped so far; absent in checkpoints older than the count), extra
 
-Every failure to read one (missing, truncated, not a checkpoint, weights that do not fit
-the model) is a :class:`CheckpointError` whose one-line message names the file.
+Results are never lost to a bad write: :func:`save` verifies the new file (read back
+before it replaces the old one) and keeps the file it replaces as ``checkpoint.prev.pt``;
+:func:`load` of a checkpoint that cannot be read falls back to that previous one, saying
+so on stderr. Every other failure to read one (both unreadable, not a checkpoint, weights
+that do not fit the model) is a :class:`CheckpointError` whose one-line message names
+the file.
 
 Under a process group (``orderlab.distributed``) only rank 0 writes: :func:`save`,
 :func:`append_metrics`, :func:`truncate_metrics`, :func:`write_results` and
@@ -31,8 +38,11 @@ the run folder must be on a filesystem all nodes share.
 from __future__ import annotations
 
 import json
+import os
 import random
-from collections.abc import Mapping
+import shutil
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,7 @@ from orderlab.report import append_jsonl, atomic_write, write_json
 
 __all__ = [
     "CHECKPOINT",
+    "PREVIOUS",
     "METRICS",
     "RESULTS",
     "CONFIG",
@@ -54,6 +65,7 @@ __all__ = [
     "StageFiles",
     "save",
     "load",
+    "previous",
     "rng_state",
     "set_rng_state",
     "final_weights",
@@ -66,6 +78,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # previous(CHECKPOINT)
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CONFIG = "config.yaml"
@@ -91,14 +104,18 @@ class StageFiles:
         return self.dir / CHECKPOINT
 
     @property
+    def previous(self) -> Path:
+        return self.dir / PREVIOUS
+
+    @property
     def metrics(self) -> Path:
         return self.dir / METRICS
 
     def clear(self) -> None:
-        """Remove the checkpoint and metrics (a fresh start must not leave stale ones).
+        """Remove the checkpoints and metrics (a fresh start must not leave stale ones).
         Under a process group every rank calls it: rank 0 removes, all wait for it."""
         if distributed.is_main():
-            for p in (self.checkpoint, self.metrics):
+            for p in (self.checkpoint, self.previous, self.metrics):
                 p.unlink(missing_ok=True)
         distributed.barrier()
 
@@ -128,14 +145,44 @@ class RunFiles:
 # --------------------------------------------------------------------------- writing
 
 
+def previous(path: str | Path) -> Path:
+    """Where the checkpoint ``path`` replaced is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` atomically: a reader (or a crash) never sees a half-written file.
-    Rank 0 only under a process group."""
+    """``torch.save`` atomically, verified, keeping the file it replaces as
+    :func:`previous`. Rank 0 only under a process group.
+
+    Order: write a temporary file, read it back (``weights_only``, memory-mapped: a
+    truncated or garbled file fails there) and check its step, only then link the current
+    checkpoint to ``previous`` and replace it. At every moment one of the two files is a
+    whole, verified checkpoint; a failed write leaves both as they were."""
     if not distributed.is_main():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+        step = _read(tmp, "cpu", mmap=True)["step"]
+        if step != state["step"]:
+            raise CheckpointError(tmp, f"reads back step {step}, wrote step {state['step']}")
+        if path.exists():
+            atomic_write(previous(path), lambda prev_tmp: _link(path, prev_tmp))
+
+    atomic_write(path, write)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes the file ``src``: a hard link (no copy), a copy where the filesystem
+    has no hard links."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
@@ -167,12 +214,30 @@ def write_results(files: RunFiles, results: Mapping[str, Any]) -> None:
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`save`; :class:`CheckpointError` if it cannot be read."""
+    """A checkpoint written by :func:`save`. When ``path`` cannot be read (missing,
+    truncated, garbled) and its :func:`previous` can, that one, with a warning on stderr
+    naming both files; else :class:`CheckpointError` (naming ``path``)."""
     path = Path(path)
+    try:
+        return _read(path, map_location)
+    except CheckpointError as e:
+        prev = previous(path)
+        if not prev.is_file():
+            raise
+        try:
+            state = _read(prev, map_location)
+        except CheckpointError:
+            raise e from None
+        if distributed.is_main():
+            print(f"warning: {e}; using the previous checkpoint {prev} (step {state['step']})", file=sys.stderr)
+        return state
+
+
+def _read(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(path, "no checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, pickle garbage, a text file, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(path, f"unreadable checkpoint (truncated or not a checkpoint): {first}") from None

@@ -12,9 +12,10 @@ are identities), so single-process code paths never change.
 ablation runner shards grid points across ranks with :func:`shard` and trains each point
 in one process.
 
-Who uses what: train.py splits the global batch and averages gradients across ranks,
-checkpoint.py writes on the main rank only, evaluate.py shards test batches and gathers
-per-row results.
+Who uses what: train.py's trainer runs its steps through :class:`DataParallelStep`
+(this rank's rows of the global batch, DistributedDataParallel, the weighted global
+loss), checkpoint.py writes on the main rank only, evaluate.py shards test batches and
+gathers per-row results.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 __all__ = [
     "launched",
@@ -44,6 +46,8 @@ __all__ = [
     "all_gather_object",
     "gather_rows",
     "all_sum",
+    "any_rank",
+    "DataParallelStep",
 ]
 
 T = TypeVar("T")
@@ -107,8 +111,8 @@ def session() -> Iterator[None]:
 def solo() -> Iterator[None]:
     """Inside the block this process acts alone: ``world() == 1``, ``rank() == 0``,
     collectives are identities, files are written (a grid point trained by one rank of a
-    sharded ablation). Load the point's config inside the block too: ``train.batch_size``
-    is checked against ``world()``."""
+    sharded ablation). ``train`` checks ``train.batch_size`` against ``world()`` when it
+    starts, so a point trained inside the block may have any batch size."""
     global _solo
     _solo += 1
     try:
@@ -173,3 +177,74 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank (a collective; ``flag`` in one process): a
+    decision every rank must take alike, e.g. to stop training."""
+    if not active():
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+
+
+class _Step(nn.Module):
+    """One training step as a module: what DistributedDataParallel wraps, so that the model
+    and the objective (both may own trained parameters) are one module whose gradients it
+    averages. The objective still gets the plain model: it reads the model's attributes
+    (``rule``, ``mask_id``, ``new_cache``) and may call it several times a step."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, tokens: Tensor, ranks: Tensor, generator: torch.Generator) -> Any:
+        return self.objective.step(self.model, tokens, ranks, generator=generator)
+
+
+class DataParallelStep:
+    """The data-parallel mechanics of a training step; in one process, the plain step.
+
+    Rank ``r`` of ``W`` takes rows ``[r·b, (r+1)·b)`` of the global batch (``b =
+    batch_size / W``; :meth:`rows`), runs ``objective.step(model, ...)`` through
+    ``DistributedDataParallel`` (model and objective wrapped together, so the gradients of
+    both are averaged; ``find_unused_parameters``: an objective need not touch every
+    parameter every step), and backpropagates ``loss_r · W · w_r / Σ w`` (:meth:`backward`,
+    ``w`` the step's ``weight``): the averaged gradient is that of the global loss
+    ``Σ_r w_r loss_r / Σ w`` (:meth:`global_loss`).
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module, batch_size: int, device: torch.device):
+        w, r = world(), rank()
+        self.rows = slice(r * batch_size // w, (r + 1) * batch_size // w)  # this rank's part of a batch
+        self.device = device
+        self.module: nn.Module = _Step(model, objective)
+        if w > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+            self.module = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+
+    def __call__(self, tokens: Tensor, ranks: Tensor, generator: torch.Generator) -> Any:
+        """``objective.step`` on this rank's rows of the global batch ``tokens, ranks``
+        (moved to the device)."""
+        return self.module(tokens[self.rows].to(self.device), ranks[self.rows].to(self.device), generator)
+
+    @staticmethod
+    def global_loss(loss: Tensor, weight: float) -> tuple[float, float]:
+        """``(share, loss)``: this rank's share ``w_r / Σ w`` of the global batch (1 in one
+        process; equal shares when every weight is 0) and the global loss ``Σ w_r loss_r / Σ w``
+        (a collective)."""
+        value = float(loss.detach())
+        if world() == 1:
+            return 1.0, value
+        w = float(weight)
+        total_w, total_wl, total_l = all_sum(torch.tensor([w, w * value, value], dtype=torch.float64)).tolist()
+        if total_w > 0:
+            return w / total_w, total_wl / total_w
+        return 1.0 / world(), total_l / world()
+
+    @staticmethod
+    def backward(loss: Tensor, share: float) -> None:
+        """Backpropagate this rank's part: DDP averages gradients over ranks, so rank ``r``
+        weighs its loss by ``W · share_r``."""
+        (loss if world() == 1 else loss * (share * world())).backward()

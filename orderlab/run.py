@@ -22,8 +22,13 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
   ``train.steps > 0`` and none is an error) and evaluates.
 - Ctrl-C keeps the last checkpoint and metrics, writes ``results.json`` with status
   "interrupted" and exits with status 130.
-- A config error, or a checkpoint that is missing (``--eval-only``), truncated or does
-  not fit the config, exits with status 2 and one line on stderr naming the key or file.
+- A config error, or a checkpoint that is missing (``--eval-only``), unreadable (and
+  so is the previous one kept beside it) or does not fit the config, exits with status
+  2 and one line on stderr naming the key or file.
+- A non-finite loss, gradient norm or metric stops training at that step (past
+  ``train.skip_nonfinite`` skipped steps): one line on stderr naming the stage, step and
+  quantity, exit status 2, ``results.json`` status "failed"; the stage's last (finite)
+  checkpoint is kept and nothing is evaluated.
 
 ``results.json`` (written here only, atomically, also on failure) holds::
 
@@ -67,7 +72,7 @@ from orderlab.config import Experiment, Stage, load
 from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, test_likelihood
 from orderlab.registry import ConfigError
 from orderlab.runfolder import RunFolderError, claim
-from orderlab.train import TrainResult, train
+from orderlab.train import NonFiniteError, TrainResult, train
 
 __all__ = ["main", "execute", "PARETO"]
 
@@ -251,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error("config error", e)
     try:
         results = execute(exp, eval_only=args.eval_only, progress=not args.no_progress)
-    except ConfigError as e:  # run.dir unusable
+    except ConfigError as e:  # run.dir unusable; a batch that does not split across processes (training start)
         return _error("config error", e)
     except RunFolderError as e:  # locked by a live run, or an earlier run there
         return _error("run folder refused", e)
@@ -262,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except ckpt.CheckpointError as e:
         return _error("checkpoint error", e)
+    except NonFiniteError as e:
+        return _error("training diverged", e)
     if distributed.is_main():
         _table(exp, results)
     return 0

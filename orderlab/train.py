@@ -1,16 +1,34 @@
 """The training loop, one for every objective: AdamW, warmup + cosine LR, clipping, EMA,
-exact resume.
+exact resume, a stop at the first non-finite step.
 
-The loop knows nothing about what it trains: each step it calls ``objective.step(model,
+A :class:`Trainer` holds everything a stage's training is: model, objective, optimizer,
+scheduler, EMA, the unfinished log windows, the step and the count of skipped steps.
+Its ``state_dict()`` *is* the checkpoint (``orderlab.checkpoint`` documents the format)
+and ``load_state_dict`` resumes it. :func:`train` is the short loop around it: batch,
+step, log, validate, checkpoint.
+
+The trainer knows nothing about what it trains: each step it calls ``objective.step(model,
 tokens, ranks, generator) -> StepOutput``, backpropagates ``loss`` and logs ``metrics``
 (their ``weight``-weighted mean over the log window, e.g. bits per token weighted by
-predicted tokens; reward, NFE, ... weighted by rows). Validation calls
-``objective.validate`` (by default ``step``) under ``no_grad`` on the task's valid split
-and logs ``valid_<metric>`` and ``valid_label``.
+predicted tokens; reward, NFE, ... weighted by rows) beside its own ``loss`` and
+``grad_norm``. Validation calls ``objective.validate`` (by default ``step``) under
+``no_grad`` on the task's valid split and logs ``valid_<metric>`` and ``valid_label``.
+What an objective promises (``trains_model``, ``policy``, ``nan_metrics``) is stated in
+``objectives.base.Objective``.
 
 What is optimised: the model's parameters when ``objective.trains_model`` (else the
 model is frozen for the call: ``requires_grad`` off and eval mode, so no dropout), plus
 the objective's own parameters. EMA averages the same modules.
+
+Non-finite steps. Before the optimizer step the trainer checks the global loss, the total
+gradient norm (computed every step, clipping or not) and the step's metrics (except the
+NaNs an objective declares in ``nan_metrics``). A non-finite one raises
+:class:`NonFiniteError` naming the stage, step and quantity, with no weight changed; a
+checkpoint with a non-finite weight is never written, so the last checkpoint is the last
+finite one. With ``skip_nonfinite = N`` the first ``N`` such steps are skipped instead (no
+optimizer or EMA update; the batch and its slot in the LR schedule are used up) and
+counted (``skipped`` in the metrics records, the checkpoint and :class:`TrainResult`); the
+``N+1``-th raises (as large-scale trainers skip a few bad batches before giving up).
 
 Every source of randomness is a function of ``(seed, step)``: the training batch is
 ``task.batch(batch_size, "train", seed=derive_seed(seed, step, "data"))`` and the
@@ -20,34 +38,38 @@ of ``2N`` steps and a run of ``N`` steps resumed for ``N`` more give bit-identic
 curves and metrics records on CPU.
 
 Under ``torchrun`` (``orderlab.distributed``: a process group of ``W`` ranks) the same
-loop is data-parallel. Every rank draws the global batch of step ``s`` exactly as one
-process does and takes its rows ``[r·b, (r+1)·b)``, ``b = batch_size / W`` (so
-``batch_size`` must divide by ``W``). The objective's generator is seeded
-``derive_seed(seed, s, "objective@r/W")`` and the global RNG ``"global@r/W"``: rank ``r``'s
-part of step ``s`` is a function of ``(seed, s, r, W)``, and with ``W = 1`` the streams are
-the single-process ones. The model and the objective (whose parameters may train too) are
-wrapped together in ``DistributedDataParallel``, which averages their gradients; rank
-``r`` backpropagates ``loss_r · W · w_r / Σ w`` (``w`` = ``StepOutput.weight``), so the
-averaged gradient is that of ``Σ_r w_r loss_r / Σ w``: the global batch's loss when an
-objective's loss is a ``weight``-weighted mean (likelihood objectives: nats per predicted
-token, weight = predicted tokens; weight 1: equal slices, a per-row mean). What is exact:
-the data, the gradient of that global loss, the logged ``loss`` and ``weight``-weighted
-metrics (windows are gathered from every rank before they are averaged), validation
-(whole batches sharded across ranks, results merged in batch order). What is not: the
-objective's random draws (its generator is per rank, so a stochastic objective's estimate
-differs from one process's draw for draw but not in distribution), and quantities an
-objective couples across the rows of its batch (REINFORCE's batch baseline is per slice;
-an objective's buffers, e.g. its EMA baseline, are rank 0's, broadcast each step).
-Rank 0 writes the files; all ranks resume from the same checkpoint, which holds every
-rank's RNG state (resuming on another world size reseeds them from ``(seed, step)``).
+loop is data-parallel through ``distributed.DataParallelStep``. Every rank draws the
+global batch of step ``s`` exactly as one process does and takes its rows ``[r·b,
+(r+1)·b)``, ``b = batch_size / W`` (so ``batch_size`` must divide by ``W``: a
+``ConfigError`` when training starts). The objective's generator is seeded
+``derive_seed(seed, s, "objective@r/W")`` and the global RNG ``"global@r/W"``: rank
+``r``'s part of step ``s`` is a function of ``(seed, s, r, W)``, and with ``W = 1`` the
+streams are the single-process ones. The model and the objective are wrapped together in
+``DistributedDataParallel``, which averages their gradients; rank ``r`` backpropagates
+``loss_r · W · w_r / Σ w`` (``w`` = ``StepOutput.weight``), so the averaged gradient is
+that of ``Σ_r w_r loss_r / Σ w``: the global batch's loss when an objective's loss is a
+``weight``-weighted mean (likelihood objectives: nats per predicted token, weight =
+predicted tokens; weight 1: equal slices, a per-row mean). What is exact: the data, the
+gradient of that global loss, the logged ``loss`` and ``weight``-weighted metrics (windows
+are gathered from every rank before they are averaged), validation (whole batches sharded
+across ranks, results merged in batch order), the non-finite checks (every rank takes the
+same decision). What is not: the objective's random draws (its generator is per rank, so
+a stochastic objective's estimate differs from one process's draw for draw but not in
+distribution), and quantities an objective couples across the rows of its batch
+(REINFORCE's batch baseline is per slice; an objective's buffers, e.g. its EMA baseline,
+are rank 0's, broadcast each step). Rank 0 writes the files; all ranks resume from the
+same checkpoint, which holds every rank's RNG state (resuming on another world size
+reseeds them from ``(seed, step)``).
 
 Files (names and contents: ``orderlab.checkpoint``), in ``run_dir`` when given:
-``checkpoint.pt`` every ``ckpt_every`` steps and at the end, and ``metrics.jsonl``, one
-record per logged step: ``step``, the objective's metrics, ``loss`` (mean of the steps'
-losses), ``lr``, ``tokens_per_s`` (non-padding input tokens per second); plus
-``valid_<metric>``, ``valid_loss``, ``valid_label`` at validation steps. On failure or
-Ctrl-C the last checkpoint is kept and the exception propagates; the caller's
-:class:`TrainResult` (``result=``) holds the status (run.py writes ``results.json``).
+``checkpoint.pt`` every ``ckpt_every`` steps and at the end (the one before it kept as
+``checkpoint.prev.pt``), and ``metrics.jsonl``, one record per logged step: ``step``, the
+objective's metrics, ``loss`` (mean of the steps' losses), ``grad_norm`` (mean total
+gradient norm, before clipping), ``lr``, ``tokens_per_s`` (non-padding input tokens per
+second), ``skipped`` (when ``skip_nonfinite > 0``); plus ``valid_<metric>``,
+``valid_loss``, ``valid_label`` at validation steps. On failure or Ctrl-C the last
+checkpoint is kept and the exception propagates; the caller's :class:`TrainResult`
+(``result=``) holds the status (run.py writes ``results.json``).
 """
 
 from __future__ import annotations
@@ -62,16 +84,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
+from orderlab.objectives.base import Objective
 from orderlab.registry import ConfigError
 from orderlab.runtime import derive_seed, device_of, rank_stream
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "Trainer",
+    "NonFiniteError",
     "EMA",
     "WarmupCosine",
     "WindowMeans",
@@ -96,6 +122,7 @@ class TrainConfig:
     eval_every: int = 250  # 0: validate only at the end
     valid_n: int = 256  # validation examples (task's "valid" split); 0: no validation
     ckpt_every: int = 250  # 0: checkpoint only at the end
+    skip_nonfinite: int = 0  # non-finite steps skipped (and counted) before training stops; 0: stop at the first
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -114,18 +141,33 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.valid_n >= 0, "valid_n", ">= 0")
         need(self.ckpt_every >= 0, "ckpt_every", ">= 0")
+        need(self.skip_nonfinite >= 0, "skip_nonfinite", ">= 0")
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
-        _check_world(self)
 
 
-def _check_world(cfg: TrainConfig) -> None:
-    """The global batch must split evenly across the ranks of a process group."""
+def _check_world(cfg: TrainConfig, stage: str | None) -> None:
+    """The global batch must split evenly across the ranks of a process group. Checked when
+    training starts, not when a YAML is loaded: loading asks no process group."""
     w = distributed.world()
     if cfg.batch_size % w:
-        raise ConfigError("train.batch_size", f"the global batch ({cfg.batch_size}) must be divisible by the number "
-                                              f"of processes ({w}, torchrun's world size)")
+        key = f"stages.{stage}.train.batch_size" if stage else "train.batch_size"
+        raise ConfigError(key, f"the global batch ({cfg.batch_size}) must be divisible by the number of processes "
+                               f"({w}, torchrun's world size)")
 
 
+class NonFiniteError(ValueError):
+    """A training step's loss, gradient norm or metric, or a weight about to be saved, is
+    NaN or infinite: training stops with no weight changed. The one-line message names the
+    stage, the step and the quantity."""
+
+    def __init__(self, stage: str | None, step: int, what: str, value: float, skipped: int = 0,
+                 checkpoint_step: int | None = None):
+        self.stage, self.step, self.what, self.value = stage, step, what, value
+        where = f"stage {stage!r}, step {step}" if stage else f"step {step}"
+        after = f" after {skipped} skipped non-finite steps (train.skip_nonfinite)" if skipped else ""
+        kept = f"its last checkpoint (step {checkpoint_step}) is kept" if checkpoint_step is not None else \
+            "no checkpoint was written"
+        super().__init__(f"{where}: {what} is {value}, not finite{after}; training stopped, {kept}")
 
 
 class WarmupCosine:
@@ -281,6 +323,7 @@ class TrainResult:
     wall_s: float = 0.0
     error: str | None = None
     ema: EMA | None = None
+    skipped: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary (no tensors)."""
@@ -294,6 +337,7 @@ class TrainResult:
             "valid": self.valid,
             "wall_s": round(self.wall_s, 3),
             "ema": self.ema is not None,
+            "skipped": self.skipped,
         }
         if self.error is not None:
             out["error"] = self.error
@@ -317,7 +361,7 @@ def _trained(model: nn.Module, objective: nn.Module) -> nn.ModuleDict:
     """The modules this call optimises (and averages): ``model`` when the objective
     trains it, the objective when it has trainable parameters of its own."""
     out = nn.ModuleDict()
-    if getattr(objective, "trains_model", True):
+    if objective.trains_model:
         out["model"] = model
     if any(p.requires_grad for p in objective.parameters()):
         out["objective"] = objective
@@ -409,226 +453,265 @@ def validate(
     return {**means.compute(), **loss.compute(), "label": _label(labels)}
 
 
+# --------------------------------------------------------------------------- trainer
+
+
+def _seed_rng(seed: int, step: int) -> None:
+    """This rank's global torch and Python RNGs (dropout, ...) from ``(seed, step)``."""
+    torch.manual_seed(derive_seed(seed, step, rank_stream("global")))
+    random.seed(derive_seed(seed, step, rank_stream("python")))
+
+
+class Trainer:
+    """One stage's training state, which is exactly its checkpoint: model, objective,
+    AdamW, the warmup-cosine scheduler, EMA, the unfinished log windows, ``step`` (of the
+    last step done) and ``skipped`` (non-finite steps skipped), plus the global RNG states.
+
+    ``state_dict()`` is the checkpoint; ``load_state_dict(state)`` resumes it exactly;
+    ``save(path)`` / ``resume(path)`` write and read it as a file (``saved_step``: the
+    step of the last one, None before the first). ``train_step`` is one optimisation
+    step, ``log_record`` closes a log window, ``validation`` validates (with the EMA
+    weights when there is an EMA). Build it with the model frozen when the objective does
+    not train it (:func:`train` does). ``stage`` names the stage in error messages.
+    Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
+    False and the objective has no trainable parameters).
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig, stage: str | None = None,
+                 extra: dict[str, Any] | None = None):
+        self.model, self.objective, self.cfg, self.stage, self.extra = model, objective, cfg, stage, extra
+        self.device = device_of(model)
+        self.modules = _trained(model, objective)  # what is optimised and averaged
+        self.params = [p for p in self.modules.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"nothing to train: {type(objective).__name__} has trains_model=False and no "
+                             "trainable parameters of its own")
+        self.optimizer = torch.optim.AdamW(_param_groups(self.params, cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup, cfg.steps))
+        self.ema = EMA(self.modules, cfg.ema) if cfg.ema is not None else None
+        self.metrics, self.losses = WindowMeans(), WindowMeans()  # the objective's metrics; the loop's own
+        self.step, self.skipped, self.lr = 0, 0, cfg.lr
+        self.saved_step: int | None = None
+        self.parallel = distributed.DataParallelStep(model, objective, cfg.batch_size, self.device)
+
+    # -- the checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint (a collective under a process group: windows and RNG states are
+        gathered from every rank). :class:`NonFiniteError` instead of a state with a
+        non-finite weight."""
+        for key, value in self.modules.state_dict().items():
+            bad = ~torch.isfinite(value) if value.is_floating_point() else None
+            if bad is not None and bool(bad.any()):
+                raise NonFiniteError(self.stage, self.step, f"weight {key!r}", float(value[bad].flatten()[0]),
+                                     checkpoint_step=self.saved_step)
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict() or None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": ckpt.rng_state(),
+            "window": {"metrics": self.metrics.state_dict(), "loss": self.losses.state_dict()},
+            "skipped": self.skipped,
+            "extra": self.extra,
+        }
+        if distributed.world() > 1:
+            state["rng_ranks"] = distributed.all_gather_object(ckpt.rng_state())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], path: str | Path = "checkpoint") -> None:
+        """Resume from a checkpoint (``path`` names it in errors about weights that do not fit)."""
+        ckpt.load_weights(self.model, state["model"], path, "model")
+        if state.get("objective") is not None:
+            ckpt.load_weights(self.objective, state["objective"], path, "objective")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+        self.metrics.load_state_dict(state["window"]["metrics"])  # each rank its own part of the window
+        self.losses.load_state_dict(state["window"]["loss"])
+        # this rank's RNG state: its own when the checkpoint was written by as many ranks
+        # (one process: "rng"); on another world size the data and the weights resume
+        # exactly, the per-rank streams cannot: reseeded from (seed, step)
+        per_rank, w = state.get("rng_ranks"), distributed.world()
+        if per_rank is None and w == 1:
+            ckpt.set_rng_state(state["rng"])
+        elif per_rank is not None and len(per_rank) == w:
+            ckpt.set_rng_state(per_rank[distributed.rank()])
+        else:
+            _seed_rng(self.cfg.seed, self.step)
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (rank 0; every rank calls it and waits until the file is whole)."""
+        ckpt.save(path, self.state_dict())
+        distributed.barrier()  # no rank goes on (and may read the file) before it is written
+        self.saved_step = self.step
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint file ``path`` (its previous one when it is unreadable)."""
+        self.load_state_dict(ckpt.load(path, map_location=self.device), path)
+        self.saved_step = self.step
+
+    # -- training
+    def train_mode(self) -> None:
+        self.model.train(self.objective.trains_model)  # a frozen model runs in eval mode: no dropout
+        self.objective.train()
+
+    def train_step(self, tokens: Tensor, ranks: Tensor, step: int) -> float:
+        """Step ``step`` on the global batch ``tokens, ranks`` (this rank takes its rows);
+        returns the global loss. A non-finite step changes no weight: it is skipped and
+        counted, or past ``cfg.skip_nonfinite`` skipped steps raises :class:`NonFiniteError`."""
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, step, rank_stream("objective")))
+        out = self.parallel(tokens, ranks, g)
+        share, loss = self.parallel.global_loss(out.loss, out.weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.parallel.backward(out.loss, share)  # also for a non-finite loss: DDP expects every backward
+        norm = get_total_norm([p.grad for p in self.params if p.grad is not None])  # before clipping
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        fault = self._fault(loss, float(norm), out.metrics)
+        if fault is None:
+            if self.cfg.clip is not None:
+                clip_grads_with_norm_(self.params, self.cfg.clip, norm)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.modules)
+            self.metrics.update(out.metrics, out.weight)
+            self.losses.update({"loss": float(out.loss.detach()), "grad_norm": float(norm)}, share)  # shares sum to 1
+        else:
+            if self.skipped >= self.cfg.skip_nonfinite:
+                raise NonFiniteError(self.stage, step, *fault, skipped=self.skipped, checkpoint_step=self.saved_step)
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step = step
+        return loss
+
+    def _fault(self, loss: float, norm: float, metrics: Mapping[str, float]) -> tuple[str, float] | None:
+        """``(what, value)`` of the step's first non-finite quantity, or None. Every rank
+        finds the same: the loss and the gradient norm are global, a metric's fault is
+        shared (its name found on whichever rank has it)."""
+        if not math.isfinite(loss):
+            return "loss", loss
+        if not math.isfinite(norm):
+            return "gradient norm", norm
+        allowed = self.objective.nan_metrics
+        mine = next(((f"metric {k!r}", float(v)) for k, v in metrics.items()
+                     if not math.isfinite(v) and not (math.isnan(v) and k in allowed)), None)
+        if distributed.any_rank(mine is not None):
+            return next(f for f in distributed.all_gather_object(mine) if f is not None)
+        return None
+
+    def log_record(self, tokens_per_s: float) -> dict[str, Any]:
+        """The metrics record closing the current log window (every rank's steps), which
+        starts a new one. The loop's own keys come last: ``loss`` is always the mean of
+        ``StepOutput.loss``."""
+        record = {"step": self.step, **self.metrics.gather().compute(), **self.losses.gather().compute(),
+                  "lr": self.lr, "tokens_per_s": tokens_per_s}
+        if self.cfg.skip_nonfinite:
+            record["skipped"] = self.skipped
+        self.metrics.reset()
+        self.losses.reset()
+        return record
+
+    def validation(self, task: Any) -> dict[str, Any]:
+        """:func:`validate` on ``cfg.valid_n`` examples, with the EMA weights when there is an EMA."""
+        with self.ema.swapped(self.modules) if self.ema is not None else contextlib.nullcontext():
+            return validate(self.model, self.objective, task, self.cfg.valid_n, self.cfg.batch_size, seed=self.cfg.seed,
+                            device=self.device)
+
+
 # --------------------------------------------------------------------------- loop
 
 
 def train(
     model: nn.Module,
-    objective: nn.Module,
+    objective: Objective,
     task: Any,
     cfg: TrainConfig,
     run_dir: str | Path | None = None,
     *,
     resume: bool = False,
     progress: bool = True,
-    name: str = "train",
+    name: str | None = None,
     on_step: Callable[[int, dict[str, Any] | None], None] | None = None,
     extra: dict[str, Any] | None = None,
     result: TrainResult | None = None,
 ) -> TrainResult:
     """Train with ``objective`` on ``task`` for ``cfg.steps`` steps (see the module docstring).
 
-    With ``resume`` and a checkpoint in ``run_dir``, continues from its step exactly
-    (model, objective, optimizer, scheduler, EMA, RNG states, the unfinished log window);
-    without, a stale checkpoint and metrics file there are removed first.
-    ``on_step(step, record)`` is called after each step (``record``: the metrics record of
-    a logged step, else ``None``). ``extra`` is stored in the checkpoint as is (e.g. the
+    With ``resume`` and a checkpoint in ``run_dir``, continues from its step exactly (a
+    :class:`Trainer`'s whole state; an unreadable latest checkpoint falls back to the
+    previous one, ``orderlab.checkpoint.load``); without, stale checkpoints and metrics
+    there are removed first. ``name``: the stage (progress bar, error messages, the
+    ``stages.<name>.train`` key of a batch that does not split across processes).
+    ``on_step(step, record)`` is called after each step (``record``: the metrics record
+    of a logged step, else ``None``). ``extra`` is stored in the checkpoint as is (e.g. the
     resolved config). ``result`` (filled in place and returned) lets a caller read the
-    status, step and last checkpoint step when the call raises.
-    Raises ``ValueError`` when there is nothing to train (``objective.trains_model`` is
-    False and the objective has no trainable parameters).
+    status, step and last checkpoint step when the call raises (:class:`NonFiniteError`
+    at the first non-finite step past ``cfg.skip_nonfinite``; ``ValueError`` when there
+    is nothing to train).
     """
-    device = device_of(model)
-    files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
     result = result if result is not None else TrainResult()
-    frozen = not getattr(objective, "trains_model", True)
-    _check_world(cfg)
-    with _frozen(model, frozen):
-        trained = _trained(model, objective)
-        params = [p for p in trained.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"nothing to train: {type(objective).__name__} has trains_model=False and no "
-                             "trainable parameters of its own")
-        opt = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps))
-        ema = EMA(trained, cfg.ema) if cfg.ema is not None else None
-        means, losses = WindowMeans(), WindowMeans()
-
-        start = 0
-        if resume and files is not None and files.checkpoint.exists():
-            state = ckpt.load(files.checkpoint, map_location=device)
-            ckpt.load_weights(model, state["model"], files.checkpoint, "model")
-            if state.get("objective") is not None:
-                ckpt.load_weights(objective, state["objective"], files.checkpoint, "objective")
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            start = int(state["step"])
-            _resume_rng(state, cfg.seed, start)
-            means.load_state_dict(state["window"]["metrics"])  # each rank its own part of the window
-            losses.load_state_dict(state["window"]["loss"])
-            ckpt.truncate_metrics(files.metrics, start)
-            result.checkpoint_step = start
+    _check_world(cfg, name)
+    files = ckpt.StageFiles(Path(run_dir)) if run_dir is not None else None
+    with _frozen(model, not objective.trains_model):
+        trainer = Trainer(model, objective, cfg, stage=name, extra=extra)
+        if resume and files is not None and (files.checkpoint.exists() or files.previous.exists()):
+            trainer.resume(files.checkpoint)
+            ckpt.truncate_metrics(files.metrics, trainer.step)
+            result.checkpoint_step = trainer.step
         else:
-            torch.manual_seed(derive_seed(cfg.seed, 0, rank_stream("global")))
-            random.seed(derive_seed(cfg.seed, 0, rank_stream("python")))
+            _seed_rng(cfg.seed, 0)
             if files is not None:
                 files.clear()  # a fresh run: no stale checkpoint or records
-        result.status, result.start_step, result.step, result.ema = "running", start, start, ema
-        return _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result,
-                     frozen=frozen, progress=progress, name=name, on_step=on_step, extra=extra)
-
-
-def _resume_rng(state: Mapping[str, Any], seed: int, step: int) -> None:
-    """This rank's RNG state from a checkpoint: its own when the checkpoint was written by
-    as many ranks (one process: ``rng``), else reseeded from ``(seed, step)`` per rank."""
-    per_rank, w = state.get("rng_ranks"), distributed.world()
-    if per_rank is None and w == 1:
-        ckpt.set_rng_state(state["rng"])
-    elif per_rank is not None and len(per_rank) == w:
-        ckpt.set_rng_state(per_rank[distributed.rank()])
-    else:  # another world size: the data and the weights resume exactly, the per-rank streams cannot
-        torch.manual_seed(derive_seed(seed, step, rank_stream("global")))
-        random.seed(derive_seed(seed, step, rank_stream("python")))
-
-
-class _Step(nn.Module):
-    """One training step as a module: what DistributedDataParallel wraps, so that the model
-    and the objective (both may own trained parameters) are one module whose gradients it
-    averages. The objective still gets the plain model: it reads the model's attributes
-    (``rule``, ``mask_id``, ``new_cache``) and may call it several times a step."""
-
-    def __init__(self, model: nn.Module, objective: nn.Module):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, tokens, ranks, generator):
-        return self.objective.step(self.model, tokens, ranks, generator=generator)
-
-
-def _data_parallel(model: nn.Module, objective: nn.Module, device: torch.device) -> Callable:
-    """``step(tokens, ranks, generator) -> StepOutput``: the objective's step, through DDP
-    under a process group. ``find_unused_parameters``: an objective need not touch every
-    parameter every step (a policy's unused features, a frozen reference)."""
-    if distributed.world() == 1:
-        return lambda tokens, ranks, generator: objective.step(model, tokens, ranks, generator=generator)
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(_Step(model, objective), device_ids=ids, find_unused_parameters=True)
-
-
-def _global_loss(out: Any) -> tuple[float, float]:
-    """``(share, loss)``: this rank's share ``w_r / Σ w`` of the global batch (1 in one
-    process; equal shares when every weight is 0) and the global loss ``Σ w_r loss_r / Σ w``."""
-    loss = float(out.loss.detach())
-    if distributed.world() == 1:
-        return 1.0, loss
-    w = float(out.weight)
-    total_w, total_wl, total_l = distributed.all_sum(torch.tensor([w, w * loss, loss], dtype=torch.float64)).tolist()
-    if total_w > 0:
-        return w / total_w, total_wl / total_w
-    return 1.0 / distributed.world(), total_l / distributed.world()
-
-
-def _loop(model, objective, task, cfg, files, trained, opt, sched, ema, means, losses, result, *, frozen, progress, name,
-          on_step, extra) -> TrainResult:
-    device = device_of(model)
-    world, rank = distributed.world(), distributed.rank()
-    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's part of a batch
-    step_fn = _data_parallel(model, objective, device)
-
-    def set_modes() -> None:
-        model.train(not frozen)  # a frozen model runs in eval mode: no dropout
-        objective.train()
-
-    def checkpoint(step: int) -> None:
-        if files is None:
-            return
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "objective": objective.state_dict() if len(objective.state_dict()) else None,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": ckpt.rng_state(),
-            "window": {"metrics": means.state_dict(), "loss": losses.state_dict()},
-            "extra": extra,
-        }
-        if world > 1:
-            state["rng_ranks"] = distributed.all_gather_object(ckpt.rng_state())
-        ckpt.save(files.checkpoint, state)  # rank 0 writes
-        distributed.barrier()  # the file is whole before any rank goes on (and may read it)
-        result.checkpoint_step = step
-
-    def validation(step: int) -> dict[str, Any] | None:
-        if cfg.valid_n == 0:
-            return None
-        with ema.swapped(trained) if ema is not None else contextlib.nullcontext():
-            v = validate(model, objective, task, cfg.valid_n, cfg.batch_size, seed=cfg.seed, device=device)
-        result.valid = {"step": step, **v}
-        return v
-
-    t_start = t_window = time.perf_counter()
-    window_tokens = 0
-    bar = _progress(name, progress and distributed.is_main())
-    try:
-        with bar:
-            bar_id = bar.add_task(name, total=cfg.steps, completed=result.start_step, info="")
-            set_modes()
-            for step in range(result.start_step + 1, cfg.steps + 1):
-                tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
-                window_tokens += int((ranks >= 0).sum())  # the global batch's
-                tokens, ranks = tokens[rows].to(device), ranks[rows].to(device)
-                g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, rank_stream("objective")))
-                out = step_fn(tokens, ranks, g)
-                share, loss = _global_loss(out)
-                opt.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks: rank r weighs its loss by W · share_r
-                (out.loss if world == 1 else out.loss * (share * world)).backward()
-                if cfg.clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.clip)
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update(trained)
-                result.step = step
-                result.losses.append(loss)
-                means.update(out.metrics, out.weight)
-                losses.update({"loss": float(out.loss.detach())}, share)  # the shares of a step sum to 1
-
-                record: dict[str, Any] | None = None
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    dt = max(time.perf_counter() - t_window, 1e-9)
-                    # the loop's own keys come last: "loss" is always the mean of StepOutput.loss
-                    record = {"step": step, **means.gather().compute(), **losses.gather().compute(), "lr": lr,
-                              "tokens_per_s": window_tokens / dt}
-                    means.reset()
-                    losses.reset()
-                    window_tokens, t_window = 0, time.perf_counter()
-                    bar.update(bar_id, info=_format(record))
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    v = validation(step)
-                    if v is not None:
-                        record = dict(record or {"step": step})
-                        record.update({f"valid_{k}": x for k, x in v.items()})
-                if record is not None:
-                    result.last = record
-                    if files is not None:
-                        ckpt.append_metrics(files.metrics, record)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                    checkpoint(step)
-                bar.update(bar_id, completed=step)
-                if on_step is not None:
-                    on_step(step, record)
-    except BaseException as e:
-        result.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        result.error = f"{type(e).__name__}: {e}"
-        result.wall_s = time.perf_counter() - t_start
-        raise
+        result.status, result.start_step, result.step = "running", trainer.step, trainer.step
+        result.ema, result.skipped = trainer.ema, trainer.skipped
+        t_start = time.perf_counter()
+        try:
+            _loop(trainer, task, files, result, progress and distributed.is_main(), on_step)
+        except BaseException as e:
+            result.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            result.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            result.wall_s = time.perf_counter() - t_start
     result.status = "completed"
-    result.wall_s = time.perf_counter() - t_start
     return result
+
+
+def _loop(trainer: Trainer, task: Any, files: ckpt.StageFiles | None, result: TrainResult, progress: bool,
+          on_step: Callable[[int, dict[str, Any] | None], None] | None) -> None:
+    """Batch, step, log, validate, checkpoint: nanoGPT's loop, the state in ``trainer``."""
+    cfg = trainer.cfg
+    window_tokens, t_window = 0, time.perf_counter()
+    with _progress(trainer.stage or "train", progress) as bar:
+        bar_id = bar.add_task("", total=cfg.steps, completed=trainer.step, info="")
+        trainer.train_mode()
+        for step in range(trainer.step + 1, cfg.steps + 1):
+            tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
+            window_tokens += int((ranks >= 0).sum())  # the global batch's
+            result.losses.append(trainer.train_step(tokens, ranks, step))
+            result.step, result.skipped = step, trainer.skipped
+            last = step == cfg.steps
+
+            record: dict[str, Any] | None = None
+            if step % cfg.log_every == 0 or last:
+                record = trainer.log_record(window_tokens / max(time.perf_counter() - t_window, 1e-9))
+                window_tokens, t_window = 0, time.perf_counter()
+                bar.update(bar_id, info=_format(record))
+            if cfg.valid_n and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                valid = trainer.validation(task)
+                result.valid = {"step": step, **valid}
+                record = {**(record or {"step": step}), **{f"valid_{k}": v for k, v in valid.items()}}
+            if record is not None:
+                result.last = record
+                if files is not None:
+                    ckpt.append_metrics(files.metrics, record)
+            if files is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last):
+                trainer.save(files.checkpoint)
+                result.checkpoint_step = step
+            bar.update(bar_id, completed=step)
+            if on_step is not None:
+                on_step(step, record)

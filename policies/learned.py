@@ -302,6 +302,24 @@ class LearnedPolicy(Policy, nn.Module):
     Subclasses give ``distribution(logits, candidates, k)`` and ``set_size(view, logits)``.
     ``greedy``: the distribution's mode (ties at random, seeded) instead of a sample.
     ``seed``: the policy's own generator, re-seeded at every ``reset()`` (every decode).
+
+    The contract objectives and evaluation rely on (an objective exposes the policy it
+    learns as ``Objective.policy``, an instance of this class):
+
+    - ``select(view)`` (the ``Policy`` interface) decodes with it, without gradients; the
+      decoder calls it once per step of one walk after ``reset()``.
+    - ``recording(seed, greedy, follow, reference)``: a block inside which the *last*
+      decode is recorded into the yielded :class:`Trajectory`: per step the features,
+      candidates, chosen set, set size and ``log π`` of the choice (and a reference
+      policy's ``log_prob`` of it). ``follow`` makes the policy reveal given ranks instead
+      of choosing (teacher forcing). No nesting; on exit the policy decodes as before.
+    - ``replay(traj) -> Replay``: the recorded trajectory re-scored *with gradients* in one
+      batched pass of ``net`` (no denoiser pass): ``log_prob Float[B] = Σ_k log π(S_k |
+      state_k)`` equals the log-probabilities recorded at decode time for the same
+      parameters, ``step_entropy`` / ``entropy`` the per-step entropies. A policy-gradient
+      loss is ``-(advantage · replay(traj).log_prob).mean()``.
+    - ``log_prob(selected, view)`` / ``step_distribution(view)``: one step's distribution,
+      differentiable (a variational guide or prior walks the steps itself).
     """
 
     # the width of the features, for a ``net`` given as a spec (its ``in_features``)

@@ -4,6 +4,7 @@ same global batch; resume under 2 processes is exact; objective parameters stay 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -147,6 +148,22 @@ class NoisyNLL(Objective):
         return out
 
 
+class NaNOnRank1(NoisyNLL):
+    """A metric that turns NaN at the second training step on rank 1 only: both ranks
+    must stop there (a rank stopping alone would leave the other in a collective)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def step(self, model, tokens, ranks, generator=None):
+        out = super().step(model, tokens, ranks, generator)
+        self.calls += self.training
+        if self.calls == 2 and distributed.rank() == 1:
+            out.metrics["bits_per_token"] = float("nan")
+        return out
+
+
 def _model(task):
     torch.manual_seed(0)
     return build("model", {"name": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2}, vocab_size=task.vocab_size,
@@ -156,7 +173,7 @@ def _model(task):
 def _scenarios(out: Path) -> dict:
     """What the ranks check: an interrupted and resumed stochastic run against an
     uninterrupted one, a policy-gradient stage, a batch that does not split."""
-    from orderlab.train import TrainConfig, TrainResult, train
+    from orderlab.train import NonFiniteError, TrainConfig, TrainResult, train
 
     task = RaggedAddition(digits=2)
     got: dict = {"rank": distributed.rank(), "world": distributed.world()}
@@ -202,11 +219,17 @@ def _scenarios(out: Path) -> dict:
     got["pg_logits"] = pg.logits.detach().clone()
     got["model_frozen"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
+    odd = dataclasses.replace(pg_cfg, batch_size=7)  # loading a config asks no process group
     try:
-        TrainConfig(batch_size=7)
+        train(_model(task), objective(), task, odd, progress=False, name="lm")
         got["odd_batch"] = None
-    except ConfigError as e:
+    except ConfigError as e:  # training does
         got["odd_batch"] = str(e)
+    nan, got["nan"] = TrainResult(), None
+    try:
+        train(_model(task), NaNOnRank1(), task, pg_cfg, out / "nan", progress=False, name="lm", result=nan)
+    except NonFiniteError as e:
+        got["nan"] = (str(e), nan.status, nan.step)
     with distributed.solo():  # one process inside the group: no split, no collectives
         got["solo"] = (distributed.world(), distributed.rank(), TrainConfig(batch_size=7).batch_size)
     got["shard"] = distributed.shard(range(5))
@@ -257,7 +280,7 @@ def test_resume_under_two_processes_is_exact(ranks):
                        for x in (out / d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines("full")] == [2, 3, 4, 6]
     assert lines("cut") == lines("full")  # the window cut by the checkpoint holds both ranks' updates
-    assert sorted(p.name for p in (out / "cut").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in (out / "cut").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("batch_size", [2, 5])
@@ -281,7 +304,7 @@ def test_objective_parameters_synchronised_model_frozen(ranks):
 
 def test_batch_split_errors_and_helpers(ranks):
     (r0, r1), _ = ranks
-    assert r0["odd_batch"].startswith("train.batch_size: ") and "(2, torchrun's world size)" in r0["odd_batch"]
+    assert r0["odd_batch"].startswith("stages.lm.train.batch_size: ") and "(2, torchrun's world size)" in r0["odd_batch"]
     assert r0["solo"] == r1["solo"] == (1, 0, 7)
     assert r0["shard"] == [0, 2, 4] and r1["shard"] == [1, 3]
 
@@ -290,6 +313,14 @@ def test_only_rank_0_locks_the_run_folder_and_every_rank_is_refused(ranks):
     (r0, r1), out = ranks
     assert r0["claim_lock"] == r1["claim_lock"] == (True, False)  # held in the block, released after it
     assert f"{out / 'claimed'} is in use by pid " in r0["claim"] and r1["claim"] == f"rank 0: {r0['claim']}"
+
+
+def test_a_nan_metric_on_one_rank_stops_every_rank(ranks):
+    (r0, r1), _ = ranks
+    assert r0["nan"] == r1["nan"]  # the same decision and message on both ranks, no hang
+    message, status, step = r0["nan"]
+    assert message.startswith("stage 'lm', step 2: metric 'bits_per_token' is nan, not finite")
+    assert (status, step) == ("failed", 1)
 
 
 def test_single_process_helpers_are_identities():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_cli_trains_evaluates_and_writes_the_run_folder(yaml_path, tmp_path):
     run = tmp_path / "runs" / "tiny"
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "results.json", "lm"} <= names and "run.lock" not in names  # released
-    assert {p.name for p in (run / "lm").iterdir()} == {"metrics.jsonl", "checkpoint.pt"}
+    assert {p.name for p in (run / "lm").iterdir()} == {"metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"}
     assert {"order_l2r.png", "order_threshold_tau=0.9.png"} <= names
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["checkpoints"] == {"lm": 20}
@@ -420,3 +421,29 @@ def test_unusable_run_dir_is_a_one_line_config_error(yaml_path, tmp_path, capsys
         over, needle = [f"run.dir={folder}"], f"run.dir: cannot create the run folder {folder / 'tiny'}"
     assert main(_quick(yaml_path, tmp_path, *over)) == 2  # the last run.dir= wins
     _one_line_error(capsys, needle)
+
+
+def test_a_diverging_run_stops_at_the_first_bad_step_and_exits_2(yaml_path, tmp_path, capsys):
+    """lr 1e30 without clipping (1e6 is not enough for this tiny pre-norm model): the first non-finite step stops the run with one line
+    naming stage, step and quantity; the stage's last checkpoint (one per step here) is
+    the step before, with finite weights; results.json says failed; nothing is evaluated."""
+    args = [str(yaml_path), f"run.dir={tmp_path}", "stages.lm.train.lr=1e30", "stages.lm.train.clip=null",
+            "stages.lm.train.warmup=0", "stages.lm.train.ckpt_every=1", "stages.lm.train.log_every=1",
+            "stages.lm.train.ema=null", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    found = re.fullmatch(r"training diverged stage 'lm', step (\d+): (loss|gradient norm|metric '\w+') is (nan|-?inf), "
+                         r"not finite; training stopped, its last checkpoint \(step (\d+)\) is kept", err)
+    assert found, err
+    bad, kept = int(found[1]), int(found[4])
+    assert 1 < bad < 20 and kept == bad - 1
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"].startswith(f"NonFiniteError: stage 'lm', step {bad}:")
+    lm = results["stages"]["lm"]
+    assert (lm["status"], lm["step"], lm["checkpoint_step"]) == ("failed", kept, kept)
+    assert "evaluations" not in results and results["checkpoints"] == {}
+    state = torch.load(tmp_path / "tiny" / "lm" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == kept and all(torch.isfinite(v).all() for v in state["model"].values())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "tiny" / "lm" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, bad))

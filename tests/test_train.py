@@ -1,17 +1,20 @@
 """The training loop: determinism, exact resume, failure handling, files, frozen models,
-weighted metrics."""
+weighted metrics, non-finite steps, checkpoints that fail."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from orderlab.checkpoint import load as load_checkpoint
 from orderlab.objectives.base import LossOutput, Objective, StepOutput
-from orderlab.train import EMA, TrainConfig, TrainResult, WarmupCosine, WindowMeans, train
+from orderlab.train import EMA, NonFiniteError, TrainConfig, TrainResult, WarmupCosine, WindowMeans, train
 from orderlab.runtime import derive_seed
 
 V, L = 7, 6
@@ -115,7 +118,9 @@ def test_metrics_checkpoint_and_validation_label(tmp_path):
     assert state["step"] == 12
     assert {"model", "optimizer", "scheduler", "ema", "rng"} <= set(state)
     assert state["ema"]["updates"] == 12
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no tmp file left
+    # no tmp file left; the checkpoint before the last one kept beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.jsonl"]
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["step"] == 8
     ok = train(_model(), FakeObjective(exact=True), FakeTask(), TrainConfig(**CFG), progress=False)
     assert ok.valid["label"] == "nll"
     assert ok.valid["bits_per_token"] == pytest.approx(ok.last["valid_bits_per_token"])
@@ -261,3 +266,136 @@ def test_ema_tracks_and_swaps_back():
         assert torch.equal(m.weight, ema.shadow["weight"])
     assert torch.equal(m.weight, before + 1)
     assert not math.isnan(float(ema.shadow["bias"].sum()))
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+class Diverging(FakeObjective):
+    """``FakeObjective`` whose training loss, gradients or a metric turn non-finite at the
+    given training calls (``bad``: {call: "loss" | "grad" | "metric" | "nan_ok"})."""
+
+    nan_metrics = frozenset({"maybe"})
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def step(self, model, tokens, ranks, generator=None):
+        out = super().step(model, tokens, ranks, generator)
+        kind = self.bad.get(self.calls) if self.training else None
+        if kind == "loss":
+            out.loss = out.loss * math.nan
+        elif kind == "grad":  # a finite loss whose gradient is not: d sqrt(u) / du at u = 0
+            out.loss = out.loss + torch.sqrt(model.out.bias.sum() * 0.0)
+        elif kind == "metric":
+            out.metrics["bits_per_token"] = math.inf
+        out.metrics["maybe"] = math.nan if kind == "nan_ok" else 1.0
+        return out
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind, what", [("loss", "loss is nan"), ("grad", "gradient norm is nan"),
+                                        ("metric", "metric 'bits_per_token' is inf")])
+def test_first_nonfinite_step_stops_with_no_weight_changed(tmp_path, kind, what):
+    model, seen, res = _model(), {}, TrainResult()
+    keep = lambda step, record: seen.update({step: _weights(model)})  # noqa: E731
+    with pytest.raises(NonFiniteError) as info:
+        train(model, Diverging({7: kind}), FakeTask(), TrainConfig(**CFG), tmp_path, progress=False, name="lm",
+              on_step=keep, result=res)
+    assert str(info.value) == (f"stage 'lm', step 7: {what}, not finite; training stopped, its last checkpoint "
+                               "(step 4) is kept")
+    assert (info.value.stage, info.value.step) == ("lm", 7)
+    assert res.status == "failed" and res.step == 6 and res.checkpoint_step == 4 and len(res.losses) == 6
+    assert all(torch.equal(v, seen[6][k]) for k, v in model.state_dict().items())  # the bad step changed nothing
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+
+
+def test_nonfinite_steps_are_skipped_and_counted_up_to_the_limit(tmp_path):
+    cfg = TrainConfig(**{**CFG, "skip_nonfinite": 2})
+    model, seen = _model(), {}
+    res = train(model, Diverging({3: "loss", 5: "grad", 6: "nan_ok"}), FakeTask(), cfg, tmp_path, progress=False,
+                on_step=lambda step, record: seen.update({step: _weights(model)}))
+    assert res.status == "completed" and res.step == 12 and res.skipped == 2 and res.summary()["skipped"] == 2
+    assert [i for i, x in enumerate(res.losses, 1) if not math.isfinite(x)] == [3]  # step 5: a finite loss, a NaN gradient
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert [records[s]["skipped"] for s in (2, 4, 6, 8)] == [0, 1, 2, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records.values())
+    assert math.isnan(records[6]["maybe"])  # a declared NaN metric is logged, not a failure
+    for step in (3, 5):  # a skipped step updates no weight
+        assert all(torch.equal(seen[step][k], seen[step - 1][k]) for k in seen[step])
+    assert not all(torch.equal(seen[4][k], seen[3][k]) for k in seen[4])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["skipped"] == 2
+    with pytest.raises(NonFiniteError, match=r"^step 9: loss is nan, not finite after 2 skipped non-finite steps "
+                                             r"\(train.skip_nonfinite\); training stopped, its last checkpoint \(step 8\)"):
+        train(_model(), Diverging({3: "loss", 5: "loss", 9: "loss"}), FakeTask(), cfg, tmp_path, progress=False)
+
+
+def test_a_checkpoint_with_a_nonfinite_weight_is_never_written(tmp_path):
+    from orderlab.train import Trainer
+
+    model = _model()
+    trainer = Trainer(model, FakeObjective(), TrainConfig(**CFG), stage="lm")
+    trainer.save(tmp_path / "checkpoint.pt")
+    with torch.no_grad():
+        model.out.bias[2] = math.inf
+    with pytest.raises(NonFiniteError, match=r"^stage 'lm', step 0: weight 'model.out.bias' is inf"):
+        trainer.save(tmp_path / "checkpoint.pt")
+    assert trainer.saved_step == 0 and not (tmp_path / "checkpoint.prev.pt").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints that fail
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_on_resume(tmp_path, capsys):
+    """Checkpoints at 4 and 8, interrupted at 10, checkpoint.pt truncated: the resume says
+    so, continues from step 4 and still ends bit-identical to the uninterrupted run."""
+    cfg = TrainConfig(**{**CFG, "ema": 0.9})
+    full = train(_model(), FakeObjective(), FakeTask(), cfg, tmp_path / "full", progress=False)
+
+    def stop(step, record):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), FakeObjective(), FakeTask(), cfg, tmp_path / "cut", progress=False, on_step=stop)
+    latest, prev = tmp_path / "cut" / "checkpoint.pt", tmp_path / "cut" / "checkpoint.prev.pt"
+    assert load_checkpoint(prev)["step"] == 4
+    latest.write_bytes(latest.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = train(_model(seed=5), FakeObjective(), FakeTask(), cfg, tmp_path / "cut", resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: {latest}: unreadable checkpoint" in err and f"using the previous checkpoint {prev} (step 4)" in err
+    assert resumed.start_step == 4 and resumed.losses == full.losses[4:]
+    lines = lambda d: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}  # noqa: E731
+                       for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert lines("cut") == lines("full")
+
+
+def test_a_checkpoint_that_does_not_read_back_replaces_nothing(tmp_path, monkeypatch):
+    from orderlab import checkpoint as ckpt
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save(path, {"step": 1, "model": {}})
+    ckpt.save(path, {"step": 2, "model": {}})
+    real = torch.save
+
+    def torn(obj, f):  # a write cut short (full disk, ...)
+        real(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(ckpt.CheckpointError, match="unreadable checkpoint"):
+        ckpt.save(path, {"step": 3, "model": {}})
+    monkeypatch.undo()
+    assert ckpt.load(path)["step"] == 2 and ckpt.load(tmp_path / "checkpoint.prev.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]  # no tmp file left
+    path.write_bytes(b"garbage")
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match=f"^{re.escape(str(path))}: unreadable checkpoint"):  # both bad: the latest named
+        ckpt.load(path)
