@@ -9,12 +9,12 @@ one process (``rank() == 0``, ``world() == 1``, ``shard(xs) == list(xs)``, colle
 are identities), so single-process code paths never change.
 
 :func:`solo` makes a process act alone inside a group (``world() == 1`` there): the
-ablation runner shards grid points across ranks with :func:`shard` and trains each point
-in one process.
+ablation runner deals its (grid point, seed) runs to the ranks with :func:`shard` and
+measures each in one process.
 
 Who uses what: train.py splits the global batch and averages gradients across ranks,
 checkpoint.py writes on the main rank only, evaluate.py shards test batches and gathers
-per-row results.
+the per-batch results, ablate.py shards the grid and gathers its run records.
 """
 
 from __future__ import annotations
