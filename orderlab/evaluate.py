@@ -41,8 +41,8 @@ from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, check
 from orderlab.runtime import derive_seed, device_of, sync
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
-           "ACCURACY_METRICS"]
+__all__ = ["EvaluateConfig", "IWAEConfig", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
+           "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})

@@ -220,8 +220,8 @@ def _ablation(out: Path) -> tuple:
     import orderlab
     from orderlab import ablate
 
-    cfg = {"task": {"name": "sudoku", "size": 4}, "stages": {}, "policy": "l2r",
-           "model": {"name": "transformer", "d_model": 16, "n_layers": 1, "n_heads": 2, "attention": {"name": "bidirectional"}},
+    model = {"name": "transformer", "d_model": 16, "n_layers": 1, "n_heads": 2, "attention": {"name": "bidirectional"}}
+    cfg = {"task": {"name": "sudoku", "size": 4}, "stages": {}, "policy": "l2r", "model": model,
            "evaluate": {"policies": [], "n": 4, "batch_size": 4, "likelihood": False},
            "ablate": {"grid": ["l2r", {"name": "random", "steps": [3, None]}], "seeds": [1], "n": 5, "batch_size": 2,
                       "temperature": 1.0, "heatmap_rows": 3},
