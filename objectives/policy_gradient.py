@@ -64,8 +64,8 @@ class PolicyGradient(Objective):
     an entropy bonus and the optional joint denoiser term. Subclasses define
     ``advantages(reward Float[B, G]) -> Float[B, G]``.
 
-    ``task``: the experiment's, from the build's context (rewards score with
-    ``task.score``). ``policy``: a :class:`LearnedPolicy` (its parameters are this
+    ``task``: the experiment's, from the build's context (each rollout is scored once
+    with ``task.score``; the reward gets that score). ``policy``: a :class:`LearnedPolicy` (its parameters are this
     objective's; default ``learned``). ``reward``: default the task's score. ``entropy``: weight of
     the bonus ``mean over decode steps of H(π(· | state))``. ``temperature``: token
     sampling in rollouts (0 = argmax). ``cache``: decode with the exact KV cache.
@@ -99,13 +99,12 @@ class PolicyGradient(Objective):
                 reference: Policy | None = None) -> Rollout:
         G = self.group
         x, r = tokens.repeat_interleave(G, 0), ranks.repeat_interleave(G, 0)  # [B·G, L]
-        masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
         seed = int(torch.randint(0, 2**62, (), generator=generator))  # fresh, reproducible randomness per step
         with self.policy.recording(seed=seed, greedy=False, reference=reference) as traj:
-            d = decode(model, self.policy, masked, r, cache=self.cache, temperature=self.temperature, seed=seed,
+            d = decode(model, self.policy, x, r, cache=self.cache, temperature=self.temperature, seed=seed,
                        eos_id=self.task.eos_id, pad_id=getattr(self.task, "pad_id", None))
-        score = self.task.score(d.tokens, x, r).double().to(x.device)
-        return Rollout(d, traj, x, r, self.reward(self.task, d, x, r).to(x.device), score)
+        score = self.task.score(d.tokens, x, r).double().to(x.device)  # once: the reward is built on it
+        return Rollout(d, traj, x, r, self.reward(score, d, r).to(x.device), score)
 
     # -- the estimator
     def advantages(self, reward: Tensor) -> Tensor:

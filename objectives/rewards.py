@@ -1,8 +1,9 @@
 """Rewards of a decoded batch (registry kind "reward"), for the policy-gradient objectives.
 
-``reward(task, decoded, tokens, ranks) -> Float[B]``: ``decoded`` is the rollout
-(:class:`orderlab.decoding.Decoded`), ``tokens``/``ranks`` the reference batch as the task
-gives it (ranks 1 = to generate). ``n`` below is a row's number of positions to generate
+``reward(score, decoded, ranks) -> Float64[B]``: ``score`` is the task's score of each
+decoded row (``task.score``, computed once by the caller), ``decoded`` the rollout
+(:class:`orderlab.decoding.Decoded`), ``ranks`` the reference ranks as the task gives
+them (ranks >= 1 = to generate). ``n`` below is a row's number of positions to generate
 (ranks >= 1) and ``nfe`` its number of denoiser calls.
 """
 
@@ -23,26 +24,24 @@ def _to_generate(ranks: Tensor) -> Tensor:
 
 @declare_kind("reward")
 class Reward(abc.ABC):
-    """Base of kind "reward": ``__call__(task, decoded, tokens, ranks) -> Float[B]``."""
+    """Base of kind "reward": ``__call__(score Float[B], decoded, ranks) -> Float64[B]``,
+    the reward of each row from its task score and its decode (the score is given, so
+    the task scores a rollout once)."""
 
     @abc.abstractmethod
-    def __call__(self, task, decoded, tokens: Tensor, ranks: Tensor) -> Tensor: ...
+    def __call__(self, score: Tensor, decoded, ranks: Tensor) -> Tensor: ...
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
 
 
-def _score(task, decoded, tokens: Tensor, ranks: Tensor) -> Tensor:
-    return task.score(decoded.tokens, tokens, ranks).double().to(tokens.device)
-
-
 @register("reward", "score")
 class TaskScore(Reward):
     """The task's score of the decoded row (``task.score``, e.g. exact match)."""
 
-    def __call__(self, task, decoded, tokens, ranks):
-        return _score(task, decoded, tokens, ranks)
+    def __call__(self, score, decoded, ranks):
+        return score.double()
 
 
 @register("reward", "nfe_penalty")
@@ -56,8 +55,8 @@ class NFEPenalty(Reward):
             raise ValueError(f"nfe_penalty lam must be >= 0, got {lam}")
         self.lam = float(lam)
 
-    def __call__(self, task, decoded, tokens, ranks):
-        return _score(task, decoded, tokens, ranks) - self.lam * decoded.nfe.double() / _to_generate(ranks)
+    def __call__(self, score, decoded, ranks):
+        return score.double() - self.lam * decoded.nfe.double() / _to_generate(ranks)
 
 
 @register("reward", "step_discount")
@@ -72,7 +71,7 @@ class StepDiscount(Reward):
             raise ValueError(f"step_discount alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
 
-    def __call__(self, task, decoded, tokens, ranks):
+    def __call__(self, score, decoded, ranks):
         n = _to_generate(ranks)
         frac = ((n - decoded.nfe.double() + 1) / n).clamp(0, 1)
-        return _score(task, decoded, tokens, ranks) * frac**self.alpha
+        return score.double() * frac**self.alpha

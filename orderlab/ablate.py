@@ -30,21 +30,26 @@ every grid point, so points compare on paired data), the decode RNG of batch ``j
 and whose entry does not set it (``random``, Gumbel noise). Every quantity is reported
 as the mean and the sample standard deviation (ddof 1; NaN with one seed) over seeds.
 
-Per (point, seed), sums over rows accumulate in ``torchmetrics`` ``SumMetric`` objects
-(:class:`RunMetrics`): every mean is a ratio of sums, so it does not depend on the batch
-size, and ``compute()`` will all-reduce them when the rows are sharded over processes.
-The grid is a plain ordered list (:attr:`AblateConfig.points`), to shard by index.
+Per (point, seed) the rows are measured by ``orderlab.evaluate.measure``, the evaluation's
+own path (the same decode seeds, the same metric code): a grid point and the evaluation
+row of the same policy, seed and rows carry the same numbers. Every mean is a ratio of
+sums over rows, so it does not depend on the batch size.
 
-Grid points run one after the other on the one model, each decoding its batches back to
-back. Rows of several policies are *not* packed into one decode call: the decoder takes
-one policy, a policy's noise (``random``, Gumbel) is drawn per decode batch, so packing
-would change a point's draws with its neighbours, and wall time and tokens/s per point
-would be shared rather than measured.
+Under torchrun the grid is sharded: the (point, seed) runs are dealt round-robin to the
+ranks, each rank measures its runs alone, and the records are gathered on every rank in
+grid order; rank 0 writes (:func:`run_grid`).
+
+On one rank, grid points run one after the other on the one model, each decoding its
+batches back to back. Rows of several policies are *not* packed into one decode call: the
+decoder takes one policy, a policy's noise (``random``, Gumbel) is drawn per decode
+batch, so packing would change a point's draws with its neighbours, and wall time and
+tokens/s per point would be shared rather than measured.
 
 ``results.json`` gets an ``ablation`` key (see :func:`run_grid`), rewritten atomically
-after every (point, seed); with ``run.resume=true`` (or ``--eval-only``) a rerun keeps
-the runs of a previous invocation whose setup (weights, task, model, n, batch size,
-cache, temperature, bits) is the same and evaluates only the missing ones. At the end
+after every (point, seed) (under torchrun after every round: a (point, seed) per rank);
+with ``run.resume=true`` (or ``--eval-only``) a rerun keeps the runs of a previous
+invocation whose setup (weights, task, model, n, batch size, cache, temperature, bits) is
+the same and evaluates only the missing ones. At the end
 :func:`write_outputs` writes ``results.csv``, ``ablation.md``, ``pareto.png`` and the
 order heatmaps.
 """
@@ -57,7 +62,6 @@ import itertools
 import json
 import math
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +70,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from orderlab import distributed
 from orderlab.registry import ConfigError
-from orderlab.runtime import derive_seed, sync
 
 __all__ = [
     "AblateConfig",
     "GridPoint",
     "Ablation",
-    "RunMetrics",
     "expand_grid",
     "evaluate_point",
     "run_grid",
@@ -226,106 +229,20 @@ class Ablation:
         return self.policies[point.index, seed]
 
 
-# --------------------------------------------------------------------------- metrics
+# --------------------------------------------------------------------------- a run
 
 
-class RunMetrics:
-    """Sums over the rows of one (grid point, seed), each a float64 ``SumMetric``.
-
-    Every reported mean is a ratio of sums (``tokens_per_step = Σ revealed / Σ NFE``, not
-    the mean of per-batch ratios), so the batch size does not change it; under DDP
-    ``compute()`` sums each state over processes first. Wall time is the local sum of
-    decode times; over processes it is their maximum (they decode concurrently).
-    """
-
-    def __init__(self) -> None:
-        from torchmetrics import MetricCollection
-
-        self.sums = MetricCollection({}, compute_groups=False)
-        self.wall = 0.0
-        self.quality: list[str] = []  # the per-row quality names, in the task's order
-
-    def _add(self, name: str, value: Tensor) -> None:
-        from torchmetrics.aggregation import SumMetric
-
-        if name not in self.sums:
-            self.sums.add_metrics({name: SumMetric(nan_strategy="error").set_dtype(torch.float64)})
-        self.sums[name].update(value.detach().double().sum().cpu())
-
-    def update(self, per_row: Mapping[str, Tensor], nfe: Tensor, revealed: Tensor, wall: float,
-               nats: Tensor | None = None, generated: Tensor | None = None) -> None:
-        """One batch: ``per_row`` task metrics (each ``Float[B]``), ``nfe`` and ``revealed``
-        tokens (``[B]``), the batch's decode seconds, and optionally the reference's
-        ``nats`` under the decoded order with the ``generated`` positions they cover."""
-        for name, value in per_row.items():
-            if name not in self.quality:
-                self.quality.append(name)
-            self._add(name, value)
-        self._add("rows", torch.tensor(float(nfe.numel())))
-        self._add("nfe", nfe)
-        self._add("revealed", revealed)
-        if nats is not None and generated is not None:
-            self._add("nats", nats)
-            self._add("generated", generated)
-        self.wall += wall
-
-    def compute(self) -> dict[str, float]:
-        from torchmetrics.aggregation import MaxMetric
-
-        s = {k: float(v) for k, v in self.sums.compute().items()}
-        wall = MaxMetric()
-        wall.update(self.wall)
-        wall_s = float(wall.compute())
-        out = {name: s[name] / s["rows"] for name in self.quality}
-        if "nats" in s:
-            out["bits_per_token"] = s["nats"] / max(s["generated"], 1.0) / math.log(2.0)
-        out["nfe"] = s["nfe"] / s["rows"]
-        out["tokens_per_step"] = s["revealed"] / max(s["nfe"], 1.0)
-        out["wall_s"] = wall_s
-        out["tokens_per_s"] = s["revealed"] / max(wall_s, 1e-9)
-        out["n"] = int(s["rows"])
-        return out
-
-
-def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
-    """The decoded order completed to every position the reference generates: a position
-    the decode cut (EOS turned it into padding) joins one last set after all others."""
-    gen = ranks >= 1
-    last = int(decoded.max()) + 1 if decoded.numel() else 1
-    return torch.where(gen, torch.where(decoded >= 1, decoded, last), ranks)
-
-
-
-@torch.no_grad()
 def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor,
                    config: AblateConfig, seed: int) -> dict[str, Any]:
-    """Decode ``tokens``/``ranks`` (the seed's test rows) with ``policy`` in batches of
-    ``config.batch_size``; the run record: ``seed``, the means of :class:`RunMetrics`
-    and ``orders`` (the decoded ranks of the first ``config.heatmap_rows`` rows)."""
-    from orderlab.decoding import decode
-    from orderlab.likelihood import log_likelihood
+    """The run record of ``policy`` on ``tokens``/``ranks`` (the seed's test rows), measured
+    by ``orderlab.evaluate.measure`` (the evaluation's path) in batches of
+    ``config.batch_size``: ``seed``, the means of :meth:`Measurement.means` and ``orders``
+    (the decoded ranks of the first ``config.heatmap_rows`` rows)."""
+    from orderlab.evaluate import measure
 
-    device = tokens.device
-    metrics = RunMetrics()
-    orders: list[list[int]] = []
-    for j, start in enumerate(range(0, tokens.shape[0], config.batch_size)):
-        x, r = tokens[start : start + config.batch_size], ranks[start : start + config.batch_size]
-        masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
-        sync(device)
-        t0 = time.perf_counter()
-        out = decode(model, policy, masked, r, cache=config.cache, temperature=config.temperature,
-                     seed=derive_seed(seed, j, "decode"), eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
-        sync(device)
-        wall = time.perf_counter() - t0
-        revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
-        nats = generated = None
-        if config.bits:
-            nats = -log_likelihood(model, x, _reference_order(out.ranks, r))
-            generated = (r >= 1).sum(1)
-        metrics.update(task.metrics(out.tokens, x, r), out.nfe, revealed, wall, nats, generated)
-        if len(orders) < config.heatmap_rows:
-            orders += out.ranks[: config.heatmap_rows - len(orders)].cpu().tolist()
-    return {"seed": seed, **metrics.compute(), "orders": orders}
+    m = measure(model, task, policy, tokens, ranks, batch_size=config.batch_size, cache=config.cache,
+                temperature=config.temperature, seed=seed, bits=config.bits, keep_orders=config.heatmap_rows)
+    return {"seed": seed, **m.means(), "orders": m.orders.tolist()}
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -389,11 +306,20 @@ def _record(p: GridPoint) -> dict[str, Any]:
             "spec": dict(p.spec), "key": p.key, "runs": [], "summary": None}
 
 
+def _add_run(rec: dict[str, Any], run: dict[str, Any], seeds: Sequence[int]) -> bool:
+    """Put ``run`` into its point's record (runs in seed order); the summary once every seed
+    is done. Whether the point is now complete."""
+    rec["runs"] = sorted([*rec["runs"], run], key=lambda r: seeds.index(r["seed"]))
+    if len(rec["runs"]) == len(seeds):
+        rec["summary"] = summarize(rec["runs"])
+    return rec["summary"] is not None
+
+
 def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progress: bool = True,
              console: Any = None) -> dict[str, Any]:
     """Evaluate every (grid point, seed) of ``exp.ablation`` on ``exp.model``.
 
-    ``results["ablation"]`` becomes (and ``save()`` writes after every run)::
+    ``results["ablation"]`` becomes (and ``save()`` writes after every round of runs)::
 
         setup     weights hash, task, model, n, batch_size, cache, temperature, bits
         metric    the task's metric
@@ -404,8 +330,15 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
                   summary ({quantity: {mean, std}} once every seed is done, else null)
 
     A section already in ``results["ablation"]`` (the caller puts :func:`previous` there
-    to resume) gives the runs it holds that were measured on the same setup; they are kept
-    and not evaluated again. Returns the section; :func:`write_outputs` writes the files.
+    to resume; under a process group rank 0's counts) gives the runs it holds that were
+    measured on the same setup; they are kept and not evaluated again.
+
+    Under a process group (every rank calls) the missing (point, seed) runs are dealt
+    round-robin to the ranks (``distributed.shard``); each rank measures its run of a round
+    alone (``distributed.solo``), then the round's records are gathered on every rank and
+    put in grid order, so every rank returns the section one process would (timings
+    aside); ``save`` writes on rank 0 only (``checkpoint.write_results``). Returns the
+    section; :func:`write_outputs` writes the files.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -413,51 +346,41 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
     grid, task, model = exp.ablation, exp.task, exp.model
     cfg = grid.config
     console = console or Console(stderr=True)
+    say = (lambda m: console.print(m, highlight=False)) if distributed.is_main() else (lambda m: None)
     setup = _setup(exp)
-    done = _reusable(results.get("ablation"), setup, lambda m: console.print(m, highlight=False))
+    old = distributed.all_gather_object(results.get("ablation"))[0]  # every rank must agree on what is left
+    done = _reusable(old, setup, say)
     points = grid.points
     section = results["ablation"] = {"setup": setup, "metric": task.metric, "seeds": list(cfg.seeds),
                                      "points": [_record(p) for p in points]}
-    device = next(iter(model.parameters())).device
-    data: dict[int, tuple[Tensor, Tensor]] = {}
     for p in points:  # reuse what is there first: a partial file stays complete
-        rec = section["points"][p.index]
-        rec["runs"] = [done[p.key, s] for s in cfg.seeds if (p.key, s) in done]
-        if len(rec["runs"]) == len(cfg.seeds):
-            rec["summary"] = summarize(rec["runs"])
+        for s in cfg.seeds:
+            if (p.key, s) in done:
+                _add_run(section["points"][p.index], done[p.key, s], cfg.seeds)
     finished = sum(section["points"][p.index]["summary"] is not None for p in points)
     if done:
-        console.print(f"ablation: {finished} of {len(points)} grid points already done in {exp.files.results}",
-                      highlight=False)
-    was_training = model.training
-    model.eval()
+        say(f"ablation: {finished} of {len(points)} grid points already done in {exp.files.results}")
+    todo = [(p, s) for p in points for s in cfg.seeds if (p.key, s) not in done]  # grid order
+    mine, world = distributed.shard(todo), distributed.world()
+    data: dict[int, tuple[Tensor, Tensor]] = {}  # the test rows of each seed this rank has measured
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-            job = bar.add_task("ablation", total=len(points), completed=finished)
-            for p in points:
-                rec = section["points"][p.index]
-                if rec["summary"] is not None:
-                    continue
-                have = {r["seed"] for r in rec["runs"]}
-                for s in cfg.seeds:
-                    if s in have:
-                        continue
-                    bar.update(job, description=f"{p.label} seed {s}")
-                    if s not in data:
-                        x, r = task.batch(cfg.n, split="test", seed=s)
-                        data[s] = (x.to(device), r.to(device))
+    with Progress(*columns, console=console, disable=not (progress and distributed.is_main()), transient=False) as bar:
+        job = bar.add_task("ablation", total=len(points), completed=finished)
+        for i in range(0, len(todo), world):  # a round: todo[i + rank] on each rank
+            run = None
+            if i // world < len(mine):
+                p, s = mine[i // world]
+                bar.update(job, description=f"{p.label} seed {s}")
+                if s not in data:
+                    data[s] = task.batch(cfg.n, split="test", seed=s)
+                with distributed.solo():
                     run = evaluate_point(model, task, grid.policy(p, s), *data[s], cfg, s)
-                    rec["runs"].append(run)
-                    rec["runs"].sort(key=lambda r: cfg.seeds.index(r["seed"]))
-                    save()
-                rec["summary"] = summarize(rec["runs"])
-                save()
-                bar.advance(job)
-            bar.update(job, description="ablation")
-    finally:
-        model.train(was_training)
+            for (p, s), got in zip(todo[i : i + world], distributed.all_gather_object(run)):
+                if _add_run(section["points"][p.index], got, cfg.seeds):
+                    bar.advance(job)
+            save()
+        bar.update(job, description="ablation")
     return section
 
 
@@ -526,9 +449,13 @@ def _slug(label: str) -> str:
 
 def write_outputs(run_dir: str | Path, section: Mapping[str, Any], heatmaps: bool = True, title: str = "") -> list[Path]:
     """Write ``results.csv``, ``ablation.md``, ``pareto.png`` and (``heatmaps``) one
-    ``order_grid_<family>.png`` per grid entry into ``run_dir``; the paths written."""
+    ``order_grid_<family>.png`` per grid entry into ``run_dir``; the paths written. Under
+    a process group only rank 0 writes (every rank holds the whole section); the others
+    get ``[]``."""
     from orderlab import report
 
+    if not distributed.is_main():
+        return []
     run_dir = Path(run_dir)
     metric = section["metric"]
     done = [p for p in section["points"] if p["summary"]]

@@ -12,7 +12,7 @@ The only module (with run.py) that sees a whole config (DESIGN.md section 9.4). 
     policy:    {name: l2r}                                                 # the decode policy
     evaluate:  {policies: [l2r, {name: threshold, tau: 0.9}], ...}         # EvaluateConfig fields
                # iwae: {k: [1, 4, 16, 64], n: 256}: the likelihood table over orders (IWAEConfig)
-    run:       {dir: runs, name: null, device: auto, resume: false}        # RunConfig fields
+    run:       {dir: runs, name: null, device: auto, resume: false, overwrite: false}  # RunConfig fields
     ablate:    {grid: [{name: threshold, tau: [0.5, 0.9]}], seeds: [0, 1]}  # optional: AblateConfig fields
 
 A stage has exactly the keys ``objective`` (required) and ``train`` (optional, every
@@ -365,13 +365,13 @@ def _walk(raw: dict[str, Any], stem: str, check_only: bool) -> Experiment | None
     for name, objective in objectives.items():
         if isinstance(objective, torch.nn.Module):
             objective = objective.to(device)
-        if not objective.trains_model and not any(p.requires_grad for p in objective.parameters()):
+        if not objective.trains_model and not any(p.requires_grad for p in objective.parameters()):  # before any work
             raise ConfigError(f"stages.{name}.objective", f"nothing to train: {type(objective).__name__} has "
                                                           "trains_model=False and no parameters of its own")
         stages[name] = Stage(name, objective, trains[name], run_files.stage(name))
     policies = listed if evaluate.policies is not None else {policy_label(raw["policy"]): policy}
     for name, stage in stages.items():
-        learned = getattr(stage.objective, "policy", None)
+        learned = stage.objective.policy  # the Objective contract: None, or the policy it learns
         if isinstance(learned, Policy):
             label = learned_label(name, stage_specs[name][0])
             if label in policies:

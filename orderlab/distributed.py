@@ -9,13 +9,13 @@ one process (``rank() == 0``, ``world() == 1``, ``shard(xs) == list(xs)``, colle
 are identities), so single-process code paths never change.
 
 :func:`solo` makes a process act alone inside a group (``world() == 1`` there): the
-ablation runner shards grid points across ranks with :func:`shard` and trains each point
-in one process.
+ablation runner deals its (grid point, seed) runs to the ranks with :func:`shard` and
+measures each in one process.
 
 Who uses what: train.py's trainer runs its steps through :class:`DataParallelStep`
 (this rank's rows of the global batch, DistributedDataParallel, the weighted global
 loss), checkpoint.py writes on the main rank only, evaluate.py shards test batches and
-gathers per-row results.
+gathers the per-batch results, ablate.py shards the grid and gathers its run records.
 """
 
 from __future__ import annotations

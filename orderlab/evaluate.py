@@ -10,11 +10,17 @@ bits per generated token under the left-to-right order (the common likelihood);
 importance-weighted bounds for several ``K``, the MDM NELBO, fixed-order NLLs), configured
 by ``evaluate.iwae`` (:class:`IWAEConfig`).
 
-Under a process group (``orderlab.distributed``; every rank calls) both shard the test
-batches across ranks (batch ``j`` decoded exactly as one process decodes it, seed
-``seed + j``) and gather the per-row results (torchmetrics' ``gather_all_tensors``) back
-into row order, so the rows are the single-process ones but for the timings (``wall_s``:
-the slowest rank's). Use ``evaluate.batch_size <= n / world`` to give every rank work.
+:func:`measure` is the one path that decodes rows with a policy and measures them
+(:class:`Measurement`): :func:`evaluate` and the ablation grid (``orderlab.ablate``) both
+call it, so an evaluation row and an ablation run of the same policy, seed and rows carry
+the same numbers.
+
+Under a process group (``orderlab.distributed``; every rank calls) :func:`measure` and
+:func:`test_likelihood` shard the test batches across ranks (batch ``j`` decoded exactly
+as one process decodes it, seed ``derive_seed(seed, j, "decode")``) and gather the
+per-batch results back into batch order, so the rows are the single-process ones but for
+the timings (``wall_s``: the slowest rank's). Use ``evaluate.batch_size <= n / world`` to
+give every rank work.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ from torch import Tensor
 from orderlab import distributed
 from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, build_settings
-from orderlab.runtime import device_of, sync
+from orderlab.runtime import derive_seed, device_of, sync
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "evaluate", "iwae_table", "evaluation_pareto", "test_likelihood", "l2r_ranks",
-           "ACCURACY_METRICS"]
+__all__ = ["EvaluateConfig", "IWAEConfig", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
+           "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
@@ -109,18 +115,149 @@ def _histogram(nfe: Tensor) -> dict[str, list[int]]:
     return {"edges": edges.tolist(), "count": counts.tolist()}
 
 
-def _rows(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """This rank's per-row tensors of its batches, concatenated (empty when it had none)."""
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+@dataclass
+class Measurement:
+    """What decoding rows with one policy measured, per row in row order (every rank's
+    rows under a process group).
+
+    ``metrics``: the task's per-row numbers (``task.metrics``; the score is
+    ``metrics[task.metric]``); ``nfe``: denoiser calls; ``revealed``: positions decoded
+    (fewer than the positions to generate where EOS cut a row short); ``wall_s``: decode
+    seconds (under a group the slowest rank's sum); ``orders``: the decoded ranks of the
+    first ``keep_orders`` rows; with ``bits``, ``nats`` (``-log p(reference | decoded
+    order)``) and ``generated`` (the positions those nats cover); for a learned policy
+    ``sampled`` (the task score when it samples its sets) and ``entropy`` (nats per decode
+    step of its greedy decode, NaN where no exact entropy exists).
+    """
+
+    metrics: dict[str, Tensor]  # name -> Float64[n]
+    nfe: Tensor  # Long[n]
+    revealed: Tensor  # Long[n]
+    wall_s: float
+    orders: Tensor  # Long[keep_orders, L]
+    nats: Tensor | None = None  # Float[n]
+    generated: Tensor | None = None  # Long[n]
+    sampled: Tensor | None = None  # Float[n]
+    entropy: Tensor | None = None  # Float64[n]
+
+    @staticmethod
+    def concat(parts: list["Measurement"]) -> "Measurement":
+        """The rows of ``parts`` one after the other; wall seconds summed."""
+        def cat(name: str) -> Tensor | None:
+            first = getattr(parts[0], name)
+            return None if first is None else torch.cat([getattr(p, name) for p in parts])
+
+        metrics = {k: torch.cat([p.metrics[k] for p in parts]) for k in parts[0].metrics}
+        return Measurement(metrics, cat("nfe"), cat("revealed"), sum(p.wall_s for p in parts), cat("orders"),
+                           cat("nats"), cat("generated"), cat("sampled"), cat("entropy"))
+
+    def means(self) -> dict[str, float]:
+        """The task metrics (mean per row), ``bits_per_token`` (with ``bits``: Σ nats / Σ
+        generated, in bits), ``nfe`` (mean per row), ``tokens_per_step`` (Σ revealed / Σ
+        NFE), ``wall_s``, ``tokens_per_s`` (Σ revealed / wall) and ``n`` (rows). Every mean
+        is a ratio of sums over rows, so the batch size does not change it."""
+        rows = self.nfe.numel()
+        steps, revealed = int(self.nfe.sum()), int(self.revealed.sum())
+        out = {name: float(v.double().sum()) / rows for name, v in self.metrics.items()}
+        if self.nats is not None and self.generated is not None:
+            out["bits_per_token"] = float(self.nats.double().sum()) / max(int(self.generated.sum()), 1) / math.log(2.0)
+        out["nfe"] = steps / rows
+        out["tokens_per_step"] = revealed / max(steps, 1)
+        out["wall_s"] = self.wall_s
+        out["tokens_per_s"] = revealed / max(self.wall_s, 1e-9)
+        out["n"] = rows
+        return out
 
 
-def _gathered(index: list[Tensor], *columns: tuple[list[Tensor], torch.dtype]) -> list[Tensor]:
-    """Every rank's rows of each column, in row order (``index``: the rows' test indices)."""
-    order = distributed.gather_rows(_rows(index, torch.long)).argsort(stable=True)
-    return [distributed.gather_rows(_rows(parts, dtype))[order] for parts, dtype in columns]
+def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
+    """The decoded order completed to every position the reference generates: a position
+    the decode cut (EOS turned it into padding) joins one last set after all others."""
+    gen = ranks >= 1
+    last = int(decoded.max()) + 1 if decoded.numel() else 1
+    return torch.where(gen, torch.where(decoded >= 1, decoded, last), ranks)
+
+
+def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, seed: int, keep: int,
+                   cache: bool, temperature: float, bits: bool) -> Measurement:
+    """One batch decoded with decode seed ``seed``; ``keep``: its first rows whose orders are kept."""
+    from orderlab.decoding import decode
+    from orderlab.likelihood import log_likelihood
+
+    device = x.device
+    run = lambda: decode(model, policy, x, r, cache=cache, temperature=temperature, seed=seed,  # noqa: E731
+                         eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+    sync(device)
+    t0 = time.perf_counter()
+    out = run()
+    sync(device)
+    wall = time.perf_counter() - t0
+    revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
+    m = Measurement({k: v.double().cpu() for k, v in task.metrics(out.tokens, x, r).items()}, out.nfe.cpu(),
+                    revealed.cpu(), wall, out.ranks[:keep].cpu())
+    if bits:
+        m.nats = -log_likelihood(model, x, _reference_order(out.ranks, r)).cpu()
+        m.generated = (r >= 1).sum(1).cpu()
+    if _is_learned(policy):
+        m.sampled, m.entropy = _learned_extras(policy, run, task, x, r, seed)
+    return m
 
 
 @torch.no_grad()
+def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor, *, batch_size: int,
+            cache: bool = True, temperature: float = 0.0, seed: int = 0, bits: bool = False,
+            keep_orders: int = 0) -> Measurement:
+    """Decode the rows ``tokens``/``ranks`` (the task's reference; ranks >= 1 are decoded,
+    whatever tokens are there) with ``policy`` in batches of ``batch_size`` and measure it:
+    the one measuring path of evaluation (:func:`evaluate`) and ablation
+    (``orderlab.ablate``), so both give the same numbers for the same policy, seed and rows.
+
+    Batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``. Under a process group
+    (every rank calls) the batches are sharded across ranks and the per-batch results
+    gathered on every rank in batch order: the single-process measurement but for
+    ``wall_s``. The model decodes in eval mode. Returns :class:`Measurement`.
+    """
+    device = device_of(model)
+    tokens, ranks = tokens.to(device), ranks.to(device)
+    was_training = model.training
+    model.eval()
+    mine = []  # (j, measurement) of this rank's batches
+    try:
+        for j, start in distributed.shard(list(enumerate(range(0, tokens.shape[0], batch_size)))):
+            x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
+            mine.append((j, _measure_batch(model, task, policy, x, r, derive_seed(seed, j, "decode"),
+                                           max(keep_orders - start, 0), cache, temperature, bits)))
+    finally:
+        model.train(was_training)
+    everyone = distributed.all_gather_object(mine)
+    whole = Measurement.concat([m for _, m in sorted((p for ps in everyone for p in ps), key=lambda p: p[0])])
+    whole.wall_s = max(sum(m.wall_s for _, m in ps) for ps in everyone)  # ranks decode concurrently
+    return whole
+
+
+def _row(label: str, policy: Any, task: Any, m: Measurement) -> dict[str, Any]:
+    """The evaluation row of one policy's measurement (module docstring)."""
+    means, nfe = m.means(), m.nfe
+    row = {
+        "policy": label,
+        "repr": repr(policy),
+        "metric": task.metric,
+        "score": means[task.metric],
+        "n": means["n"],
+        "nfe_mean": means["nfe"],
+        "nfe_min": int(nfe.min()),
+        "nfe_median": int(nfe.median()),
+        "nfe_max": int(nfe.max()),
+        "nfe_hist": _histogram(nfe),
+        "tokens_per_step": means["tokens_per_step"],
+        "wall_s": means["wall_s"],
+        "tokens_per_s": means["tokens_per_s"],
+    }
+    if m.sampled is not None and m.entropy is not None:
+        row["sampled_score"] = float(m.sampled.double().mean())  # the policy sampling its sets instead of its mode
+        row["entropy"] = float(m.entropy.mean())  # nats per decode step, mean over rows
+    return row
+
+
 def evaluate(
     model: torch.nn.Module,
     task: Any,
@@ -132,90 +269,37 @@ def evaluate(
     seed: int = 0,
     out_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode ``n`` test examples with every policy; one result row per policy.
-
-    Positions to generate (rank >= 1) are set to ``model.mask_id`` before decoding; the
-    decode seed of the ``j``-th batch is ``seed + j``. With ``out_dir``, the order of the
-    first batch is saved as ``order_<policy>.png``.
+    """Measure every policy on the ``n`` test rows ``task.batch(n, "test", seed)``
+    (:func:`measure`: batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``);
+    one result row per policy. With ``out_dir``, the order of the first batch is saved as
+    ``order_<policy>.png`` (by the main rank).
     """
-    from orderlab.decoding import decode
-
-    device = device_of(model)
-    was_training = model.training
-    model.eval()
     tokens, ranks = task.batch(n, split="test", seed=seed)
-    tokens, ranks = tokens.to(device), ranks.to(device)
-    batches = distributed.shard(list(enumerate(range(0, n, batch_size))))  # this rank's (j, start)
     rows = []
-    try:
-        for label, policy in policies.items():
-            scores, nfes, n_gen, index = [], [], [], []
-            sampled, entropy = [], []  # learned policies only
-            first_ranks: Tensor | None = None
-            wall = 0.0
-            for j, start in batches:
-                x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
-                masked = torch.where(r >= 1, torch.full_like(x, model.mask_id), x)
-                run = lambda: decode(model, policy, masked, r, cache=cache, temperature=temperature,  # noqa: E731
-                                     seed=seed + j, eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
-                sync(device)
-                t0 = time.perf_counter()
-                out = run()
-                sync(device)
-                wall += time.perf_counter() - t0
-                if _is_learned(policy):
-                    s, h = _learned_extras(policy, run, task, x, r, seed + j)
-                    sampled.append(s)
-                    entropy.append(h)
-                scores.append(task.score(out.tokens, x, r).float().cpu())
-                nfes.append(out.nfe.cpu())
-                revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
-                n_gen.append(revealed.cpu())  # < the positions to generate when EOS cut a row short
-                index.append(torch.arange(start, start + x.shape[0]))
-                if j == 0:
-                    first_ranks = out.ranks.cpu()
-            score, nfe, ngen = _gathered(index, (scores, torch.float32), (nfes, torch.long), (n_gen, torch.long))
-            wall = max(distributed.all_gather_object(wall))  # the slowest rank's
-            total = int(ngen.sum())
-            row = {
-                "policy": label,
-                "repr": repr(policy),
-                "metric": task.metric,
-                "score": float(score.mean()),
-                "n": int(score.numel()),
-                "nfe_mean": float(nfe.double().mean()),
-                "nfe_min": int(nfe.min()),
-                "nfe_median": int(nfe.median()),
-                "nfe_max": int(nfe.max()),
-                "nfe_hist": _histogram(nfe),
-                "tokens_per_step": total / max(int(nfe.sum()), 1),
-                "wall_s": wall,
-                "tokens_per_s": total / max(wall, 1e-9),
-            }
-            if out_dir is not None:
+    for label, policy in policies.items():
+        m = measure(model, task, policy, tokens, ranks, batch_size=batch_size, cache=cache, temperature=temperature,
+                    seed=seed, keep_orders=batch_size)
+        row = _row(label, policy, task, m)
+        if out_dir is not None:
+            path = Path(out_dir) / f"order_{_slug(label)}.png"
+            if distributed.is_main():
                 from orderlab.report import order_heatmap
 
-                path = Path(out_dir) / f"order_{_slug(label)}.png"
-                if first_ranks is not None:  # the rank that decoded batch 0 (rank 0)
-                    order_heatmap(first_ranks, path, title=f"{label}: reveal step per position")
-                row["heatmap"] = path.name
-            if sampled:
-                s_score, ent = _gathered(index, (sampled, torch.float32), (entropy, torch.float64))
-                row["sampled_score"] = float(s_score.mean())  # the policy sampling its sets instead of its mode
-                row["entropy"] = float(ent.mean())  # nats per decode step, mean over rows
-            if task.metric in ACCURACY_METRICS:
-                row["accuracy"] = row["score"]
-                if "sampled_score" in row:
-                    row["sampled_accuracy"] = row["sampled_score"]
-            rows.append(row)
-    finally:
-        model.train(was_training)
+                order_heatmap(m.orders, path, title=f"{label}: reveal step per position")
+            row["heatmap"] = path.name
+        if task.metric in ACCURACY_METRICS:
+            row["accuracy"] = row["score"]
+            if "sampled_score" in row:
+                row["sampled_accuracy"] = row["sampled_score"]
+        rows.append(row)
     return rows
 
 
 def _is_learned(policy: Any) -> bool:
-    """A policy with a recordable, re-scorable distribution (``LearnedPolicy``)."""
-    return callable(getattr(policy, "recording", None)) and callable(getattr(policy, "replay", None))
+    """A policy with a recordable, re-scorable distribution (its contract: ``LearnedPolicy``)."""
+    from orderlab.policies.learned import LearnedPolicy
+
+    return isinstance(policy, LearnedPolicy)
 
 
 def _learned_extras(policy: Any, run: Any, task: Any, x: Tensor, r: Tensor, seed: int) -> tuple[Tensor, Tensor]:

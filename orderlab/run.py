@@ -44,8 +44,8 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
     likelihood_table  the likelihood table over orders (``evaluate.iwae``;
                   ``orderlab.evaluate.iwae_table``): orders, prior, proposal, n, rows
                   (estimate, k, bits_per_token, stderr, label "bound" | "nll"); the orders
-                  are the last stage's whose objective gives ``prior(model)`` and
-                  ``proposal(model)`` (vi_orders: π_ψ, q_φ), else uniformly random ones
+                  are the last stage's whose objective gives them (``Objective.orders``;
+                  vi_orders: π_ψ, q_φ), else uniformly random ones
     ablation      the ``ablate`` grid (``orderlab.ablate.run_grid``): setup, metric, seeds,
                   points (per grid point: policy, knobs, spec, runs per seed, summary);
                   rewritten after every (point, seed); kept by ``run.resume`` / ``--eval-only``
@@ -127,9 +127,9 @@ def _orders(exp: Experiment) -> tuple[str, Any, Any]:
     last stage whose objective gives them (vi_orders: ``π_ψ``, ``q_φ``), else uniformly
     random orders for both (the MDM setting: IWAE with ``K = 1`` is the MDM NELBO)."""
     for stage in reversed(exp.stages.values()):
-        obj = stage.objective
-        if callable(getattr(obj, "prior", None)) and callable(getattr(obj, "proposal", None)):
-            return stage.name, obj.prior(exp.model), obj.proposal(exp.model)
+        orders = stage.objective.orders(exp.model)  # Objective's contract: None unless it learns orders
+        if orders is not None:
+            return (stage.name, *orders)
     return "uniform", "linear", None
 
 

@@ -14,8 +14,11 @@ import torch
 
 import orderlab
 from orderlab import ablate
-from orderlab.ablate import RunMetrics, expand_grid
+from orderlab.ablate import expand_grid
+from orderlab.evaluate import Measurement, evaluate, measure
 from orderlab.registry import ConfigError
+from orderlab.tasks.base import token_accuracy
+from orderlab.tasks.sudoku import Sudoku
 from orderlab.run import execute, main
 
 # a tiny untrained model: the mechanics, not the numbers
@@ -123,25 +126,29 @@ def test_a_misspelt_section_is_suggested(tmp_path):
 # --------------------------------------------------------------------------- metrics
 
 
-def test_run_metrics_over_uneven_batches_equal_the_whole_batch():
+def test_means_over_uneven_batches_equal_the_whole_batch():
     g = torch.Generator().manual_seed(0)
     n = 11
-    score = (torch.rand(n, generator=g) > 0.5).float()
-    acc = torch.rand(n, generator=g)
+    score = (torch.rand(n, generator=g) > 0.5).double()
+    acc = torch.rand(n, generator=g).double()
     nfe = torch.randint(1, 9, (n,), generator=g)
     revealed = torch.randint(1, 12, (n,), generator=g)
     nats, gen = torch.rand(n, generator=g) * 5, torch.randint(1, 12, (n,), generator=g)
-    whole, parts = RunMetrics(), RunMetrics()
-    whole.update({"solved": score, "token_accuracy": acc}, nfe, revealed, 1.0, nats, gen)
-    for sl in (slice(0, 1), slice(1, 7), slice(7, 11)):  # batch sizes 1, 6, 4
-        parts.update({"solved": score[sl], "token_accuracy": acc[sl]}, nfe[sl], revealed[sl], 1.0 / 3, nats[sl], gen[sl])
-    a, b = whole.compute(), parts.compute()
+    orders = torch.zeros(0, 3, dtype=torch.long)
+
+    def part(sl, wall):
+        return Measurement({"solved": score[sl], "token_accuracy": acc[sl]}, nfe[sl], revealed[sl], wall, orders,
+                           nats[sl], gen[sl])
+
+    whole = part(slice(None), 1.0)
+    parts = Measurement.concat([part(sl, 1.0 / 3) for sl in (slice(0, 1), slice(1, 7), slice(7, 11))])  # sizes 1, 6, 4
+    a, b = whole.means(), parts.means()
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-12), k
     # float64 references: means are ratios of sums, not means of per-batch ratios
-    assert a["solved"] == pytest.approx(score.double().mean().item())
-    assert a["token_accuracy"] == pytest.approx(acc.double().mean().item())
+    assert a["solved"] == pytest.approx(score.mean().item())
+    assert a["token_accuracy"] == pytest.approx(acc.mean().item())
     assert a["nfe"] == pytest.approx(nfe.double().mean().item())
     assert a["tokens_per_step"] == pytest.approx(revealed.sum().item() / nfe.sum().item())
     assert a["bits_per_token"] == pytest.approx(nats.double().sum().item() / gen.sum().item() / math.log(2))
@@ -171,6 +178,35 @@ def test_evaluate_point_does_not_depend_on_the_batch_size(tmp_path):
         assert three[k] == pytest.approx(one[k], rel=1e-12), k
     assert three["bits_per_token"] == pytest.approx(one["bits_per_token"], rel=1e-5)
     assert three["orders"] == one["orders"] and len(one["orders"]) == 7  # heatmap_rows 8 > 7 rows
+
+
+class GradedSudoku(Sudoku):
+    """Sudoku scored by the fraction of cells right: an untrained model's score varies."""
+
+    metric = "cells"
+
+    def score(self, pred, tokens, ranks):
+        return token_accuracy(pred, tokens, ranks)
+
+
+@pytest.mark.parametrize("spec", ["l2r", {"name": "threshold", "tau": 0.5}, {"name": "random", "steps": 3}])
+def test_an_ablation_point_is_the_evaluation_row(tmp_path, spec):
+    """One measuring path: for the same policy, seed and rows the grid's run and the
+    evaluation's row carry the same numbers, also for a stochastic policy with sampled
+    tokens (temperature 1: the decode seeds of both paths must be the same)."""
+    cfg = _config(tmp_path, grid=[spec], seeds=[3], n=6, batch_size=4, temperature=1.0)
+    cfg["task"] = {"_target_": f"{__name__}.GradedSudoku", "size": 4}
+    exp = orderlab.load(cfg)
+    results: dict = {}
+    ablate.run_grid(exp, results, save=lambda: None, progress=False)
+    (run,) = results["ablation"]["points"][0]["runs"]
+    policy = exp.ablation.policy(exp.ablation.points[0], 3)  # random: seed 3, as the grid builds it
+    (row,) = evaluate(exp.model, exp.task, {"p": policy}, n=6, batch_size=4, temperature=1.0, seed=3)
+    assert (row["score"], row["nfe_mean"], row["tokens_per_step"], row["n"]) == (
+        run["cells"], run["nfe"], run["tokens_per_step"], run["n"])
+    x, r = exp.task.batch(6, split="test", seed=3)  # the same rows, other decode seeds: other numbers
+    other = measure(exp.model, exp.task, policy, x, r, batch_size=4, temperature=1.0, seed=5).means()
+    assert other["cells"] != run["cells"]  # so the equality above is a real check
 
 
 def test_bits_under_the_l2r_order_are_the_test_likelihood(tmp_path):

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
 import orderlab
 from orderlab import registry
 from orderlab.config import Experiment, load, policy_label
+from orderlab.objectives.base import Objective
 from orderlab.registry import ConfigError
 
-TINY = textwrap.dedent(
-    """
-    task: {name: addition, digits: 2}
-    model: {name: transformer, d_model: 16, n_layers: 1, n_heads: 2, attention: {name: set_causal}}
-    stages:
-      lm:
-        objective: {name: set_nll, process: {name: staggered, d: 2}}
-        train: {steps: 5, batch_size: 8, lr: 1.0e-3, warmup: 1, ema: null, seed: 0}
-    policy: {name: l2r}
-    evaluate: {policies: [l2r, {name: threshold, tau: 0.9}], n: 8, batch_size: 8}
-    run: {dir: runs}
-    """
-)
+from conftest import TINY  # the tiny experiment shared by the run tests
+
 
 
 class CountingTask:
@@ -50,12 +38,6 @@ def counting_task(monkeypatch):
     return CountingTask
 
 
-@pytest.fixture
-def yaml_path(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
-
 
 def test_load_builds_everything(yaml_path, tmp_path):
     state = torch.get_rng_state()
@@ -65,11 +47,11 @@ def test_load_builds_everything(yaml_path, tmp_path):
     assert not (tmp_path / "out").exists()  # side-effect free
     assert exp.run_dir == tmp_path / "out" / "tiny"
     assert exp.model.vocab_size == exp.task.vocab_size and exp.model.mask_id == exp.task.vocab_size
-    assert exp.model.config.max_len == exp.task.seq_len and exp.model.config.d_model == 16
+    assert exp.model.config.max_len == exp.task.seq_len and exp.model.config.d_model == 32
     assert type(exp.process).__name__ == "Staggered" and exp.process is exp.objective.process
     train = exp.stages["lm"].train
     assert list(exp.stages) == ["lm"] and exp.objective is exp.stages["lm"].objective
-    assert train.steps == 7 and exp.evaluate.n == 16 and train.lr == 1e-3
+    assert train.steps == 7 and exp.evaluate.n == 16 and train.lr == 3e-3
     assert exp.stages["lm"].files.checkpoint == tmp_path / "out" / "tiny" / "lm" / "checkpoint.pt"
     assert list(exp.policies) == ["l2r", "threshold(tau=0.9)"]
     # defaults are filled into the resolved config
@@ -204,7 +186,7 @@ def test_restore_loads_checkpoint_weights(yaml_path, tmp_path):
     train(exp.model, stage.objective, exp.task, stage.train, stage.files.dir, progress=False)
     trained = {k: v.clone() for k, v in exp.model.state_dict().items()}
     fresh = load(yaml_path, over)
-    assert fresh.restore(ema=False) == {"lm": 5}
+    assert fresh.restore(ema=False) == {"lm": 20}
     assert all(torch.equal(trained[k], v) for k, v in fresh.model.state_dict().items())
     fresh.restore()  # the EMA weights differ from the raw ones
     ema = {k: v.clone() for k, v in fresh.model.state_dict().items()}
@@ -224,9 +206,9 @@ def test_bad_model_checkpoint_is_a_config_error_naming_the_file(yaml_path, tmp_p
     train(exp.model, stage.objective, exp.task, stage.train, stage.files.dir, progress=False)
     path = stage.files.checkpoint
     with pytest.raises(ConfigError, match=r"model\.checkpoint: .*checkpoint\.pt: model weights do not match the "
-                                          r"config: embed\.weight has shape \(14, 16\) in the checkpoint but "
-                                          r"\(14, 32\)") as info:
-        load(yaml_path, [f"model.checkpoint={path}", "model.d_model=32"])
+                                          r"config: embed\.weight has shape \(14, 32\) in the checkpoint but "
+                                          r"\(14, 16\)") as info:
+        load(yaml_path, [f"model.checkpoint={path}", "model.d_model=16"])
     assert "\n" not in str(info.value)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -242,18 +224,14 @@ def test_mapping_override_replaces_a_component_scalar_override_merges(yaml_path)
     assert list(exp.policies) == ["r2l"]
 
 
-class TaskAware:
+class TaskAware(Objective):
     """An objective that needs the experiment's task (required, so the check pass must know)."""
-
-    trains_model = True
 
     needs = ("task",)
 
     def __init__(self, task, scale: float = 1.0):
+        super().__init__()
         self.task, self.scale = task, scale
-
-    def parameters(self):
-        return iter(())
 
 
 def test_task_is_injected_into_objectives(yaml_path, monkeypatch):

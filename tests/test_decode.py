@@ -67,6 +67,19 @@ def test_batched_equals_row_by_row(rule, policy):
         assert torch.equal(one.ranks[0], full.ranks[i]) and one.nfe[0] == full.nfe[i]
 
 
+@pytest.mark.parametrize("rule", ["set_causal", "bidirectional"])
+def test_decode_owns_the_masking(rule):
+    """Callers pass the reference tokens as they are: whatever sits at rank >= 1 (the
+    answer, [MASK], noise) gives the same decode, token sampling included."""
+    model = tiny(rule, seed=3)
+    x, r = batch(seed=3)
+    noise = torch.where(r >= 1, torch.randint(0, V, x.shape, generator=torch.Generator().manual_seed(9)), x)
+    outs = [decode(model, build("policy", {"name": "threshold", "tau": 0.5}), t, r, temperature=1.0, seed=4)
+            for t in (x, torch.where(r >= 1, model.mask_id, x), noise)]
+    for d in outs[1:]:
+        assert torch.equal(d.tokens, outs[0].tokens) and torch.equal(d.ranks, outs[0].ranks)
+
+
 def test_greedy_l2r_is_the_argmax_chain():
     """Greedy l2r on a set-causal model: x_i = argmax p(x_i | x_<i) one position at a time."""
     model = tiny("set_causal", seed=2)

@@ -1,6 +1,6 @@
 """Data-parallel training with 2 gloo processes on CPU (torchrun / torch.multiprocessing):
-the loss curve, validation, evaluation and likelihood equal the 1-process run with the
-same global batch; resume under 2 processes is exact; objective parameters stay in sync."""
+the loss curve, validation, evaluation, likelihood and the ablation grid equal the
+1-process run with the same global batch; resume under 2 processes is exact; objective parameters stay in sync."""
 
 from __future__ import annotations
 
@@ -247,7 +247,44 @@ def _scenarios(out: Path) -> dict:
             got["claim"] = str(e)
     distributed.barrier()
     got["claim_lock"] = (held, files.lock.exists())
+    got["ablation"] = _ablation(out)
     return got
+
+
+def _ablation(out: Path) -> tuple:
+    """A grid of 3 (point, seed) runs, sharded over the ranks and again in one process:
+    ``(sharded section, one-process section, points measured here, files written here)``,
+    timings stripped (of a summary only the means: the std over one seed is NaN)."""
+    import orderlab
+    from orderlab import ablate
+
+    model = {"name": "transformer", "d_model": 16, "n_layers": 1, "n_heads": 2, "attention": {"name": "bidirectional"}}
+    cfg = {"task": {"name": "sudoku", "size": 4}, "stages": {}, "policy": "l2r", "model": model,
+           "evaluate": {"policies": [], "n": 4, "batch_size": 4, "likelihood": False},
+           "ablate": {"grid": ["l2r", {"name": "random", "steps": [3, None]}], "seeds": [1], "n": 5, "batch_size": 2,
+                      "temperature": 1.0, "heatmap_rows": 3},
+           "run": {"dir": str(out / "abl"), "name": "abl"}}
+    exp = orderlab.load(cfg)
+    measured, real = [], ablate.evaluate_point
+    index = {id(exp.ablation.policy(p, 1)): p.index for p in exp.ablation.points}
+
+    def counted(model, task, policy, *args):
+        measured.append(index[id(policy)])
+        return real(model, task, policy, *args)
+
+    timing = ("wall_s", "tokens_per_s")
+    strip = lambda section: [({k: v["mean"] for k, v in p["summary"].items() if k not in timing},  # noqa: E731
+                              [{k: v for k, v in r.items() if k not in timing} for r in p["runs"]])
+                             for p in section["points"]]
+    ablate.evaluate_point = counted
+    try:
+        sharded = ablate.run_grid(exp, {}, save=lambda: None, progress=False)
+    finally:
+        ablate.evaluate_point = real
+    with distributed.solo():
+        alone = ablate.run_grid(exp, {}, save=lambda: None, progress=False)
+    written = ablate.write_outputs(out / f"abl{distributed.rank()}", sharded)
+    return strip(sharded), strip(alone), measured, len(written)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -321,6 +358,17 @@ def test_a_nan_metric_on_one_rank_stops_every_rank(ranks):
     message, status, step = r0["nan"]
     assert message.startswith("stage 'lm', step 2: metric 'bits_per_token' is nan, not finite")
     assert (status, step) == ("failed", 1)
+
+
+def test_sharded_ablation_grid_equals_one_process(ranks):
+    """The ablation's (point, seed) runs are dealt round-robin to the ranks (rank 0: points
+    0 and 2, rank 1: point 1), gathered on every rank in grid order: the one-process
+    section (timings aside); only rank 0 writes the grid's files."""
+    (r0, r1), _ = ranks
+    (s0, alone0, m0, w0), (s1, alone1, m1, w1) = r0["ablation"], r1["ablation"]
+    assert s0 == s1 == alone0 == alone1 and len(s0) == 3
+    assert m0 == [0, 2] and m1 == [1]
+    assert w0 > 0 and w1 == 0
 
 
 def test_single_process_helpers_are_identities():

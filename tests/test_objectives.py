@@ -10,7 +10,7 @@ import torch
 import orderlab
 
 from orderlab.likelihood import log_likelihood
-from orderlab.objectives import BlockNelbo, MDMNelbo, SetNLL
+from orderlab.objectives import BlockNelbo, MDMNelbo
 from orderlab.objectives.likelihood import interpolating_nelbo_rate, prior_kl
 from orderlab.processes.flat import Linear
 from orderlab.builder import build

@@ -88,9 +88,8 @@ def exact_gradient(pol, task, model):
     orders = dense_orders(task.n, singletons=isinstance(pol, LearnedPlackettLuce))
     x, r = task.batch(len(orders))
     follow = torch.cat([torch.zeros(len(orders), 1, dtype=torch.long), orders], 1)
-    masked = torch.where(r >= 1, model.mask_id, x)
     with pol.recording(follow=follow) as traj:
-        d = decode(model, pol, masked, r, cache=False)
+        d = decode(model, pol, x, r, cache=False)
     assert torch.equal(d.ranks, follow)
     logp = pol.replay(traj).log_prob
     probs = logp.exp()
@@ -227,12 +226,11 @@ def test_rl_converges_to_the_only_correct_order(name):
     obj = build("objective", {"name": name, "policy": pol, "group": group} if name != "reinforce" else {"name": name, "policy": pol},
                 task=task)
     x, r = task.batch(8)
-    masked = torch.where(r >= 1, model.mask_id, x)
-    r2l = decode(model, build("policy", "r2l"), masked, r, cache=False)
-    before = decode(model, pol, masked, r, cache=False)
+    r2l = decode(model, build("policy", "r2l"), x, r, cache=False)
+    before = decode(model, pol, x, r, cache=False)
     assert not torch.equal(before.ranks, r2l.ranks)
     out = train(obj, task, model, steps=120, batch=16 // group, lr=0.1)
-    after = decode(model, pol, masked, r, cache=False)
+    after = decode(model, pol, x, r, cache=False)
     assert torch.equal(after.ranks, r2l.ranks), after.ranks
     assert out.metrics["score"] > 0.9
     assert set(out.metrics) >= {"loss", "reward", "score", "nfe", "tokens_per_step", "entropy"}
@@ -247,11 +245,27 @@ def test_rewards():
     pred = x.clone()
     pred[2, 1] = 0  # wrong
     d = Decoded(tokens=pred, ranks=r, nfe=torch.tensor([1, 4, 2]))
-    assert TaskScore()(task, d, x, r).tolist() == [1.0, 1.0, 0.0]
-    assert NFEPenalty(0.5)(task, d, x, r).tolist() == pytest.approx([1 - 0.5 / 4, 1 - 0.5, -0.25])
+    score = task.score(pred, x, r)
+    assert TaskScore()(score, d, r).tolist() == [1.0, 1.0, 0.0]
+    assert NFEPenalty(0.5)(score, d, r).tolist() == pytest.approx([1 - 0.5 / 4, 1 - 0.5, -0.25])
     # Jazbec et al.: correct · ((L − steps + 1)/L)^α
-    assert StepDiscount(2.0)(task, d, x, r).tolist() == pytest.approx([1.0, (1 / 4) ** 2, 0.0])
+    assert StepDiscount(2.0)(score, d, r).tolist() == pytest.approx([1.0, (1 / 4) ** 2, 0.0])
+    assert StepDiscount(1.0)(torch.tensor([0.5, 0.5, 0.5]), d, r).tolist() == pytest.approx([0.5, 0.5 / 4, 0.5 * 3 / 4])
     assert isinstance(build("reward", {"name": "nfe_penalty", "lam": 0.2}), NFEPenalty)
+
+
+@pytest.mark.parametrize("reward", ["score", {"name": "nfe_penalty", "lam": 0.5}, {"name": "step_discount"}])
+def test_a_rollout_is_scored_once(reward):
+    """The task scores each rollout once; the reward is built on that score."""
+    task, model = ChainTask(n=3, exact=False), ChainModel()
+    calls = []
+    score = task.score
+    task.score = lambda *a: calls.append(1) or score(*a)
+    obj = build("objective", {"name": "grpo", "policy": make_policy(LearnedBernoulli), "group": 2, "reward": reward},
+                task=task)
+    ro = obj.rollout(model, *task.batch(3), torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    torch.testing.assert_close(ro.reward, obj.reward(ro.score, ro.decoded, ro.ranks))
 
 
 def test_objectives_from_config_and_errors():
@@ -298,13 +312,13 @@ def test_sampled_trajectories_follow_the_replayed_distribution(cls):
     x, r = task.batch(len(orders))
     follow = torch.cat([torch.zeros(len(orders), 1, dtype=torch.long), orders], 1)
     with pol.recording(follow=follow) as traj:
-        decode(model, pol, torch.where(r >= 1, model.mask_id, x), r, cache=False)
+        decode(model, pol, x, r, cache=False)
     with torch.no_grad():
         p = pol.replay(traj).log_prob.exp()
     n = 4000
     x, r = task.batch(n)
     with pol.recording(seed=7, greedy=False):
-        d = decode(model, pol, torch.where(r >= 1, model.mask_id, x), r, cache=False)
+        d = decode(model, pol, x, r, cache=False)
     counts = (d.ranks[:, None, :] == follow[None]).all(-1).sum(0).double()  # [K]
     assert counts.sum() == n  # every sampled order is one of the enumerated ones
     chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
