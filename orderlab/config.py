@@ -317,87 +317,101 @@ def _grid_policies(cfg: AblateConfig, ctx: Context, make: Any) -> dict[tuple[int
     return policies
 
 
-def _walk(raw: dict[str, Any], stem: str, check_only: bool) -> Experiment | None:
-    """Every section of ``raw`` by the one component walk (``registry.check`` or
-    ``registry.build``): the check pass builds nothing (settings sections aside, which
-    are plain values) and returns None; the build pass returns the experiment."""
-    make = registry.check if check_only else registry.build
-    evaluate = registry.build_settings(EvaluateConfig, raw.get("evaluate"), "evaluate")
-    run = registry.build_settings(RunConfig, raw.get("run"), "run")
-    stage_specs = _stage_specs(raw["stages"])
-    trains = {name: registry.build_settings(TrainConfig, train, f"stages.{name}.train")
-              for name, (_, train) in stage_specs.items()}
-    ablate = None if raw.get("ablate") is None else _ablate_settings(raw["ablate"])
-    model_spec, model_ckpt = _model_spec(raw["model"])
+@dataclass
+class _Settings:
+    """The plain-value sections (settings dataclasses, checked on construction) and the
+    specs the component walk takes."""
 
+    evaluate: EvaluateConfig
+    run: RunConfig
+    stages: dict[str, tuple[Any, TrainConfig]]  # name -> (objective spec, train settings)
+    ablate: AblateConfig | None
+    model: Any  # the model spec without ``checkpoint``
+    model_checkpoint: str | None
+
+    @classmethod
+    def read(cls, raw: dict[str, Any]) -> _Settings:
+        stages = {name: (spec, registry.build_settings(TrainConfig, train, f"stages.{name}.train"))
+                  for name, (spec, train) in _stage_specs(raw["stages"]).items()}
+        return cls(registry.build_settings(EvaluateConfig, raw.get("evaluate"), "evaluate"),
+                   registry.build_settings(RunConfig, raw.get("run"), "run"), stages,
+                   None if raw.get("ablate") is None else _ablate_settings(raw["ablate"]), *_model_spec(raw["model"]))
+
+
+def _walk(raw: dict[str, Any], s: _Settings, check_only: bool) -> dict[str, Any]:
+    """Every component of ``raw`` by the one walk (``registry.check`` or ``registry.build``),
+    in the order the context fills: task, model, then what needs them. The check pass
+    builds nothing (its values are classes)."""
+    make = registry.check if check_only else registry.build
     task = make("task", raw["task"], "task", Context())
     ctx = _context(DEFERRED if check_only else task)
-    seed = next(iter(trains.values())).seed if trains else 0
+    seed = next(iter(s.stages.values()))[1].seed if s.stages else 0
     with torch.random.fork_rng(devices=[]):  # the model's init is a function of the seed alone
         torch.manual_seed(derive_seed(seed, 0, "init"))
-        model = make("model", model_spec, "model", ctx)
-    if check_only:
-        model = DEFERRED
-    elif model_ckpt is not None:
+        model = make("model", s.model, "model", ctx)
+    if not check_only and s.model_checkpoint is not None:
         try:
-            ckpt.restore_final(ckpt.resolve(model_ckpt), model)
+            ckpt.restore_final(ckpt.resolve(s.model_checkpoint), model)
         except ckpt.CheckpointError as e:
             raise ConfigError("model.checkpoint", str(e)) from None
-    ctx = _with_model(ctx, model)
-
-    objectives = {name: make("objective", spec, f"stages.{name}.objective", ctx)
-                  for name, (spec, _) in stage_specs.items()}
-    policy = None if raw.get("policy") is None else make("policy", raw["policy"], "policy", ctx)
+    ctx = _with_model(ctx, DEFERRED if check_only else model)
     listed = {}
-    for i, spec in enumerate(evaluate.policies or []):
+    for i, spec in enumerate(s.evaluate.policies or []):
         label = policy_label(spec)
         while label in listed:
             label += "'"
         listed[label] = make("policy", spec, f"evaluate.policies[{i}]", ctx)
-    grid = None if ablate is None else _grid_policies(ablate, ctx, make)
-    if check_only:
-        return None
+    return {
+        "task": task,
+        "model": model,
+        "objectives": {n: make("objective", spec, f"stages.{n}.objective", ctx) for n, (spec, _) in s.stages.items()},
+        "policy": None if raw.get("policy") is None else make("policy", raw["policy"], "policy", ctx),
+        "listed": listed,
+        "grid": None if s.ablate is None else _grid_policies(s.ablate, ctx, make),
+    }
 
-    device = resolve_device(run.device)
-    model = model.to(device)
-    run_files = ckpt.RunFiles(Path(run.dir) / (run.name or stem))
+
+def _experiment(raw: dict[str, Any], stem: str, s: _Settings, built: dict[str, Any]) -> Experiment:
+    """The built components assembled: on the run's device, stages with their files, the
+    evaluation policies (the stages' learned ones last), the resolved config."""
+    device = resolve_device(s.run.device)
+    run_files = ckpt.RunFiles(Path(s.run.dir) / (s.run.name or stem))
     stages: dict[str, Stage] = {}
-    for name, objective in objectives.items():
-        if isinstance(objective, torch.nn.Module):
-            objective = objective.to(device)
+    for name, objective in built["objectives"].items():
+        objective = objective.to(device)
         if not objective.trains_model and not any(p.requires_grad for p in objective.parameters()):  # before any work
             raise ConfigError(f"stages.{name}.objective", f"nothing to train: {type(objective).__name__} has "
                                                           "trains_model=False and no parameters of its own")
-        stages[name] = Stage(name, objective, trains[name], run_files.stage(name))
-    policies = listed if evaluate.policies is not None else {policy_label(raw["policy"]): policy}
+        stages[name] = Stage(name, objective, s.stages[name][1], run_files.stage(name))
+    listed, policy = built["listed"], built["policy"]
+    policies = dict(listed) if s.evaluate.policies is not None else {policy_label(raw["policy"]): policy}
     for name, stage in stages.items():
         learned = stage.objective.policy  # the Objective contract: None, or the policy it learns
         if isinstance(learned, Policy):
-            label = learned_label(name, stage_specs[name][0])
+            label = learned_label(name, s.stages[name][0])
             if label in policies:
                 raise ConfigError(f"stages.{name}", f"the stage's learned policy would be labelled {label!r}, as an "
                                                     "evaluate policy is: rename the stage")
             policies[label] = learned
-
     full = {"task": raw["task"], "model": raw["model"],
-            "stages": {n: {"objective": spec, "train": asdict(trains[n])} for n, (spec, _) in stage_specs.items()},
-            "evaluate": asdict(evaluate), "run": asdict(run)}
+            "stages": {n: {"objective": spec, "train": asdict(train)} for n, (spec, train) in s.stages.items()},
+            "evaluate": asdict(s.evaluate), "run": asdict(s.run)}
     if raw.get("policy") is not None:
         full["policy"] = raw["policy"]
-    if ablate is not None:
-        full["ablate"] = ablate.spec()
+    if s.ablate is not None:
+        full["ablate"] = s.ablate.spec()
     return Experiment(
         config=OmegaConf.create(full),
-        task=task,
-        model=model,
+        task=built["task"],
+        model=built["model"].to(device),
         stages=stages,
         policy=policy if policy is not None else next(iter(listed.values())),
-        evaluate=evaluate,
-        run=run,
+        evaluate=s.evaluate,
+        run=s.run,
         run_dir=run_files.dir,
         policies=policies,
         device=device,
-        ablation=None if ablate is None else Ablation(ablate, grid),
+        ablation=None if s.ablate is None else Ablation(s.ablate, built["grid"]),
     )
 
 
@@ -421,7 +435,6 @@ def load(
     cfg, stem = _read(source, overrides)
     raw = _resolve(cfg)
     _sections(raw)
-    _walk(raw, stem, check_only=True)
-    exp = _walk(raw, stem, check_only=False)
-    assert exp is not None
-    return exp
+    settings = _Settings.read(raw)
+    _walk(raw, settings, check_only=True)  # every key of every component, nothing built
+    return _experiment(raw, stem, settings, _walk(raw, settings, check_only=False))

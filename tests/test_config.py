@@ -300,3 +300,20 @@ def test_malformed_yaml_and_override_are_one_line_errors(yaml_path, tmp_path):
     with pytest.raises(ConfigError) as info:
         load(yaml_path, ["evaluate.policies=[l2r"])
     assert info.value.path == "evaluate.policies" and "\n" not in str(info.value)
+
+
+def test_a_typo_deep_inside_a_stage_is_named_by_its_full_path(counting_task):
+    """The issue's case, as a new user meets it: nested policy, net, reference and guide
+    specs are checked like any other node, before anything is built."""
+    from pathlib import Path
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    cases = [("learned_policy.yaml", "stages.policy.objective.policy.net.hiden=8", "hidden"),
+             ("learned_policy.yaml", "stages.policy.objective.reference.net.bais=0.0", "bias"),
+             ("learned_policy_vi.yaml", "stages.vi.objective.guide.layer=2", "layers")]
+    for yaml, override, right in cases:
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=f"did you mean '{right}'") as info:
+            load(experiments / yaml, [override, "task={name: test_counting}"])
+        assert info.value.path == key, override
+    assert counting_task.built == 0  # reported by the check pass
