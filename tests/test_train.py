@@ -326,7 +326,8 @@ def test_nonfinite_steps_are_skipped_and_counted_up_to_the_limit(tmp_path):
     records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert [records[s]["skipped"] for s in (2, 4, 6, 8)] == [0, 1, 2, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records.values())
-    assert math.isnan(records[6]["maybe"])  # a declared NaN metric is logged, not a failure
+    # a declared NaN metric is logged (as null with its reason: valid JSON), not a failure
+    assert records[6]["maybe"] is None and records[6]["nonfinite"] == {"maybe": "nan"}
     for step in (3, 5):  # a skipped step updates no weight
         assert all(torch.equal(seen[step][k], seen[step - 1][k]) for k in seen[step])
     assert not all(torch.equal(seen[4][k], seen[3][k]) for k in seen[4])
