@@ -487,6 +487,9 @@ class Trainer:
             raise ValueError(f"nothing to train: {type(objective).__name__} has trains_model=False and no "
                              "trainable parameters of its own")
         self.optimizer = torch.optim.AdamW(_param_groups(self.params, cfg.weight_decay), lr=cfg.lr)
+        # the optimizer's order (matrices first): the gradient norm sums in it, as clip_grad_norm_ over
+        # the optimizer's parameters did, so runs stay bit-identical to those of earlier versions
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup, cfg.steps))
         self.ema = EMA(self.modules, cfg.ema) if cfg.ema is not None else None
         self.metrics, self.losses = WindowMeans(), WindowMeans()  # the objective's metrics; the loop's own
