@@ -642,10 +642,11 @@ HEAD_DIMS = (32, 64, 96, 128, 256)  # head dims compiled ahead of time (any D <=
 
 
 def _max_block(D: int, dtype: torch.dtype) -> int:
-    """Largest tile side: 64, or 32 where 64-row tiles of q, k, v, dO would not fit an
-    A100's 163 KB of shared memory per block (fp32 at D > 128: 64 x 256 x 4 B = 64 KB each;
-    ``docs/benchmarks.md``, "Ahead-of-time compilation")."""
-    return 32 if D * torch.finfo(dtype).bits // 8 > 512 else 64
+    """Largest tile side: 64, or 32 where rows take 512 B or more (D 256 in half precision,
+    D > 128 in fp32): 64-row tiles then spill registers on every target and need 258 KB of
+    shared memory for dK/dV on sm_100 (half, limit 227 KB) or 213-279 KB on sm_80 (fp32,
+    limit 163 KB) (``docs/benchmarks.md``, "Ahead-of-time compilation")."""
+    return 32 if D * torch.finfo(dtype).bits // 8 >= 512 else 64
 
 
 def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
