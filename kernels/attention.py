@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting, resolve_backend
+from .specs import TRITON_DTYPE, Spec, signature, unit_strides
 
 __all__ = [
     "set_attention",
@@ -635,10 +636,32 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-def _default_blocks(Lq: int, D: int) -> tuple[int, int]:
-    # decode: a handful of queries per row; do not pad them to 64
-    block_m = min(64, max(16, triton.next_power_of_2(Lq)))
-    return block_m, 64
+_BLOCK_M = (16, 32, 64)  # query tiles: decode's few queries are not padded to 64
+_BLOCK_N = 64
+HEAD_DIMS = (32, 64, 96, 128, 256)  # head dims compiled ahead of time (any D <= 256 runs)
+
+
+def _max_block(D: int, dtype: torch.dtype) -> int:
+    """Largest tile side: 64, or 32 where rows take 512 B or more (D 256 in half precision,
+    D > 128 in fp32): 64-row tiles then spill registers on every target and need 258 KB of
+    shared memory for dK/dV on sm_100 (half, limit 227 KB) or 213-279 KB on sm_80 (fp32,
+    limit 163 KB) (``docs/benchmarks.md``, "Ahead-of-time compilation")."""
+    return 32 if D * torch.finfo(dtype).bits // 8 >= 512 else 64
+
+
+def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    top = _max_block(D, dtype)
+    block_m = min(top, max(_BLOCK_M[0], triton.next_power_of_2(Lq)))
+    return block_m, min(_BLOCK_N, top)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _launch_config(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of every attention kernel at head dim ``D``."""
+    return 4, 2
 
 
 def _launch_check(q, k, v, q_rank, k_rank, q_group, k_group, k_len, block_m, block_n) -> None:
@@ -674,12 +697,59 @@ def _prep(q, k, q_rank, k_rank, q_group, k_group, k_len, block_m, block_n):
     return qr, kr, qg, kg, k_end, has_group, tiles
 
 
-def _precision(dtype: torch.dtype) -> dict:
+def _precision(dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    """The precision constexprs; ``interpret=False`` gives the GPU's (ahead-of-time compiles)."""
+    interpret = interpreting() if interpret is None else interpret
     return {
-        "F32_DOT": interpreting(),  # the interpreter's bf16 tl.dot is wrong; fp32 there is exact anyway
+        "F32_DOT": interpret,  # the interpreter's bf16 tl.dot is wrong; fp32 there is exact anyway
         "PREC": "ieee" if dtype == torch.float32 else "tf32",  # fp32 inputs: no silent TF32
-        "RTNE": interpreting() and dtype == torch.bfloat16,
+        "RTNE": interpret and dtype == torch.bfloat16,
     }
+
+
+def _constexprs(D: int, block_m: int, block_n: int, has_group: bool, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    """The tl.constexpr arguments shared by the three attention kernels."""
+    return dict(D=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, HAS_GROUP=has_group,
+                **_precision(dtype, interpret))
+
+
+def _launch_kwargs(D: int, block_m: int, block_n: int, has_group: bool, dtype: torch.dtype) -> dict:
+    num_warps, num_stages = _launch_config(D, dtype)
+    return dict(**_constexprs(D, block_m, block_n, has_group, dtype), num_warps=num_warps, num_stages=num_stages)
+
+
+# tensor arguments of each kernel -> "data" (q's dtype) or a fixed Triton element type
+_POINTERS = {
+    "_fwd_kernel": dict(Q="data", K="data", V="data", O="data", LSE="fp32"),
+    "_bwd_dq_kernel": dict(Q="data", K="data", V="data", DO="data", DQ="data", LSE="fp32", DELTA="fp32"),
+    "_bwd_dkdv_kernel": dict(Q="data", K="data", V="data", DO="data", DK="data", DV="data", LSE="fp32", DELTA="fp32"),
+}
+_INDEX_POINTERS = ("QR", "KR", "QG", "KG", "KEND", "FULL_NUM", "FULL_IDX", "MIX_NUM", "MIX_IDX")
+
+
+def specializations() -> list[Spec]:
+    """Every specialisation the launcher can choose on a GPU: each kernel (forward, dQ,
+    dK/dV; decode is the forward with ``k_len``), dtype, head dim of :data:`HEAD_DIMS`,
+    query tile of ``_BLOCK_M``, with and without groups, at :func:`_launch_config`."""
+    out = []
+    for kernel in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
+        for dtype in _DTYPES:
+            for D in HEAD_DIMS:
+                top = _max_block(D, dtype)
+                for block_m in [m for m in _BLOCK_M if m <= top]:
+                    for has_group in (False, True):
+                        out.append(_spec(kernel, dtype, D, block_m, min(_BLOCK_N, top), has_group))
+    return out
+
+
+def _spec(kernel, dtype: torch.dtype, D: int, block_m: int, block_n: int, has_group: bool) -> Spec:
+    constexprs = {**_constexprs(D, block_m, block_n, has_group, dtype, interpret=False), **unit_strides(kernel)}
+    elem = TRITON_DTYPE[dtype]
+    pointers = {n: elem if t == "data" else t for n, t in _POINTERS[kernel.__name__].items()}
+    pointers.update({n: "i32" for n in _INDEX_POINTERS})
+    num_warps, num_stages = _launch_config(D, dtype)
+    sig = signature(kernel, pointers, ("qk_scale", "sm_scale"), constexprs)
+    return Spec(kernel, sig, constexprs, num_warps, num_stages, elem)
 
 
 def _forward(q, k, v, qr, kr, qg, kg, k_end, has_group, tiles: TileLists, scale: float):
@@ -695,8 +765,7 @@ def _forward(q, k, v, qr, kr, qg, kg, k_end, has_group, tiles: TileLists, scale:
         full_num, full_idx, mix_num, mix_idx,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Lq, Lk, nQ, nK, scale * _LOG2E,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN,
-        HAS_GROUP=has_group, **_precision(q.dtype), num_warps=4, num_stages=2,
+        **_launch_kwargs(D, BM, BN, has_group, q.dtype),
     )
     return o, lse
 
@@ -709,10 +778,7 @@ def _backward(do, q, k, v, o, lse, qr, kr, qg, kg, k_end, has_group, tiles: Tile
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (FlashAttention-2, Alg. 2 line 4)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, H, Lq]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN,
-        HAS_GROUP=has_group, **_precision(q.dtype), num_warps=4, num_stages=2,
-    )
+    common = _launch_kwargs(D, BM, BN, has_group, q.dtype)
     _bwd_dq_kernel[(nQ, B * H)](
         q, k, v, do, dq, lse, delta, qr, kr, qg, kg, k_end, *tiles.by_q,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -759,7 +825,7 @@ def set_attention_triton(
     block_n: int | None = None,
 ) -> Tensor:
     """The Triton path of :func:`set_attention` (differentiable in q, k, v), with tile sizes."""
-    dm, dn = _default_blocks(q.shape[2] if q.dim() == 4 else 1, q.shape[-1])
+    dm, dn = _default_blocks(q.shape[2] if q.dim() == 4 else 1, q.shape[-1], q.dtype)
     block_m, block_n = block_m or dm, block_n or dn
     _launch_check(q, k, v, q_rank, k_rank, q_group, k_group, k_len, block_m, block_n)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import resolve_backend
+from .specs import TRITON_DTYPE, Spec, signature, unit_strides
 
 __all__ = ["append_kv", "append_kv_reference", "append_kv_triton"]
 
@@ -81,13 +82,35 @@ def append_kv_triton(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Ten
     N = k_new.shape[2]
     if N == 0 or B == 0:
         return
-    block_n = min(64, max(16, triton.next_power_of_2(N)))
+    block_n = min(_BLOCK_N[-1], max(_BLOCK_N[0], triton.next_power_of_2(N)))
     _append_kv_kernel[(triton.cdiv(N, block_n), B * H)](
         cache_k, cache_v, k_new, v_new, start.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
         *cache_k.stride(), *cache_v.stride(), *k_new.stride(), *v_new.stride(),
         H, N, C,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
+
+
+_BLOCK_N = (16, 32, 64)  # new tokens per program: one step's set rounded up to a power of two
+_NUM_WARPS, _NUM_STAGES = 4, 1  # a copy: nothing to pipeline
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def specializations() -> list[Spec]:
+    """Every specialisation :func:`append_kv_triton` can launch for the caches the model
+    keeps (its dtypes, the head dims of ``attention.HEAD_DIMS``, every ``_BLOCK_N``)."""
+    from .attention import HEAD_DIMS
+
+    out = []
+    for dtype in _DTYPES:
+        elem = TRITON_DTYPE[dtype]
+        for D in HEAD_DIMS:
+            for block_n in _BLOCK_N:
+                constexprs = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, **unit_strides(_append_kv_kernel))
+                pointers = dict(CK=elem, CV=elem, KN=elem, VN=elem, START="i32", COUNT="i32")
+                sig = signature(_append_kv_kernel, pointers, (), constexprs)
+                out.append(Spec(_append_kv_kernel, sig, constexprs, _NUM_WARPS, _NUM_STAGES, elem))
+    return out
 
 
 def append_kv(
