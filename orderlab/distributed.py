@@ -44,7 +44,6 @@ __all__ = [
     "shard",
     "barrier",
     "all_gather_object",
-    "gather_rows",
     "all_sum",
     "any_rank",
     "DataParallelStep",
@@ -158,16 +157,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world()
     dist.all_gather_object(out, obj)
     return out
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` (``[n_r, ...]``; ``n_r`` may differ, 0 included) concatenated in
-    rank order on every rank (torchmetrics' padded ``gather_all_tensors``)."""
-    if not active():
-        return x
-    from torchmetrics.utilities.distributed import gather_all_tensors
-
-    return torch.cat(gather_all_tensors(x), dim=0)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:

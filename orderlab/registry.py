@@ -58,6 +58,7 @@ import importlib
 import inspect
 import types
 import typing
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -354,7 +355,7 @@ class Context:
     def source(self, name: str) -> str:
         return self.sources.get(name) or "the experiment"
 
-    def child(self, provides: Mapping[str, Callable[[dict[str, Any]], Any]], args: dict[str, Any],
+    def child(self, provides: Mapping[str, Callable[[Mapping[str, Any]], Any]], args: Mapping[str, Any],
               check_only: bool) -> Context:
         """This context plus what a parent ``provides`` to its children, computed from its
         bound ``args`` when a child asks (siblings bound earlier are built by then)."""
@@ -461,30 +462,24 @@ def _node(kind: str | None, spec: Any, path: str, context: Context, check_only: 
 def _call(cls: Callable[..., Any], args: dict[str, Any], path: str, context: Context, check_only: bool,
           given: Mapping[str, Any] | None = None) -> Any:
     check_args(cls, args, path, context, given)
-    hints = _hints(cls)
-    bound: dict[str, Any] = {}
-    if not check_only:  # defaults first, so that what a parent provides can read them
-        for n, p in inspect.signature(cls).parameters.items():
-            if p.default is not p.empty:
-                bound[n] = p.default
-    inner = context.child(_provides(cls), bound, check_only)
+    hints, params = _hints(cls), inspect.signature(cls).parameters
+    bound: dict[str, Any] = {}  # the arguments the constructor gets (the rest keep their defaults)
+    defaults = {} if check_only else {n: p.default for n, p in params.items() if p.default is not p.empty}
+    inner = context.child(_provides(cls), ChainMap(bound, defaults), check_only)  # what it provides reads both
     # plain values first, then components in signature order: what a parent provides to a
     # child is computed from its other arguments (and earlier siblings) as given
-    order = {n: i for i, n in enumerate(inspect.signature(cls).parameters)}
+    order = {n: i for i, n in enumerate(params)}
     for key in sorted(args, key=lambda k: (_holds_component(args[k]), order.get(k, len(order)))):
         bound[key] = _value(hints.get(key), args[key], _join(path, key), inner, check_only)
     for key, value in (given or {}).items():  # a Python caller's arguments: walked too (names become components)
         bound[key] = _value(hints.get(key), value, _join(path, key), inner, check_only)
-    for n in _needs(cls):
-        if n not in args and n not in (given or {}) and n in context and not check_only:
-            bound[n] = context[n]
     if check_only:
         return cls
-    params = inspect.signature(cls).parameters
-    call = {k: v for k, v in bound.items() if k in args or k in (given or {}) or k in _needs(cls)
-            or k not in params or params[k].default is params[k].empty}
+    for n in _needs(cls):
+        if n not in bound and n in context:
+            bound[n] = context[n]
     try:
-        return cls(**call)
+        return cls(**bound)
     except ConfigError as e:  # the constructor names a key of its own node
         raise ConfigError(_join(path, e.path), e.message) from None
     except (TypeError, ValueError) as e:
