@@ -200,6 +200,12 @@ class RankMask:
         return s, e, self.mask[:, :, :s, :e].contiguous(), self.mask[:, :, s:].contiguous()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``[B, H, Lq, D]``: attention of ``q [B, H, Lq, D]`` over ``k, v [B, G, Lk, D]``.
+        ``G < H`` is grouped-query attention (Ainslie et al. 2023): K/V head ``g`` serves query
+        heads ``g * H/G .. (g + 1) * H/G - 1``, expanded here for every backend."""
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         supported = q.dtype in _DTYPES and q.shape[-1] <= 256
         backend = resolve_backend(self.backend, q.device, supported, fallback="sdpa")
         if backend != "sdpa":

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from orderlab.cache import KVCache
 from orderlab.kernels import RankMask
 from orderlab.registry import ConfigError, build, declare_kind, register
+from orderlab.ranks import NEVER
 from orderlab.rules import AttentionRule, SetCausal, Stream
 
 __all__ = ["ModelConfig", "Transformer"]
@@ -25,7 +26,7 @@ __all__ = ["ModelConfig", "Transformer"]
 
 @dataclass
 class ModelConfig:
-    vocab_size: int  # classes predicted; the [MASK] id is vocab_size
+    vocab_size: int  # classes predicted; the [MASK] id is vocab_size unless mask_id says otherwise
     max_len: int
     attention: dict[str, Any] = field(default_factory=lambda: {"name": "set_causal"})
     d_model: int = 128
@@ -34,6 +35,28 @@ class ModelConfig:
     mlp_ratio: int = 4
     tie_embeddings: bool = True
     rope_base: float = 10000.0
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    norm_eps: float | None = None
+    rope_layout: str = "interleaved"
+    mask_id: int | None = None
+    shift_logits: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or self.mlp_ratio * self.d_model
 
 
 def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -52,32 +75,69 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The same rotation with dimension ``i`` paired with ``i + D/2`` ("rotate half"), the
+    layout of Hugging Face's Llama/Qwen checkpoints (their q/k rows are permuted so): a
+    relabelling of the dimensions, so equal to :func:`rope` on permuted weights."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [..., N, D/2] each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+ROPE_LAYOUTS = {"interleaved": rope, "halves": rope_halves}
+
+
 class Attention(nn.Module):
+    """Multi-head attention with optional grouped-query K/V (``n_kv_heads``; Ainslie et al.
+    2023), q/k/v biases (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.layer, self.rope_base = cfg.n_heads, layer, cfg.rope_base
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv, self.head_dim, self.layer = cfg.n_heads, cfg.kv_heads, cfg.head_size, layer
+        self.rope = ROPE_LAYOUTS[cfg.rope_layout]
+        D = self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * D, bias=cfg.qkv_bias)  # rows: q | k | v
+        self.proj = nn.Linear(self.n_heads * D, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(D, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, h: Tensor, vis: RankMask, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
-        B, N, C = h.shape
-        qkv = self.qkv(h).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
-        qk = rope(qkv[:2], *rot)  # q and k rotated in one go: [2, B, H, N, D]
-        q, k, v = qk[0], qk[1], qkv[2]
-        o = vis.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, vis)
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+        B, N, _ = h.shape
+        H, G, D = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.qkv(h).split([H * D, G * D, G * D], dim=-1)
+        q, k, v = (t.view(B, N, n, D).transpose(1, 2) for t, n in ((q, H), (k, G), (v, G)))  # [B, H or G, N, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, *rot), self.rope(k, *rot)
+        o = vis.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, vis)  # [B, H, N, D]
+        return self.proj(o.transpose(1, 2).reshape(B, N, H * D))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer 2020), the MLP of Llama, Qwen, LLaDA, Dream."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def gelu_mlp(d_model: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.GELU(), nn.Linear(hidden, d_model, bias=False))
+
+
+MLPS = {"gelu": gelu_mlp, "swiglu": SwiGLU}
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, layer)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False),
-            nn.GELU(),
-            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False),
-        )
+        self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.hidden)
 
     def forward(self, h: Tensor, vis: RankMask, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
         h = h + self.attn(self.norm1(h), vis, cache, rot)
@@ -91,38 +151,73 @@ class Transformer(nn.Module):
 
     Args (the YAML keys of ``model:``): ``vocab_size`` and ``max_len`` come from the build's
     context (the task's); ``attention`` is an attention rule (default set-causal); sizes as
-    in :class:`ModelConfig`.
+    in :class:`ModelConfig`. The architecture options of pretrained families (DESIGN.md
+    section 4), each defaulting to orderlab's own model:
+
+    - ``n_kv_heads``: grouped-query attention (K/V heads shared by ``n_heads / n_kv_heads``
+      query heads); ``head_dim`` when it is not ``d_model / n_heads`` (Qwen3-0.6B);
+    - ``mlp``: ``"gelu"`` or ``"swiglu"``, with ``mlp_hidden`` units (default
+      ``mlp_ratio * d_model``);
+    - ``qk_norm``: per-head RMSNorm of q and k before RoPE (Qwen3, SDAR); ``qkv_bias``
+      (Qwen2, Dream); ``norm_eps`` of every RMSNorm (None: torch's default);
+    - ``rope_layout``: ``"interleaved"`` (pairs 2i, 2i+1) or ``"halves"`` (pairs i, i + D/2,
+      Hugging Face checkpoints);
+    - ``mask_id``: a [MASK] id inside the vocabulary (LLaDA 126336, Dream 151666) instead of
+      the appended row ``vocab_size``; its logit is set to the dtype's minimum, so the model
+      never predicts [MASK] (SUBS, Sahoo et al. 2024) and the likelihood sums to 1 over tokens;
+    - ``shift_logits``: the prediction for position ``i`` is read at position ``i - 1``
+      (Dream, AR heritage; bidirectional rule only).
     """
 
     needs = ("vocab_size", "max_len")
 
     def __init__(self, vocab_size: int, max_len: int, attention: AttentionRule | None = None,
                  d_model: int = 128, n_layers: int = 4, n_heads: int = 4, mlp_ratio: int = 4,
-                 tie_embeddings: bool = True, rope_base: float = 10000.0):
+                 tie_embeddings: bool = True, rope_base: float = 10000.0, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, mlp: str = "gelu", mlp_hidden: int | None = None, qk_norm: bool = False,
+                 qkv_bias: bool = False, norm_eps: float | None = None, rope_layout: str = "interleaved",
+                 mask_id: int | None = None, shift_logits: bool = False):
         super().__init__()
-        if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ConfigError("n_heads", f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
         rule = SetCausal() if attention is None else attention
+        cfg = ModelConfig(vocab_size, max_len, rule.spec(), d_model, n_layers, n_heads, mlp_ratio, tie_embeddings,
+                          rope_base, n_kv_heads, head_dim, mlp, mlp_hidden, qk_norm, qkv_bias, norm_eps, rope_layout,
+                          mask_id, shift_logits)
+        _check(cfg, rule)
         self.rule: AttentionRule = rule
-        self.config = ModelConfig(vocab_size, max_len, rule.spec(), d_model, n_layers, n_heads, mlp_ratio,
-                                  tie_embeddings, rope_base)
-        self.vocab_size, self.mask_id, self.max_len = vocab_size, vocab_size, max_len
-        self.embed = nn.Embedding(vocab_size + 1, d_model)  # + [MASK]
-        self.blocks = nn.ModuleList(Block(self.config, i) for i in range(n_layers))
-        self.norm = nn.RMSNorm(d_model)
+        self.config = cfg
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.mask_id = vocab_size if mask_id is None else mask_id
+        self.embed = nn.Embedding(vocab_size + (mask_id is None), d_model)  # + [MASK] unless it is in the vocabulary
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(n_layers))
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         # the output layer never predicts [MASK] (SUBS parameterisation, MDLM)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
-        # RoPE cos/sin of every position, computed once and gathered by position (float32,
-        # as rope() computes; not saved: a function of the config)
-        cos, sin = rope_angles(torch.arange(max_len), d_model // n_heads, rope_base)  # [max_len, D/2]
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._rope_tables()
+
+    def _rope_tables(self) -> None:
+        """RoPE cos/sin of every position, float32 on the model's device (as rope() computes;
+        not saved: a function of the config). Recomputed after every move or cast
+        (:meth:`_apply`), so a bf16 model keeps float32 angles and a model built on the meta
+        device gets real ones when materialised."""
+        c, dev = self.config, self.embed.weight.device
+        pos = torch.arange(c.max_len, device=dev if dev.type != "meta" else "cpu")
+        cos, sin = rope_angles(pos, c.head_size, c.rope_base)  # [max_len, D/2]
+        self.rope_cos, self.rope_sin = cos.to(dev), sin.to(dev)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._rope_tables()
+        return self
 
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | dict) -> "Transformer":
@@ -136,9 +231,10 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, length: int) -> KVCache:
         """A cache for decoding ``batch`` rows of ``length`` positions (capacity ``length + 1``:
         a row's cached tokens and one forward's tokens never exceed ``length``; the extra slot
-        takes the padding of fixed-width streams, see :class:`KVCache`)."""
+        takes the padding of fixed-width streams, see :class:`KVCache`). It holds the
+        ``n_kv_heads`` K/V heads (grouped-query attention shares them)."""
         c, p = self.config, next(self.parameters())
-        return KVCache(c.n_layers, batch, c.n_heads, length + 1, c.d_model // c.n_heads, p.dtype, p.device)
+        return KVCache(c.n_layers, batch, c.kv_heads, length + 1, c.head_size, p.dtype, p.device)
 
     def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
         """Logits ``[B, N, vocab_size]`` for every token of the stream.
@@ -156,10 +252,48 @@ class Transformer(nn.Module):
             h = block(h, vis, cache, rot)
         if cache is not None:
             cache.commit(s.n_append if s.n_append is not None else torch.zeros_like(cache.length))
-        return F.linear(self.norm(h), self.head_weight())
+        if self.config.shift_logits:
+            h = _shift(h, s, self.max_len)
+        logits = F.linear(self.norm(h), self.head_weight())
+        if self.mask_id < self.vocab_size:  # [MASK] is a token of the vocabulary: never predicted
+            logits[..., self.mask_id] = torch.finfo(logits.dtype).min
+        return logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, params={self.num_params() / 1e6:.2f}M"
+
+
+def _check(cfg: ModelConfig, rule: AttentionRule) -> None:
+    """Architecture options that cannot work together: ConfigError naming the key."""
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        raise ConfigError("n_heads", f"d_model={cfg.d_model} must split into n_heads={cfg.n_heads} heads (or set head_dim)")
+    if cfg.head_size % 2:
+        raise ConfigError("head_dim", f"RoPE needs an even head size, got {cfg.head_size}")
+    if cfg.n_heads % cfg.kv_heads:
+        raise ConfigError("n_kv_heads", f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.kv_heads}")
+    for key, table in (("mlp", MLPS), ("rope_layout", ROPE_LAYOUTS)):
+        if getattr(cfg, key) not in table:
+            raise ConfigError(key, f"unknown {key} {getattr(cfg, key)!r}; choose one of {sorted(table)}")
+    if cfg.mask_id is not None and not 0 <= cfg.mask_id < cfg.vocab_size:
+        raise ConfigError("mask_id", f"an in-vocabulary [MASK] id must lie in [0, vocab_size={cfg.vocab_size}), got {cfg.mask_id}")
+    if cfg.shift_logits and rule.cacheable:
+        raise ConfigError("shift_logits", f"shifted logits read position i's prediction at the token of position i - 1, "
+                                          f"which needs a stream over x_t in position order: the bidirectional rule, not {rule.name}")
+
+
+def _shift(h: Tensor, s: Stream, max_len: int) -> Tensor:
+    """``h [B, N, C]`` with token ``n``'s row replaced by that of the stream's token at
+    position ``pos[n] - 1`` (Dream's shifted logits); a token whose left neighbour is not in
+    the stream (position 0, the first token after padding) keeps its own row, as Dream's
+    generate does at position 0."""
+    B, N, C = h.shape
+    real = (s.k_group >= 0) | (s.k_rank != NEVER)  # padding slots see nothing and are seen by no one
+    slots = torch.arange(N, device=h.device).expand(B, N)
+    where = torch.full((B, max_len + 1), -1, dtype=torch.long, device=h.device)  # column max_len: padding's dump
+    where.scatter_(1, torch.where(real, s.pos, max_len), slots)  # [B, max_len + 1]: stream slot of each position
+    left = where.gather(1, (s.pos - 1).clamp(min=0))  # [B, N]
+    src = torch.where((s.pos > 0) & (left >= 0), left, slots)
+    return h.gather(1, src[..., None].expand(B, N, C))

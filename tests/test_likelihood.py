@@ -17,6 +17,24 @@ RULES = ["set_causal", {"name": "block_causal", "block_size": 2}, "bidirectional
          {"name": "set_causal", "prompt": "causal"}, {"name": "block_causal", "block_size": 2, "prompt": "causal"}]
 
 
+# the architecture options of pretrained families (GQA, SwiGLU, q/k norm, biases, rotate-half
+# RoPE, untied head, head_dim != d_model / n_heads, an in-vocabulary [MASK]); the last one
+# adds Dream's shifted logits (bidirectional rule only)
+FAMILY = dict(n_kv_heads=1, mlp="swiglu", mlp_hidden=24, qk_norm=True, qkv_bias=True, rope_layout="halves",
+              norm_eps=1e-6, tie_embeddings=False, head_dim=6)
+ARCHS = {"orderlab": {}, "family": FAMILY, "mask_in_vocab": {**FAMILY, "mask_id": 1}}
+
+
+def arch(name, rule, vocab):
+    """Transformer kwargs of ``ARCHS[name]`` for ``rule`` (the shift where the rule allows it);
+    an in-vocabulary [MASK] takes one more class."""
+    kw = dict(ARCHS[name])
+    if "mask_id" in kw:
+        vocab += 1
+        kw["shift_logits"] = rule == "bidirectional"
+    return vocab, kw
+
+
 def tiny(rule, vocab=3, length=8, seed=0, **kw):
     torch.manual_seed(seed)
     return orderlab.build("model", "transformer", vocab_size=vocab, max_len=length, attention=rule, d_model=16, n_layers=2, n_heads=2, **kw).eval()
@@ -38,11 +56,14 @@ def random_ranks(gen, length, rule, n_targets=3):
 
 @pytest.mark.parametrize("rule", RULES, ids=str)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_normalisation_by_enumeration(rule, seed):
-    """Σ over all fillings of the targets of exp(log p(x | ranks)) is 1 (no leak of a target)."""
+@pytest.mark.parametrize("arch_name", list(ARCHS))
+def test_normalisation_by_enumeration(rule, seed, arch_name):
+    """Σ over all fillings of the targets of exp(log p(x | ranks)) is 1 (no leak of a target);
+    with an in-vocabulary [MASK], fillings with it are in the sum and have probability 0."""
     gen = torch.Generator().manual_seed(seed)
-    V, L = 3, 7
-    model = tiny(rule, vocab=V, length=L, seed=seed)
+    V, kw = arch(arch_name, rule, 3)
+    L = 7
+    model = tiny(rule, vocab=V, length=L, seed=seed, **kw)
     ranks, targets = random_ranks(gen, L, rule)
     base = torch.randint(0, V, (L,), generator=gen)
     fills = torch.tensor(list(itertools.product(range(V), repeat=len(targets))))  # [27, 3]
@@ -52,6 +73,8 @@ def test_normalisation_by_enumeration(rule, seed):
         ll = log_likelihood(model, x, ranks.expand_as(x))
     assert ll.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
     assert (ll < 0).all()
+    if model.mask_id < model.vocab_size:
+        assert (ll.exp()[(x[:, targets] == model.mask_id).any(1)] == 0).all()
 
 
 @pytest.mark.parametrize("prompt_len", [0, 3])
@@ -161,10 +184,13 @@ def test_prompt_choice_is_a_different_model(rule):
                                   {"name": "set_causal", "prompt": "causal"},
                                   {"name": "block_causal", "block_size": 3, "prompt": "causal"}], ids=str)
 @pytest.mark.parametrize("cache", [True, False])
-def test_incremental_equals_one_pass(rule, cache):
-    """Step-by-step (KV cache appended after every set) equals the one-pass likelihood."""
-    torch.manual_seed(3)
-    model = tiny(rule, vocab=5, length=12)
+@pytest.mark.parametrize("arch_name", list(ARCHS))
+def test_incremental_equals_one_pass(rule, cache, arch_name):
+    """Step-by-step (KV cache appended after every set) equals the one-pass likelihood,
+    for orderlab's model and for the pretrained families' options (the cache then holds
+    the shared K/V heads of grouped-query attention)."""
+    V, kw = arch(arch_name, rule, 5)
+    model = tiny(rule, vocab=V, length=12, seed=3, **kw)
     x = torch.randint(0, 5, (4, 12))
     ranks = torch.tensor([
         [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, -1, -1],

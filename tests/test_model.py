@@ -81,3 +81,103 @@ def test_rope_tables_match_the_angles_and_are_not_saved():
     s.pos = s.pos + 13
     with pytest.raises(ValueError, match="max_len=16"):
         m(s)
+
+
+# ------------------------------------------------------------------ pretrained families' options
+
+
+def _family(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=11, max_len=16, attention="bidirectional", d_model=24, n_layers=2, n_heads=4, mlp="swiglu",
+                mlp_hidden=40, qk_norm=True, qkv_bias=True, rope_layout="halves", tie_embeddings=False)
+    return orderlab.build("model", "transformer", **{**args, **kw}).eval()
+
+
+def _stream(m, x):
+    every = torch.ones_like(x, dtype=torch.bool)
+    return m.rule.noisy_stream(x, every, every)
+
+
+def test_grouped_query_attention_is_attention_with_shared_kv_heads():
+    """n_kv_heads=2 of 4 equals full multi-head attention whose K/V heads 2g and 2g+1 are copies
+    of head g (Ainslie et al. 2023), so the grouping maps query head h to K/V head h // 2."""
+    gqa = _family(n_kv_heads=2)
+    mha = _family(n_kv_heads=4)
+    D, H, G = 6, 4, 2
+    sd = gqa.state_dict()
+    for i in range(2):
+        for suffix in ("weight", "bias"):
+            w = sd[f"blocks.{i}.attn.qkv.{suffix}"]
+            q, k, v = w.split([H * D, G * D, G * D])
+            rep = lambda t: t.view(G, D, *t.shape[1:]).repeat_interleave(H // G, 0).reshape(H * D, *t.shape[1:])  # noqa: E731
+            sd[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(_stream(gqa, x)), mha(_stream(mha, x)))
+    assert gqa.new_cache(3, 9).k[0].shape == (3, 2, 10, 6)  # the cache keeps the shared heads only
+
+
+def test_rotate_half_layout_is_interleaved_rope_on_permuted_q_k_rows():
+    """Hugging Face's rotate-half RoPE pairs dimension i with i + D/2; permuting each head's q/k
+    rows (and q/k norm weights) into interleaved order gives the same model."""
+    halves = _family(n_kv_heads=2)
+    inter = _family(n_kv_heads=2, rope_layout="interleaved")
+    D = 6
+    perm = torch.stack([torch.arange(D // 2), torch.arange(D // 2) + D // 2], 1).flatten()  # [0, 3, 1, 4, 2, 5]
+    sd = halves.state_dict()
+    for i in range(2):
+        for suffix in ("weight", "bias"):
+            w = sd[f"blocks.{i}.attn.qkv.{suffix}"]
+            q, k, v = w.split([4 * D, 2 * D, 2 * D])
+            per_head = lambda t: t.view(-1, D, *t.shape[1:])[:, perm].reshape(t.shape)  # noqa: E731
+            sd[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([per_head(q), per_head(k), v])
+        for n in ("q_norm", "k_norm"):
+            sd[f"blocks.{i}.attn.{n}.weight"] = sd[f"blocks.{i}.attn.{n}.weight"][perm]
+    inter.load_state_dict(sd)
+    x = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(halves(_stream(halves, x)), inter(_stream(inter, x)), atol=1e-5, rtol=1e-5)
+
+
+def test_in_vocabulary_mask_is_never_predicted_and_shift_reads_the_left_neighbour():
+    plain = _family(mask_id=7)
+    shifted = _family(mask_id=7, shift_logits=True)
+    shifted.load_state_dict(plain.state_dict())
+    assert plain.embed.weight.shape[0] == 11 and plain.mask_id == 7  # no appended row
+    x = torch.randint(0, 11, (2, 9))
+    rank = torch.zeros_like(x)
+    rank[1, :3] = -1  # left padding: row 1's first token sits at position 3
+    x[:, 5] = 7
+    s = plain.rule.noisy_stream(x, rank >= 0, rank >= 0)
+    with torch.no_grad():
+        a, b = plain(s), shifted(s)
+    assert (a[..., 7] == torch.finfo(a.dtype).min).all() and torch.softmax(a, -1)[..., 7].max() == 0
+    # row 0: stream slot n holds position n; row 1: slot n holds position n + 3
+    torch.testing.assert_close(b[0, 1:], a[0, :-1])
+    torch.testing.assert_close(b[0, 0], a[0, 0])  # position 0 has no left neighbour: its own
+    torch.testing.assert_close(b[1, 1:6], a[1, :5])
+    torch.testing.assert_close(b[1, 0], a[1, 0])  # the first token after padding: its own
+
+
+def test_a_cast_model_keeps_float32_rope_tables():
+    m = _family().to(torch.bfloat16)
+    assert m.rope_cos.dtype == torch.float32 and m.embed.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.rope_cos, _family().rope_cos)
+    with torch.device("meta"):
+        meta = _family()
+    real = meta.to_empty(device="cpu")
+    torch.testing.assert_close(real.rope_sin, _family().rope_sin)
+    x = torch.randint(0, 11, (1, 5))
+    with torch.no_grad():
+        assert m(_stream(m, x)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(n_kv_heads=3), "n_kv_heads"), (dict(mlp="relu"), "mlp"), (dict(rope_layout="spiral"), "rope_layout"),
+    (dict(mask_id=11), "mask_id"), (dict(shift_logits=True, attention="set_causal"), "shift_logits"),
+    (dict(head_dim=5), "head_dim"),
+])
+def test_family_options_that_cannot_work_name_their_key(kw, key):
+    with pytest.raises(ConfigError, match=f"^model.{key}:"):
+        build("model", {"name": "transformer", "d_model": 24, "n_heads": 4, **kw}, vocab_size=11, max_len=8, path="model")
