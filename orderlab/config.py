@@ -293,9 +293,17 @@ def _context(task: Any) -> Context:
 
 
 def _with_model(ctx: Context, model: Any) -> Context:
-    """Components built after the model see its sizes (a pretrained model's are its own)."""
+    """Components built after the model see its sizes (a pretrained model's are its own);
+    the task's tokens and lengths must fit them."""
     if model is DEFERRED:
         return ctx
+    task = ctx["task"]
+    if task.vocab_size > model.vocab_size:
+        raise ConfigError("model", f"the task's vocabulary ({task.vocab_size} tokens) is larger than the model's "
+                                   f"({model.vocab_size}): the model cannot read every task token")
+    if task.seq_len > model.max_len:
+        raise ConfigError("model", f"the task's sequences ({task.seq_len} positions) are longer than the model's "
+                                   f"max_len={model.max_len}")
     ctx.set("vocab_size", model.vocab_size, "the model (model.vocab_size)")
     return ctx.set("max_len", model.max_len, "the model (model.max_len)")
 
@@ -345,6 +353,7 @@ def _walk(raw: dict[str, Any], s: _Settings, check_only: bool) -> dict[str, Any]
     make = registry.check if check_only else registry.build
     task = make("task", raw["task"], "task", Context())
     ctx = _context(DEFERRED if check_only else task)
+    ctx.set("device", DEFERRED if check_only else resolve_device(s.run.device), "the run (run.device)")
     seed = next(iter(s.stages.values()))[1].seed if s.stages else 0
     with torch.random.fork_rng(devices=[]):  # the model's init is a function of the seed alone
         torch.manual_seed(derive_seed(seed, 0, "init"))

@@ -136,7 +136,17 @@ def _own_groups(s: Stream) -> Stream:
 
 
 def _positions(x: Tensor) -> Tensor:
+    """Long ``[B, L]``: the column of every position."""
     return torch.arange(x.shape[1], device=x.device).expand_as(x)
+
+
+def _logical(real: Tensor) -> Tensor:
+    """Long ``[B, L]``: the positions RoPE sees, counted from a row's first non-padding column
+    (``real``: Bool, not padding), so that a left-padded row has the positions it has alone
+    (Hugging Face's ``position_ids = cumsum(attention_mask) - 1``; a batch of ragged prompts
+    is the field's most reported bug class). Leading padding gets 0 (it is invisible)."""
+    lead = (~real).long().cumprod(1).sum(1, keepdim=True)  # [B, 1]: padding columns before the first real one
+    return (_positions(real) - lead).clamp(min=0)
 
 
 PROMPTS = ("bidirectional", "causal")  # how clean given (rank-0) tokens see each other
@@ -222,11 +232,11 @@ class SetCausal(AttentionRule):
         _check_prompt(self.prompt)
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
-        pos = _positions(x)
+        pos = _logical(ranks >= 0)
         kr = given_key_rank(ranks, ranks, self.prompt)
         # both streams in reveal order: the rank mask is then close to block-triangular
         clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": kr, "q_rank": kr + 1, "sort": ranks})
-        query = (ranks >= 1, {"tokens": mask_id, "pos": pos, "q_rank": ranks, "out": pos, "sort": ranks})
+        query = (ranks >= 1, {"tokens": mask_id, "pos": pos, "q_rank": ranks, "out": _positions(x), "sort": ranks})
         yield _own_groups(pack(clean, query))
 
     @staticmethod
@@ -238,11 +248,11 @@ class SetCausal(AttentionRule):
         return (rank >= 0) & (rank != UNKNOWN)
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
-        pos = _positions(tokens)
+        pos = _logical(rank >= 0)
         new = self._clean(rank, queries, step, cached)
         kr = given_key_rank(rank, rank, self.prompt)
         clean = (new, {"tokens": tokens, "pos": pos, "k_rank": kr, "q_rank": kr + 1})
-        query = (queries, {"tokens": tokens, "pos": pos, "q_rank": step + 1, "out": pos})
+        query = (queries, {"tokens": tokens, "pos": pos, "q_rank": step + 1, "out": _positions(tokens)})
         s = _own_groups(pack(clean, query, width=width))
         s.n_append = new.sum(1) if cached else None
         return s
@@ -314,12 +324,12 @@ class BlockCausal(AttentionRule):
         """BD3-LM training input ``[x_0, x_t]``: clean blocks (block-causal) and the noisy
         copy ``xt`` of every block (bidirectional inside a block, sees earlier clean blocks).
         ``targets`` Bool[B, L]: positions whose prediction is read."""
-        pos, blk = _positions(x), self._block(x)
+        pos, blk = _logical(ranks >= 0), self._block(x)
         gen = ranks >= 1
         ck = given_key_rank(ranks, torch.where(gen, blk + 1, ranks.clamp(max=0)), self.prompt)
         clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
         noisy = (gen, {"tokens": xt, "pos": pos, "q_rank": blk + 1, "q_group": blk, "k_group": blk,
-                       "out": torch.where(targets & gen, pos, -1)})
+                       "out": torch.where(targets & gen, _positions(x), -1)})
         return pack(clean, noisy)
 
     def candidates(self, unknown: Tensor) -> Tensor:
@@ -341,12 +351,12 @@ class BlockCausal(AttentionRule):
         return new & unknown.any(1, keepdim=True), (blk == cur) & (rank != 0) & (rank >= 0), cur
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
-        pos, blk = _positions(tokens), self._block(tokens)
+        pos, blk = _logical(rank >= 0), self._block(tokens)
         new, in_block, cur = self._sets(rank, step, cached)
         ck = given_key_rank(rank, torch.where(rank >= 1, blk + 1, 0), self.prompt)
         clean = (new, {"tokens": tokens, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
         noisy = (in_block, {"tokens": tokens, "pos": pos, "q_rank": cur.expand_as(blk) + 1, "q_group": blk,
-                            "k_group": blk, "out": torch.where(queries, pos, -1)})
+                            "k_group": blk, "out": torch.where(queries, _positions(tokens), -1)})
         s = pack(clean, noisy, width=width)
         s.n_append = new.sum(1) if cached else None
         return s
@@ -368,9 +378,9 @@ class Bidirectional(AttentionRule):
 
     def noisy_stream(self, xt: Tensor, keep: Tensor, targets: Tensor, width: int | None = None) -> Stream:
         """The denoiser's input: ``xt`` at the ``keep`` positions, predictions read at ``targets``."""
-        pos = _positions(xt)
-        return pack((keep, {"tokens": xt, "pos": pos, "q_group": 0, "k_group": 0, "out": torch.where(targets, pos, -1)}),
-                    width=width)
+        col = _positions(xt)
+        return pack((keep, {"tokens": xt, "pos": _logical(keep), "q_group": 0, "k_group": 0,
+                            "out": torch.where(targets, col, -1)}), width=width)
 
     def passes(self, x: Tensor, ranks: Tensor, mask_id: int) -> Iterator[Stream]:
         d = dense(ranks)
