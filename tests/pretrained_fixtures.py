@@ -45,7 +45,7 @@ MODEL_TYPES = {"llada": "llada", "Dream": "dream", "sdar": "sdar", "llama": "lla
 
 # Scaled-down special ids (real ids in the comments); all inside the default vocabulary of 64.
 SPECIAL_TOKENS = {
-    # LLaDA-8B: [MASK] <|mdm_mask|> 126336, eos/pad <|eot_id|>-style 126081, bos 126080 (tokenizer only)
+    # LLaDA-8B: [MASK] <|mdm_mask|> 126336, eos = pad 126081, bos 126080 (a tokenizer id, not in config.json)
     "llada": {"mask_token_id": 60, "eos_token_id": 57, "pad_token_id": 57, "bos_token_id": 56},
     # Dream-v0: <|mask|> 151666, pad = eos = <|endoftext|> 151643 (bos: see pretrained_formats.md)
     "dream": {"mask_token_id": 60, "eos_token_id": 56, "pad_token_id": 56, "bos_token_id": 56},

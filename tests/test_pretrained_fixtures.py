@@ -230,10 +230,10 @@ def test_head_dim_other_than_d_over_heads(tmp_path, fam):
             torch.testing.assert_close(auto(input_ids=x).logits, pf.reference_logits(folder, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fam", ["llada", "head_dim_refused"])
+@pytest.mark.parametrize("fam", ["llada", "dream", "qwen2"])
 def test_head_dim_refused_where_the_config_cannot_say_it(tmp_path, fam):
     with pytest.raises(ValueError):
-        pf.write_checkpoint(tmp_path / "x", "llada" if fam == "llada" else "qwen2", head_dim=24)
+        pf.write_checkpoint(tmp_path / "x", fam, head_dim=24)
 
 
 @pytest.mark.parametrize("fam", pf.FAMILIES)
