@@ -22,15 +22,20 @@ caller owns (:meth:`WeightFolder.read_into`). Loading a model is then: build it 
 meta device, then materialise empty), ``read_into`` every parameter. Peak memory above the
 empty model is the largest single tensor at most, and nothing when dtypes match.
 
-Why plain file reads and not ``safetensors.safe_open`` (measured; ``python
-benchmarks/load_memory.py --params 350e6 --dtype bfloat16 --shards 2``, 0.70 GB bf16
-checkpoint, 2 CPU cores, peak RSS above the process baseline / checkpoint bytes, with
-the destination tensors allocated empty first)::
+Why plain file reads and not ``safetensors.safe_open`` (measured: ``python
+benchmarks/load_memory.py --params 350e6 --dtype bfloat16 --shards 2``; 361M parameters,
+0.722 GB of bf16 in 2 shards, 2 CPU cores; a fresh process per method, its peak RSS
+(``VmHWM``) above the baseline taken just before the empty destination tensors are
+allocated, divided by the checkpoint's bytes)::
 
-    read_into (readinto straight into the destination)   MEASURED_READ_INTO
-    safe_open + get_tensor + copy_ per tensor             MEASURED_SAFE_OPEN
-    safetensors.torch.load_file, then copy_               MEASURED_LOAD_FILE
+    read_into: readinto straight into the destination      1.00x  (0.723 GB)
+    safe_open + get_tensor + copy_, one file open at a time  1.42x  (1.024 GB)
+    safetensors.torch.load_file per shard, then copy_        1.42x  (1.024 GB)
+    read_into, float32 file into bf16 destinations           0.53x of the 1.444 GB file
+                                                             (the model + one f32 tensor)
 
+With one file instead of two shards the other two hold the checkpoint twice: 2.06x each
+(``--params 30e6 --d-model 256 --shards 1``; read_into still 1.00x).
 ``safe_open`` memory-maps the file and its pages count in the process's resident set for
 as long as the file is open; ``get_tensor`` then copies them into a fresh tensor, and
 copying that into the model makes a third. ``file.readinto`` on a byte view of the
