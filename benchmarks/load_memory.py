@@ -62,7 +62,8 @@ def llama_shapes(params: float, d: int = 1024, vocab: int = 32000) -> dict[str, 
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {p + f"self_attn.{m}_proj.weight": (d, d) for m in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (ffn, d), p + "mlp.up_proj.weight": (ffn, d), p + "mlp.down_proj.weight": (d, ffn)}
+        shapes |= {p + "mlp.gate_proj.weight": (ffn, d), p + "mlp.up_proj.weight": (ffn, d),
+                   p + "mlp.down_proj.weight": (d, ffn)}
         shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
     return shapes
 
@@ -169,10 +170,13 @@ def rule(method: str, r: dict, big: bool = False) -> float:
     """What each method holds above the destination tensors: read_into nothing (same dtype)
     or one temporary of the file's dtype; safe_open the mapped file plus get_tensor's copy;
     load_file one shard's state dict."""
-    dest, largest, shard = (BIG["bytes"], BIG["largest"], BIG["shard"]) if big else (r["dest_bytes"], r["largest"], r["shard"])
-    if big and method == "read_into f32->bf16":
-        largest *= 2  # the float32 file's largest tensor
-    return dest + {"read_into": 0, "read_into f32->bf16": largest, "safe_open": shard + largest, "load_file": shard}[method]
+    if big:
+        dest, largest, shard = BIG["bytes"], BIG["largest"], BIG["shard"]
+        largest *= 2 if method == "read_into f32->bf16" else 1  # the float32 file's largest tensor
+    else:
+        dest, largest, shard = r["dest_bytes"], r["largest"], r["shard"]
+    held = {"read_into": 0, "read_into f32->bf16": largest, "safe_open": shard + largest, "load_file": shard}
+    return dest + held[method]
 
 
 def main(argv=None) -> None:
@@ -197,25 +201,29 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         write_checkpoint(root / args.dtype, shapes, getattr(torch, args.dtype), args.shards)
         write_checkpoint(root / "float32", shapes, torch.float32, args.shards)
-        print(f"{n_params / 1e6:.0f}M parameters, {len(shapes)} tensors, written in {time.perf_counter() - t0:.0f} s to {root}")
-        runs = [(m, root / args.dtype, args.dtype) for m in METHODS] + [("read_into f32->bf16", root / "float32", "bfloat16")]
+        print(f"{n_params / 1e6:.0f}M parameters, {len(shapes)} tensors, "
+              f"written in {time.perf_counter() - t0:.0f} s to {root}")
+        runs = [(m, root / args.dtype, args.dtype) for m in METHODS]
+        runs.append(("read_into f32->bf16", root / "float32", "bfloat16"))
         results = {m: measure(m.split()[0], folder, dt) for m, folder, dt in runs}
         checks = {round(r["check"], 6) for r in results.values()}
         if len(checks) != 1:
             raise SystemExit(f"methods loaded different values: checksums {checks}")
 
-        table = Table(title=f"Loading {n_params / 1e6:.0f}M parameters ({args.dtype}, {args.shards} shard(s)): peak RSS above the process baseline")
+        table = Table(title=f"Loading {n_params / 1e6:.0f}M parameters ({args.dtype}, {args.shards} shard(s)): "
+                            "peak RSS above the process baseline")
         for col in ["method", "file", "checkpoint GB", "model GB", "peak GB", "peak / checkpoint", "rule GB",
                     "s", "8B bf16 (16 GB): rule"]:
             table.add_column(col, justify="left" if col in ("method", "file") else "right")
         for (m, folder, _), r in zip(runs, results.values()):
             big = rule(m, r, big=True)
-            table.add_row(m, folder.name, f"{r['file_bytes'] / GB:.3f}", f"{r['dest_bytes'] / GB:.3f}", f"{r['peak'] / GB:.3f}",
+            table.add_row(m, folder.name, *(f"{r[k] / GB:.3f}" for k in ("file_bytes", "dest_bytes", "peak")),
                           f"{r['peak'] / r['file_bytes']:.2f}x", f"{rule(m, r) / GB:.3f}", f"{r['seconds']:.1f}",
                           f"{big / GB:.1f} GB = {big / BIG['bytes']:.2f}x")
         Console(width=200).print(table)
         exact = all(r["exact_reset"] for r in results.values())
-        print(f"baseline: RSS after {'resetting VmHWM (clear_refs 5)' if exact else 'the peak so far (no clear_refs)'}; "
+        reset = "resetting VmHWM (clear_refs 5)" if exact else "the peak so far (no clear_refs)"
+        print(f"baseline: RSS after {reset}; "
               "rule = what the method holds above the destination (read_into: nothing, or one temporary of the file's "
               "dtype; safe_open: the mapped shard + get_tensor's copy; load_file: one shard). 8B: 16.06 GB bf16, "
               "5 GB shards, largest tensor 128256 x 4096.")

@@ -127,7 +127,8 @@ def _read_header(file: Path) -> dict[str, _Entry]:
                 raise WeightsError(file, f"truncated: {size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > _MAX_HEADER:
-                raise WeightsError(file, f"header length {n} runs past the end of the file ({size} bytes): truncated or not a safetensors file")
+                raise WeightsError(file, f"header length {n} runs past the end of the file ({size} bytes): "
+                                         "truncated or not a safetensors file")
             raw = f.read(n)
     except OSError as e:
         raise WeightsError(file, f"cannot read: {e.strerror or e}") from None
@@ -164,7 +165,8 @@ def _entry(file: Path, name: str, spec: Any, base: int, data_len: int) -> _Entry
                                  f"({data_len} bytes): truncated file")
     expect = prod(shape) * _DTYPES[dtype].itemsize
     if end - begin != expect:
-        raise WeightsError(file, f"tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}, which needs {expect}")
+        raise WeightsError(file, f"tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}, "
+                                 f"which needs {expect}")
     return _Entry(file, _DTYPES[dtype], torch.Size(shape), base + begin, end - begin)
 
 
@@ -246,7 +248,8 @@ class WeightFolder:
 
     def __repr__(self) -> str:
         files = len({e.file for e in self._entries.values()})
-        return f"WeightFolder({str(self.path)!r}, {len(self.names)} tensors, {self.nbytes / 1e9:.2f} GB in {files} file(s))"
+        return (f"WeightFolder({str(self.path)!r}, {len(self.names)} tensors, "
+                f"{self.nbytes / 1e9:.2f} GB in {files} file(s))")
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -296,6 +299,9 @@ class WeightFolder:
         the file's dtype on the CPU, then ``dest.copy_(tmp)`` converts and moves them: one
         tensor's worth of extra memory, never the whole model's."""
         entry = self._entry(name)
+        if dest.device.type == "meta":
+            raise WeightsError(entry.file, f"tensor {name!r}: the destination is on the meta device (materialise "
+                                           "the model first, e.g. with to_empty)")
         if tuple(dest.shape) != tuple(entry.shape):
             raise WeightsError(entry.file, f"tensor {name!r} has shape {list(entry.shape)} in the file but the "
                                            f"destination has shape {list(dest.shape)} (folder {self.path})")
@@ -374,22 +380,28 @@ def save_folder(
     _check_extra_names(folder, extra)
     folder.mkdir(parents=True, exist_ok=True)
 
+    texts = {CONFIG: _json(dict(config)), **extra}
+    if len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+        texts[INDEX] = _json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
     written: list[tuple[Path, Path]] = []  # (temporary, final)
     try:
         for file, shard in zip(files, shards):
-            written.append((_write_temp(folder, file, lambda tmp, s=shard: _write_shard(tmp, tensors, s, header_meta)), folder / file))
-        for file, content in [(CONFIG, json.dumps(dict(config), indent=2, sort_keys=True) + "\n"), *extra.items()]:
+            tmp = _write_temp(folder, file, lambda tmp, s=shard: _write_shard(tmp, tensors, s, header_meta))
+            written.append((tmp, folder / file))
+        for file, content in texts.items():
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             written.append((_write_temp(folder, file, lambda tmp, d=data: tmp.write_bytes(d)), folder / file))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": {n: files[i] for i, s in enumerate(shards) for n in s}}
-            text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers' save_pretrained writes it
-            written.append((_write_temp(folder, INDEX, lambda tmp: tmp.write_text(text, encoding="utf-8")), folder / INDEX))
         _commit(folder, written, keep=set(files))
     finally:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
     return folder
+
+
+def _json(obj: Any) -> str:
+    """JSON as transformers' ``save_pretrained`` writes config.json and the index."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def _nbytes(folder: Path, name: str, tensor: Any) -> int:
@@ -421,14 +433,17 @@ def _header_metadata(folder: Path, metadata: Mapping[str, str] | None) -> dict[s
     meta = {"format": "pt", **(metadata or {})}
     for key, value in meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise WeightsError(folder, f"metadata {key!r}: {value!r}: safetensors metadata keys and values must be strings")
+            raise WeightsError(folder, f"metadata {key!r}: {value!r}: safetensors metadata keys and values "
+                                       "must be strings")
     return meta
 
 
 def _check_extra_names(folder: Path, extra: Mapping[str, Any]) -> None:
     for name in extra:
-        if Path(name).name != name or name in ("", ".", "..") or name in (CONFIG, SINGLE, INDEX) or _SHARD.fullmatch(name):
-            raise WeightsError(folder, f"extra file {name!r}: must be a plain file name other than the weights and {CONFIG}")
+        plain = isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+        if not plain or name in (CONFIG, SINGLE, INDEX) or _SHARD.fullmatch(name):
+            raise WeightsError(folder, f"extra file {name!r}: must be a plain file name other than the weights "
+                                       f"and {CONFIG}")
 
 
 def _write_temp(folder: Path, name: str, write) -> Path:

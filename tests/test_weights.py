@@ -20,7 +20,8 @@ def _tensors(dtype):
         make = lambda *s: torch.randn(s, generator=g).to(dtype)  # noqa: E731
     else:
         make = lambda *s: torch.randint(-(2**40), 2**40, s, generator=g, dtype=dtype)  # noqa: E731
-    return {"embed.weight": make(7, 4), "layers.0.w": make(4, 4), "layers.1.w": make(4, 4), "norm": make(4), "scalar": make()}
+    return {"embed.weight": make(7, 4), "layers.0.w": make(4, 4), "layers.1.w": make(4, 4), "norm": make(4),
+            "scalar": make()}
 
 
 def _bits(t):
@@ -149,7 +150,8 @@ def test_read_into_with_matching_dtype_reads_straight_into_the_destination(tmp_p
     folder = WeightFolder(tmp_path)
     targets = []
     real = weights._read_bytes
-    monkeypatch.setattr(weights, "_read_bytes", lambda entry, name, t: (targets.append(t.data_ptr()), real(entry, name, t)))
+    spy = lambda entry, name, t: (targets.append(t.data_ptr()), real(entry, name, t))  # noqa: E731
+    monkeypatch.setattr(weights, "_read_bytes", spy)
     dest = torch.empty(64, 32)
     folder.read_into("w", dest)
     assert targets == [dest.data_ptr()]  # no temporary: the file's bytes land in dest
@@ -309,9 +311,12 @@ def test_unreadable_index_and_no_weights(tmp_path, good):
 
 def test_shape_mismatch_in_read_into(good):
     folder = WeightFolder(good)
-    with pytest.raises(WeightsError, match=r"'a' has shape \[4, 4\] in the file but the destination has shape \[4, 5\]") as err:
+    shapes = r"'a' has shape \[4, 4\] in the file but the destination has shape \[4, 5\]"
+    with pytest.raises(WeightsError, match=shapes) as err:
         folder.read_into("a", torch.empty(4, 5))
     _one_line(err, good / "model-00001-of-00002.safetensors", good)
+    with pytest.raises(WeightsError, match="'a': the destination is on the meta device"):
+        folder.read_into("a", torch.empty(4, 4, device="meta"))
 
 
 def test_unknown_tensor_name_suggests_the_nearest(good):
