@@ -19,7 +19,7 @@ from orderlab.cache import KVCache
 from orderlab.kernels import RankMask
 from orderlab.registry import ConfigError, build, declare_kind, register
 from orderlab.ranks import NEVER
-from orderlab.rules import AttentionRule, SetCausal, Stream
+from orderlab.rules import AttentionRule, BlockCausal, SetCausal, Stream
 
 __all__ = ["ModelConfig", "Transformer"]
 
@@ -166,7 +166,7 @@ class Transformer(nn.Module):
       the appended row ``vocab_size``; its logit is set to the dtype's minimum, so the model
       never predicts [MASK] (SUBS, Sahoo et al. 2024) and the likelihood sums to 1 over tokens;
     - ``shift_logits``: the prediction for position ``i`` is read at position ``i - 1``
-      (Dream, AR heritage; bidirectional rule only).
+      (Dream and AR checkpoints; bidirectional or set-causal rule, see :func:`_shift`).
     """
 
     needs = ("vocab_size", "max_len")
@@ -279,21 +279,40 @@ def _check(cfg: ModelConfig, rule: AttentionRule) -> None:
             raise ConfigError(key, f"unknown {key} {getattr(cfg, key)!r}; choose one of {sorted(table)}")
     if cfg.mask_id is not None and not 0 <= cfg.mask_id < cfg.vocab_size:
         raise ConfigError("mask_id", f"an in-vocabulary [MASK] id must lie in [0, vocab_size={cfg.vocab_size}), got {cfg.mask_id}")
-    if cfg.shift_logits and rule.cacheable:
-        raise ConfigError("shift_logits", f"shifted logits read position i's prediction at the token of position i - 1, "
-                                          f"which needs a stream over x_t in position order: the bidirectional rule, not {rule.name}")
+    if cfg.shift_logits and isinstance(rule, BlockCausal):
+        raise ConfigError("shift_logits", "shifted logits read position i's prediction at the token of position i - 1: "
+                                          "set_causal (an AR checkpoint) or bidirectional (Dream), not block_causal, "
+                                          "whose clean and noisy copies of a block leave that token ambiguous")
 
 
 def _shift(h: Tensor, s: Stream, max_len: int) -> Tensor:
-    """``h [B, N, C]`` with token ``n``'s row replaced by that of the stream's token at
-    position ``pos[n] - 1`` (Dream's shifted logits); a token whose left neighbour is not in
-    the stream (position 0, the first token after padding) keeps its own row, as Dream's
-    generate does at position 0."""
+    """``h [B, N, C]`` with each query's row (``out >= 0``) replaced by that of a token at
+    position ``pos - 1``: shifted logits, the AR heritage of Dream and of every AR checkpoint
+    (the output at ``i - 1`` predicts ``i``).
+
+    Which token: in a bidirectional stream over ``x_t``, the one at ``pos - 1`` (Dream). In a
+    set-causal stream, the *clean* token at ``pos - 1`` if it belongs to the set revealed
+    just before the query's (rank ``k - 1``; the given tokens for ``k = 1``): an AR checkpoint
+    decoded left to right reads its next-token prediction there, exactly; else the *query*
+    at ``pos - 1`` if it is in the query's own set. Both see no more than the query does, so
+    the likelihood stays normalised for every order, and both are in the stream of a cached
+    decode step whenever they are in the one-pass stream, so cached decoding stays exact.
+    Otherwise (position 0, after padding, a left neighbour revealed earlier or later) the
+    query keeps its own row, as Dream's generate does at position 0."""
     B, N, C = h.shape
-    real = (s.k_group >= 0) | (s.k_rank != NEVER)  # padding slots see nothing and are seen by no one
+    clean = s.k_rank != NEVER  # set-causal clean tokens (keys by rank)
+    other = (s.k_group >= 0) & ~clean  # bidirectional x_t tokens, set-causal queries
     slots = torch.arange(N, device=h.device).expand(B, N)
-    where = torch.full((B, max_len + 1), -1, dtype=torch.long, device=h.device)  # column max_len: padding's dump
-    where.scatter_(1, torch.where(real, s.pos, max_len), slots)  # [B, max_len + 1]: stream slot of each position
-    left = where.gather(1, (s.pos - 1).clamp(min=0))  # [B, N]
-    src = torch.where((s.pos > 0) & (left >= 0), left, slots)
+    prev = (s.pos - 1).clamp(min=0)
+
+    def left(of: Tensor) -> Tensor:  # Long[B, N]: the slot of an ``of`` token at pos - 1, or -1
+        where = torch.full((B, max_len + 1), -1, dtype=torch.long, device=h.device)  # column max_len: the dump
+        where.scatter_(1, torch.where(of, s.pos, max_len), torch.where(of, slots, -1))
+        return where.gather(1, prev)
+
+    lc, lo = left(clean), left(other)
+    ok_c = (lc >= 0) & (s.k_rank.gather(1, lc.clamp(min=0)).clamp(min=0) + 1 == s.q_rank)
+    ok_o = (lo >= 0) & (s.q_rank.gather(1, lo.clamp(min=0)) == s.q_rank)
+    use = (s.out >= 0) & (s.pos > 0)
+    src = torch.where(use & ok_c, lc, torch.where(use & ok_o, lo, slots))
     return h.gather(1, src[..., None].expand(B, N, C))

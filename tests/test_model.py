@@ -175,7 +175,7 @@ def test_a_cast_model_keeps_float32_rope_tables():
 
 @pytest.mark.parametrize("kw, key", [
     (dict(n_kv_heads=3), "n_kv_heads"), (dict(mlp="relu"), "mlp"), (dict(rope_layout="spiral"), "rope_layout"),
-    (dict(mask_id=11), "mask_id"), (dict(shift_logits=True, attention="set_causal"), "shift_logits"),
+    (dict(mask_id=11), "mask_id"), (dict(shift_logits=True, attention="block_causal"), "shift_logits"),
     (dict(head_dim=5), "head_dim"),
 ])
 def test_family_options_that_cannot_work_name_their_key(kw, key):
