@@ -16,12 +16,12 @@ They are read the way transformers (v5) reads them, so ids and rendered chat tem
 equal the model's own tooling: named special tokens are added to the vocabulary as special
 tokens (kept whole, dropped by ``decode(skip_special_tokens=True)``); ``tokenizer.json``'s
 post-processor decides what ``encode`` adds (BOS for Llama-style folders), and only where it
-has none do ``add_bos_token`` / ``add_eos_token`` build one (``[bos] $A [eos]``); a chat template renders in a sandboxed jinja2 environment with
-``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a pass-through
-``{% generation %}`` tag, the ``tojson`` filter without HTML escaping, the globals
-``raise_exception`` and ``strftime_now``, and the variables ``messages``, ``tools`` and
-``documents`` (None), ``add_generation_prompt`` and every named special token
-(``bos_token``, ``eos_token``, ...). Not rendered as transformers does: the aliasing of a
+has none do ``add_bos_token`` / ``add_eos_token`` build one (``[bos] $A [eos]``); a chat
+template renders in a sandboxed jinja2 environment with ``trim_blocks`` and
+``lstrip_blocks``, the ``loopcontrols`` extension, a pass-through ``{% generation %}`` tag,
+the ``tojson`` filter without HTML escaping, the globals ``raise_exception`` and
+``strftime_now``, and the variables ``messages``, ``tools`` and ``documents`` (None),
+``add_generation_prompt`` and every named special token (``bos_token``, ``eos_token``, ...). Not rendered as transformers does: the aliasing of a
 message's ``reasoning``/``thinking`` keys to ``reasoning_content`` (ask for the key the
 template reads), tool schemas built from Python functions.
 

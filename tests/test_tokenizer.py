@@ -184,10 +184,11 @@ def test_template_variables_override_and_sandbox(tmp_path):
     tok = Tokenizer.from_folder(folder)
     assert tok.apply_chat_template(CHAT) == "<|bos|>True"
     assert tok.apply_chat_template(CHAT, enable_thinking=False, bos_token="B") == "BFalse"
-    for i, (evil, why) in enumerate([("{{ messages.__class__.__mro__ }}", "attribute '__class__' of 'list' object is unsafe"),
-                                     ("{% set ns = namespace() %}{% set ns._x = 1 %}", "may not store '_x'"),
-                                     ("{% set ns = namespace(_y=1) %}", "may not store '_y'")]):
-        sandboxed = Tokenizer.from_folder(write_tokenizer(tmp_path / f"e{i}", chat_template=evil))
+    evil = [("{{ messages.__class__.__mro__ }}", "attribute '__class__' of 'list' object is unsafe"),
+            ("{% set ns = namespace() %}{% set ns._x = 1 %}", "may not store '_x'"),
+            ("{% set ns = namespace(_y=1) %}", "may not store '_y'")]
+    for i, (template, why) in enumerate(evil):
+        sandboxed = Tokenizer.from_folder(write_tokenizer(tmp_path / f"e{i}", chat_template=template))
         with pytest.raises(TokenizerError, match=f"chat template failed: .*{why}"):
             sandboxed.apply_chat_template(CHAT)
 
