@@ -21,9 +21,10 @@ template renders in a sandboxed jinja2 environment with ``trim_blocks`` and
 ``lstrip_blocks``, the ``loopcontrols`` extension, a pass-through ``{% generation %}`` tag,
 the ``tojson`` filter without HTML escaping, the globals ``raise_exception`` and
 ``strftime_now``, and the variables ``messages``, ``tools`` and ``documents`` (None),
-``add_generation_prompt`` and every named special token (``bos_token``, ``eos_token``, ...). Not rendered as transformers does: the aliasing of a
-message's ``reasoning``/``thinking`` keys to ``reasoning_content`` (ask for the key the
-template reads), tool schemas built from Python functions.
+``add_generation_prompt`` and every named special token (``bos_token``, ``eos_token``, ...);
+a message's reasoning, under any of ``reasoning_content``, ``thinking``, ``reasoning``, is
+seen under the first two as well. Not supported: tools given as Python functions (pass
+JSON schemas as a ``tools=`` variable).
 
 Every error is a :class:`TokenizerError` (a ``ValueError``), one line naming the file and
 what is wrong.
@@ -211,14 +212,20 @@ def _compile(template: str) -> jinja2.Template:
     return _environment().from_string(template)
 
 
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # the first is what templates read
+
+
 def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Copies of the messages without keys whose value is None (templates test for a key,
-    and an OpenAI-style ``content=None`` would render as "None")."""
+    and an OpenAI-style ``content=None`` would render as "None"), a reasoning text under
+    ``reasoning_content`` and ``thinking`` too (Qwen3 reads the first, gpt-oss the second)."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise TypeError(f"message {i} must be a mapping with 'role' and 'content', got {type(m).__name__}")
-        out.append({k: v for k, v in m.items() if v is not None})
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
     return out
 
 

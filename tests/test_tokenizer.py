@@ -51,12 +51,13 @@ FEATURES = """{%- set ns = namespace(n=0, last='') -%}
   {{ m.name is defined }}
 {% endfor -%}
 tools={{ tools is none }} documents={{ documents is defined and documents is none }} n={{ ns.n }}
-{{ ns.last | upper }}|{{ pad_token }}|{{ unk_token is defined }}|{% if add_generation_prompt %}GO{% endif %}"""
+{{ ns.last | upper }}|{{ pad_token }}|{{ unk_token is defined }}|{% if add_generation_prompt %}GO{% endif %}
+{% for m in messages %}[{{ m.reasoning_content }}/{{ m.thinking }}/{{ m.reasoning }}]{% endfor %}"""
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "  What is 2 + 3? <b>now</b> é  "},
-    {"role": "assistant", "content": "It is 5.", "name": None},
+    {"role": "assistant", "content": "It is 5.", "name": None, "reasoning": "2 + 3 = 5"},
     {"role": "user", "content": "And 4 + 4?"},
 ]
 
