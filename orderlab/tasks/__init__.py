@@ -3,7 +3,7 @@
 Importing this package registers every task (kind "task"): explicit imports, no scanning.
 """
 
-from orderlab.tasks import addition, chain, stargraph, sudoku, text
+from orderlab.tasks import addition, chain, jsonl, stargraph, sudoku, text
 from orderlab.tasks.addition import Addition, pair_split
 from orderlab.tasks.base import (
     SPLITS,
@@ -16,6 +16,7 @@ from orderlab.tasks.base import (
     token_accuracy,
 )
 from orderlab.tasks.chain import Chain, permutation_table
+from orderlab.tasks.jsonl import JsonlTask
 from orderlab.tasks.stargraph import StarGraph
 from orderlab.tasks.sudoku import Sudoku, SudokuSolver
 from orderlab.tasks.text import Infill, StdlibText, file_split, stdlib_files
@@ -40,8 +41,10 @@ __all__ = [
     "Infill",
     "stdlib_files",
     "file_split",
+    "JsonlTask",
     "addition",
     "chain",
+    "jsonl",
     "stargraph",
     "sudoku",
     "text",
