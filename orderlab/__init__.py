@@ -27,6 +27,9 @@ _PUBLIC = {
     "Transformer": "orderlab.model",
     "ModelConfig": "orderlab.model",
     "KVCache": "orderlab.cache",
+    "from_pretrained": "orderlab.pretrained",
+    "save_pretrained": "orderlab.pretrained",
+    "Tokenizer": "orderlab.tokenizer",
 }
 
 __all__ = sorted(_PUBLIC)

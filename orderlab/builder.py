@@ -8,7 +8,7 @@ so a name of any kind resolves. The walk itself is :mod:`orderlab.registry`'s.
 
 from __future__ import annotations
 
-from orderlab import model, rules  # noqa: F401  (kinds "model", "attention")
+from orderlab import model, pretrained, rules  # noqa: F401  (kinds "model" (its "pretrained" too), "attention")
 from orderlab import objectives, policies, processes, tasks  # noqa: F401  (the component packages)
 from orderlab.registry import DEFERRED, ConfigError, Context, build, check, kinds, names, register
 

@@ -194,6 +194,12 @@ def _llada_names() -> dict[str, tuple[str, ...]]:
 
 _ROTARY = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 _CAUSAL = lambda cfg: {"name": "set_causal", "prompt": "causal"}  # noqa: E731  an AR model: causal prompt, one token per set
+
+
+def _ar_arch(qkv_bias: bool, qk_norm: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """An AR checkpoint: its output at ``i - 1`` predicts ``i`` (shifted logits), so decoded
+    left to right under set-causal attention it is exactly the AR model (see ``model._shift``)."""
+    return lambda c: {**_hf_arch(c, qkv_bias, qk_norm), "shift_logits": True}
 _BIDIRECTIONAL = lambda cfg: {"name": "bidirectional"}  # noqa: E731
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -202,9 +208,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                                            "shift_logits": True}, _hf_names(), _BIDIRECTIONAL, _ROTARY),
     Family("sdar", ("sdar",), ("SDARForCausalLM",), lambda c: _hf_arch(c, False, True), _hf_names(),
            lambda c: {"name": "block_causal", "block_size": int(c.get("block_size", 4)), "prompt": "causal"}, _ROTARY),
-    Family("llama", ("llama",), ("LlamaForCausalLM",), lambda c: _hf_arch(c, False, False), _hf_names(), _CAUSAL, _ROTARY),
-    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), lambda c: _hf_arch(c, True, False), _hf_names(), _CAUSAL, _ROTARY),
-    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), lambda c: _hf_arch(c, False, True), _hf_names(), _CAUSAL, _ROTARY),
+    Family("llama", ("llama",), ("LlamaForCausalLM",), _ar_arch(False, False), _hf_names(), _CAUSAL, _ROTARY),
+    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), _ar_arch(True, False), _hf_names(), _CAUSAL, _ROTARY),
+    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), _ar_arch(False, True), _hf_names(), _CAUSAL, _ROTARY),
 )}
 
 
@@ -304,7 +310,7 @@ def from_pretrained(path: str | Path, family: str | None = None, dtype: str | to
                 if p.name in folder:
                     folder.read_into(p.name, dest)
                 elif p.name == MASK_ROW:
-                    dest.copy_(state[ours][: p.start].float().mean(0, keepdim=True))
+                    dest.copy_(_mask_row_start(state[ours], p.start))
     model.pretrained = Pretrained(folder.path, fam.name, cfg)
     return model.eval()
 
@@ -334,8 +340,16 @@ def _file_tensors(model: Transformer, fam: Family) -> Iterator[tuple[str, Tensor
     """(family name, tensor) of every file tensor, the fused rows split back (views)."""
     state = model.state_dict()
     for ours, parts in fam.parts(model).items():
-        for p in parts:  # orderlab's [MASK] row included (MASK_ROW), so a reload keeps it
-            yield p.name, (state[ours] if p.rows is None else state[ours].narrow(0, p.start, p.rows))
+        for p in parts:
+            t = state[ours] if p.rows is None else state[ours].narrow(0, p.start, p.rows)
+            if p.name == MASK_ROW and torch.equal(t, _mask_row_start(state[ours], p.start)):
+                continue  # orderlab's [MASK] row, still what a load starts it at: nothing to keep
+            yield p.name, t
+
+
+def _mask_row_start(embed: Tensor, vocab: int) -> Tensor:
+    """``[1, C]``: where orderlab's appended [MASK] row starts, the mean token embedding."""
+    return embed[:vocab].float().mean(0, keepdim=True).to(embed.dtype)
 
 
 def save_pretrained(model: Transformer, path: str | Path, family: str | None = None, config: dict[str, Any] | None = None,
