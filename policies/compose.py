@@ -61,28 +61,37 @@ def _positions(masked: Tensor) -> Tensor:
 
 
 class Block(CandidateRule):
-    """The masked positions of the first block ``[j·b, (j+1)·b)`` that still has any.
+    """The masked positions of the first block ``[o + j·b, o + (j+1)·b)`` that still has any.
 
-    Blocks are aligned to absolute position 0, like BD3-LM's block-causal attention
-    (LLaDA aligns them to the end of the prompt: use a prompt length that is a multiple
-    of ``block_size`` to reproduce it).
+    ``o = 0`` by default: blocks aligned to absolute position 0, like BD3-LM's block-causal
+    attention. ``from_prompt_end``: ``o`` is each row's first masked position at step 0, the
+    end of its prompt, as LLaDA's generate aligns its ``block_length`` blocks (a row of a
+    left-padded batch then has the blocks it has alone).
     """
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, from_prompt_end: bool = False):
         if int(block_size) < 1:
             raise PolicyError(f"Block block_size must be >= 1, got {block_size}")
         self.block_size = int(block_size)
+        self.from_prompt_end = bool(from_prompt_end)
+        self._origin: Tensor | None = None  # Long[B, 1]: o per row, set at step 0
+
+    def _offset(self, masked: Tensor) -> Tensor | int:
+        return self._origin if self.from_prompt_end and self._origin is not None else 0
 
     def block_index(self, masked: Tensor) -> Tensor:
-        """Long[B]: index of the current block (L // b + 1 where nothing is masked)."""
-        return _first_true(masked) // self.block_size
+        """Long[B]: index of the current block (past the last one where nothing is masked)."""
+        o = self._offset(masked)
+        return (_first_true(masked)[:, None] - o)[:, 0] // self.block_size
 
     def __call__(self, masked: Tensor, step: int) -> Tensor:
+        if self.from_prompt_end and (step == 0 or self._origin is None or self._origin.shape[0] != masked.shape[0]):
+            self._origin = _first_true(masked)[:, None]
         blk = self.block_index(masked)  # [B]
-        return masked & (_positions(masked) // self.block_size == blk[:, None])
+        return masked & ((_positions(masked) - self._offset(masked)) // self.block_size == blk[:, None])
 
     def __repr__(self) -> str:
-        return f"Block({self.block_size})"
+        return f"Block({self.block_size}{', from_prompt_end=True' if self.from_prompt_end else ''})"
 
 
 class Window(CandidateRule):

@@ -54,10 +54,11 @@ class SemiAR(Composed):
     ``block_size`` left to right, ``steps`` steps per block split evenly as LLaDA's
     ``get_num_transfer_tokens`` does (``EvenSplit`` over the block: 4 tokens in 3 steps →
     2, 1, 1; ``None``: one per step), the most confident first.
-    Blocks are aligned to position 0 (see ``Block``)."""
+    Blocks are aligned to position 0, or to each row's prompt end with ``from_prompt_end``
+    (LLaDA's generate; see ``Block``)."""
 
-    def __init__(self, block_size: int = 32, steps: int | None = None):
-        super().__init__(Block(block_size), Confidence(), _count(steps, EvenSplit))
+    def __init__(self, block_size: int = 32, steps: int | None = None, from_prompt_end: bool = False):
+        super().__init__(Block(block_size, from_prompt_end), Confidence(), _count(steps, EvenSplit))
         self.steps = steps
         self._blk: Tensor | None = None  # Long[B] current block per row
         self._start: Tensor | None = None  # Long[B] step at which it started

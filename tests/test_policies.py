@@ -581,3 +581,19 @@ def test_schedule_policy_with_a_real_process():
     masked[0, :2] = False
     sets = decode_loop(pol, probs, masked)
     assert (torch.stack(sets).sum(0) == masked.long()).all()
+
+
+def test_blocks_from_the_prompt_end_follow_each_rows_prompt():
+    """LLaDA aligns its blocks to the end of the prompt: with ``from_prompt_end`` a row's blocks
+    start at its first masked position at step 0, wherever its prompt ends."""
+    from orderlab.policies.compose import Block
+    masked = torch.tensor([[False, False, False, True, True, True, True, True],
+                           [False, True, True, True, True, True, True, True]])
+    absolute, relative = Block(3), Block(3, from_prompt_end=True)
+    assert absolute(masked, 0).nonzero()[:, 1].tolist() == [3, 4, 5, 1, 2]
+    assert relative(masked, 0).nonzero()[:, 1].tolist() == [3, 4, 5, 1, 2, 3]
+    later = masked.clone()
+    later[0, 3:6] = False  # row 0 finished its first block; row 1 not yet
+    later[1, 1:3] = False
+    assert relative(later, 1).nonzero()[:, 1].tolist() == [6, 7, 3]
+    assert repr(relative) == "Block(3, from_prompt_end=True)"

@@ -141,7 +141,7 @@ def _ragged(model, prompt_lens, gen=4, seed=1):
     return torch.where(ranks < 0, 0, x), ranks
 
 
-POLICIES = {"llada": ["top_prob", {"name": "semi_ar", "block_size": 2, "steps": 2}, {"name": "threshold", "tau": 0.2}],
+POLICIES = {"llada": ["top_prob", {"name": "semi_ar", "block_size": 3, "steps": 2, "from_prompt_end": True}, {"name": "threshold", "tau": 0.2}],
             "dream": ["top_prob", "margin", {"name": "eb", "gamma": 1.0}],
             "sdar": ["top_prob", "entropy", {"name": "threshold", "tau": 0.2}],
             "llama": ["l2r", "top_prob", "entropy"], "qwen2": ["l2r", "margin", {"name": "threshold", "tau": 0.2}],
