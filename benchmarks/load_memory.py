@@ -13,6 +13,9 @@ meta device, then materialised), loads every tensor into them, and reports ``VmH
 that baseline. Methods:
 
 - ``read_into``: ``WeightFolder.read_into`` (the file's bytes straight into the destination);
+- ``from_pretrained``: the whole loader, ``orderlab.from_pretrained`` (a meta-built model
+  materialised in the dtype, each tensor read into its parameter or its rows of the fused
+  q/k/v; the model is the destination: its bytes count in the peak);
 - ``safe_open``: ``safetensors.safe_open`` + ``get_tensor`` + ``copy_``, one file open at a time;
 - ``load_file``: ``safetensors.torch.load_file`` per shard, then ``copy_`` (what
   ``transformers`` does per shard);
@@ -86,12 +89,21 @@ class RandomTensors(Mapping):
         return len(self.shapes)
 
 
+def llama_config(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict:
+    """A Llama ``config.json`` for ``shapes`` (what ``orderlab.from_pretrained`` reads)."""
+    vocab, d = shapes["model.embed_tokens.weight"]
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": str(dtype).split(".")[-1],
+            "vocab_size": vocab, "hidden_size": d, "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
+            "num_hidden_layers": sum(n.endswith("input_layernorm.weight") for n in shapes), "num_attention_heads": d // 64,
+            "num_key_value_heads": d // 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096,
+            "tie_word_embeddings": False}
+
+
 def write_checkpoint(folder: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, shards: int) -> None:
     sizes = [math.prod(s) * dtype.itemsize for s in shapes.values()]
     # greedy split in name order: at most `shards` files when each may hold total/shards + one tensor
     max_shard = math.ceil(sum(sizes) / shards) + max(sizes) if shards > 1 else sum(sizes) + 1
-    save_folder(folder, RandomTensors(shapes, dtype), {"model_type": "llama", "torch_dtype": str(dtype).split(".")[-1]},
-                max_shard_bytes=max_shard)
+    save_folder(folder, RandomTensors(shapes, dtype), llama_config(shapes, dtype), max_shard_bytes=max_shard)
 
 
 # --------------------------------------------------------------------------- child: one measurement
@@ -137,23 +149,41 @@ def _load_load_file(folder: WeightFolder, dest: dict[str, torch.Tensor]) -> None
 METHODS = {"read_into": _load_read_into, "safe_open": _load_safe_open, "load_file": _load_load_file}
 
 
+def _from_pretrained(path: str, dtype: str):
+    """The whole loader: a meta-built Transformer materialised in ``dtype`` and filled from
+    the folder (q/k/v read into the rows of the fused qkv, plus orderlab's [MASK] row).
+    Returns the file tensors as views of the model's parameters (for the checksum), and the model."""
+    from orderlab.pretrained import FAMILIES, _file_tensors, from_pretrained
+
+    model = from_pretrained(path, dtype=dtype)
+    return dict(_file_tensors(model, FAMILIES["llama"])), model
+
+
 def child(method: str, path: str, dtype: str) -> None:
     """Measure one method in this (fresh) process; print one JSON line."""
     folder = WeightFolder(path)  # headers only: a few KB
     dt = getattr(torch, dtype)
+    if method == "from_pretrained":
+        import orderlab.pretrained  # noqa: F401  imported before the baseline: code, not weights
     exact = _reset_peak()
     baseline = _status("VmHWM")
     t0 = time.perf_counter()
-    dest = {n: torch.empty(folder.shape(n), dtype=dt) for n in folder.names}  # untouched pages: not resident yet
-    METHODS[method](folder, dest)
+    if method == "from_pretrained":
+        views, model = _from_pretrained(path, dtype)
+        dest = {n: views[n] for n in folder.names}
+        dest_bytes = sum(p.nbytes for p in model.parameters())
+    else:
+        dest = {n: torch.empty(folder.shape(n), dtype=dt) for n in folder.names}  # untouched pages: not resident yet
+        METHODS[method](folder, dest)
+        dest_bytes = sum(t.nbytes for t in dest.values())
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM") - baseline
-    check = sum(float(t.reshape(-1)[::4099].double().sum()) for t in dest.values())
+    check = sum(float(dest[n].reshape(-1)[::4099].double().sum()) for n in sorted(dest))
     largest = max(math.prod(folder.shape(n)) * folder.dtype(n).itemsize for n in folder.names)
     files = {folder.file(n) for n in folder.names}
     shard = max(sum(math.prod(folder.shape(n)) * folder.dtype(n).itemsize for n in folder.names if folder.file(n) == f)
                 for f in files)
-    print(json.dumps({"peak": peak, "file_bytes": folder.nbytes, "dest_bytes": sum(t.nbytes for t in dest.values()),
+    print(json.dumps({"peak": peak, "file_bytes": folder.nbytes, "dest_bytes": dest_bytes,
                       "largest": largest, "shard": shard, "seconds": seconds, "check": check, "exact_reset": exact}))
 
 
@@ -175,7 +205,8 @@ def rule(method: str, r: dict, big: bool = False) -> float:
         largest *= 2 if method == "read_into f32->bf16" else 1  # the float32 file's largest tensor
     else:
         dest, largest, shard = r["dest_bytes"], r["largest"], r["shard"]
-    held = {"read_into": 0, "read_into f32->bf16": largest, "safe_open": shard + largest, "load_file": shard}
+    held = {"read_into": 0, "from_pretrained": 0, "read_into f32->bf16": largest, "safe_open": shard + largest,
+            "load_file": shard}
     return dest + held[method]
 
 
@@ -203,7 +234,7 @@ def main(argv=None) -> None:
         write_checkpoint(root / "float32", shapes, torch.float32, args.shards)
         print(f"{n_params / 1e6:.0f}M parameters, {len(shapes)} tensors, "
               f"written in {time.perf_counter() - t0:.0f} s to {root}")
-        runs = [(m, root / args.dtype, args.dtype) for m in METHODS]
+        runs = [(m, root / args.dtype, args.dtype) for m in (*METHODS, "from_pretrained")]
         runs.append(("read_into f32->bf16", root / "float32", "bfloat16"))
         results = {m: measure(m.split()[0], folder, dt) for m, folder, dt in runs}
         checks = {round(r["check"], 6) for r in results.values()}

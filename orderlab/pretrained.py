@@ -348,8 +348,11 @@ def _file_tensors(model: Transformer, fam: Family) -> Iterator[tuple[str, Tensor
 
 
 def _mask_row_start(embed: Tensor, vocab: int) -> Tensor:
-    """``[1, C]``: where orderlab's appended [MASK] row starts, the mean token embedding."""
-    return embed[:vocab].float().mean(0, keepdim=True).to(embed.dtype)
+    """``[1, C]``: where orderlab's appended [MASK] row starts, the mean token embedding
+    (accumulated in float32 a few thousand rows at a time: a float32 copy of a whole 8B
+    model's embedding would be 2 GB above the model)."""
+    total = sum(rows.float().sum(0, keepdim=True) for rows in embed[:vocab].split(4096))
+    return (total / vocab).to(embed.dtype)
 
 
 def save_pretrained(model: Transformer, path: str | Path, family: str | None = None, config: dict[str, Any] | None = None,
