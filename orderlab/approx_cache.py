@@ -119,15 +119,15 @@ class StaleKV:
         first = torch.where(cand, pos, L).amin(1)  # [B]: the window of a refresh: first ...
         last = torch.where(cand, pos, -1).amax(1)  # ... to last candidate
         self.lo, self.hi = torch.where(fresh, first, self.lo), torch.where(fresh, last, self.hi)
-        real = (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)  # [B, L]: finished rows forward nothing
+        live = (rank >= 0) & (rank == UNKNOWN).any(1, keepdim=True)  # [B, L]: finished rows forward nothing
         self.real = torch.where(fresh, (rank >= 0).sum(1), self.real)
         # the forwarded region: from the window (one more to the left for shifted logits) to
         # the row's end (prefix cache) or the window's end (dual cache); the rest is kept
         region = pos >= (self.lo - self.shift)[:, None]
         if self.suffix:
             region &= pos <= self.hi[:, None]
-        keep = real & ~region & fresh[:, None]  # a refreshing row's kept positions lead its stream ...
-        ahead = real & region  # ... then the forwarded ones: commit keeps exactly the first
+        keep = live & ~region & fresh[:, None]  # a refreshing row's kept positions lead its stream ...
+        ahead = live & region  # ... then the forwarded ones: commit keeps exactly the first
         attrs = {"tokens": x, "pos": pos, "q_group": 0, "k_group": 0, "out": torch.where(cand, pos, -1)}
         s = pack((keep, attrs), (ahead, attrs))  # [B, N]
         s.n_append = keep.sum(1)
