@@ -12,7 +12,8 @@ plus an ``ablate:`` section, whose keys are the fields of :class:`AblateConfig`:
       seeds: [0, 1, 2]
       n: 256               # test examples per seed
       batch_size: 256
-      cache: true          # exact KV cache where the attention rule has one
+      cache: true          # exact KV cache where the attention rule has one (or false,
+                           # approximate_prefix, approximate_dual: evaluate.CACHES)
       temperature: 0.0     # token sampling; 0 = greedy
       bits: true           # also -log2 p(reference | the decoded order) per generated token
       heatmaps: true       # order_grid_<entry>.png: one panel per grid point
@@ -182,7 +183,7 @@ class AblateConfig:
     seeds: list | None = None  # null: [0]
     n: int = 256
     batch_size: int = 256
-    cache: bool = True
+    cache: bool | str = True  # a key of orderlab.evaluate.CACHES
     temperature: float = 0.0
     bits: bool = True
     heatmaps: bool = True
@@ -198,6 +199,9 @@ class AblateConfig:
                 raise ConfigError(f"seeds[{i}]", f"a seed is an integer >= 0, got {s!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"repeats a seed: {self.seeds}")
+        from orderlab.evaluate import decode_cache
+
+        decode_cache(self.cache)  # a bad name fails before anything runs
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("heatmap_rows", self.heatmap_rows >= 1)):
             if not ok:

@@ -15,6 +15,12 @@ whole decode (gpt-fast's ``decode_one_token``, with the policy inside). A positi
 revealed at step ``s`` (0-based) gets rank ``s + 1`` in :attr:`Decoded.ranks`, so the
 returned ranks are the order actually used, and ``log_likelihood(model, x, d.ranks)``
 scores the decoded sequence under that order.
+
+``cache``: ``True`` keeps the rule's exact KV cache (set-causal, block-causal; a
+bidirectional rule recomputes), ``False`` recomputes every step, an
+:class:`~orderlab.approx_cache.ApproximateCache` keeps Fast-dLLM's approximate prefix or
+dual cache for a bidirectional model (refreshed when the policy's candidates leave the
+window of the last refresh; eager only).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from orderlab.approx_cache import ApproximateCache
 from orderlab.likelihood import check_tokens, stream_log_probs
 from orderlab.policies.base import StepView
 from orderlab.ranks import dense, validate
@@ -39,6 +46,7 @@ class Decoded:
     nfe: Tensor  # Long[B]: forwards in which the row still had masked positions
     tokens_per_step: list[Tensor] = field(default_factory=list)  # Long[B] per step
     steps: int = 0
+    refreshes: Tensor | None = None  # Long[B]: forwards that recomputed the row (approximate cache only)
 
 
 def _top_p_filter(logp: Tensor, top_p: float) -> Tensor:
@@ -171,13 +179,17 @@ def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int
 
 
 @torch.no_grad()
-def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, temperature: float = 0.0,
+def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | ApproximateCache = True, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, max_new_tokens: int | None = None,
            pad_id: int | None = None, compile: bool | dict = False, width: int | None = None) -> Decoded:
     """Decode the positions with rank >= 1 of ``tokens`` (any token there is ignored).
 
-    ``cache``: keep an exact KV cache (set-causal and block-causal rules); bidirectional
-    rules always recompute. ``eos_id``: once a row reveals EOS, its masked positions
+    ``cache``: ``True`` keeps an exact KV cache (set-causal and block-causal rules;
+    bidirectional rules recompute), ``False`` recomputes, ``ApproximateCache(suffix)``
+    keeps Fast-dLLM's approximate prefix (``suffix=False``) or dual cache of a bidirectional
+    model (``orderlab.approx_cache``: one loop, a step's forward is a refresh or a cached
+    one, both counted in NFE; :attr:`Decoded.refreshes` counts the refreshes; eager only,
+    ``compile=True`` with it is a ValueError). ``eos_id``: once a row reveals EOS, its masked positions
     after it become padding filled with ``pad_id`` (default: EOS). ``compile``: run each
     step (forward, policy, sampling) through ``torch.compile`` (a dict: its options, e.g.
     ``{"backend": "aot_eager"}``) on streams padded to a fixed width (``width``: its
@@ -194,7 +206,10 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
     x = torch.where(ranks >= 1, torch.full_like(tokens, model.mask_id), tokens).long()
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     _limit(rank, x, max_new_tokens, fill)
-    kv = model.new_cache(B, L) if cache and rule.cacheable else None
+    approx = cache.start(model, B, L) if isinstance(cache, ApproximateCache) else None
+    if approx is not None and compile:
+        raise ValueError(f"decode: {cache!r} runs eagerly only (its refreshes read the host); use compile=False")
+    kv = model.new_cache(B, L) if approx is None and cache and rule.cacheable else None
     # the policy's candidate width: its candidates on an all-masked row
     every = torch.ones(1, L, dtype=torch.bool, device=x.device)
     cand_width = int((rule.candidates(every) & policy.candidates(every, 0)).sum()) or L if compile else L
@@ -213,7 +228,10 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
         allowed = rule.candidates(masked)
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
-        if kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
+        if approx is not None:  # a refresh or a cached step: one forward either way
+            probs = _probs(*approx(x, rank, cand), L)
+            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen)
+        elif kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
             probs[rows] = _predict(model, x[rows], rank[rows], cand[rows], step, None, None)
@@ -229,7 +247,8 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool = True, tem
         nfe += active
         per_step.append(sel.sum(1))
         step += 1
-    return Decoded(tokens=x, ranks=rank, nfe=nfe, tokens_per_step=per_step, steps=step)
+    return Decoded(tokens=x, ranks=rank, nfe=nfe, tokens_per_step=per_step, steps=step,
+                   refreshes=approx.refreshes if approx is not None else None)
 
 
 @torch.no_grad()

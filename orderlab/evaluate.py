@@ -37,15 +37,41 @@ import torch
 from torch import Tensor
 
 from orderlab import distributed
+from orderlab.approx_cache import ApproximateCache
 from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, build_settings
 from orderlab.runtime import derive_seed, device_of, sync
 
 __all__ = ["EvaluateConfig", "IWAEConfig", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
-           "test_likelihood", "l2r_ranks", "ACCURACY_METRICS"]
+           "test_likelihood", "l2r_ranks", "ACCURACY_METRICS", "CACHES", "decode_cache", "cache_label"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
 ACCURACY_METRICS = frozenset({"exact_match", "accuracy"})
+
+# ``evaluate.cache`` (and ``ablate.cache``): the config value -> decode(..., cache=...)
+CACHES: dict[bool | str, bool | ApproximateCache] = {
+    True: True,  # the rule's exact cache (a bidirectional rule recomputes)
+    False: False,  # recompute every step
+    "approximate_prefix": ApproximateCache(suffix=False),  # Fast-dLLM prefix cache (bidirectional rule)
+    "approximate_dual": ApproximateCache(suffix=True),  # Fast-dLLM dual cache (bidirectional rule)
+}
+
+
+def decode_cache(value: Any, key: str = "cache") -> bool | ApproximateCache:
+    """What ``decode(..., cache=)`` gets for a config value of :data:`CACHES` (an
+    :class:`ApproximateCache` passes as it is); anything else is a ConfigError at ``key``."""
+    if isinstance(value, ApproximateCache):
+        return value
+    if isinstance(value, (bool, str)) and value in CACHES:  # an int is no choice, though 1 == True
+        return CACHES[value]
+    choices = ", ".join(str(k).lower() if isinstance(k, bool) else k for k in CACHES)
+    raise ConfigError(key, f"unknown cache {value!r}; choose one of {choices}")
+
+
+def cache_label(cache: Any) -> bool | str:
+    """The :data:`CACHES` key of a cache value, as result rows name it."""
+    c = decode_cache(cache)
+    return c.name if isinstance(c, ApproximateCache) else c
 
 
 @dataclass
@@ -79,7 +105,7 @@ class EvaluateConfig:
     policies: list | None = None  # policy specs; null: the experiment's decode policy
     n: int = 256  # test examples
     batch_size: int = 128
-    cache: bool = True
+    cache: bool | str = True  # a key of CACHES: true, false, approximate_prefix, approximate_dual
     temperature: float = 0.0
     seed: int = 0
     likelihood: bool = True  # also report the test bits per token under the L2R order
@@ -91,6 +117,7 @@ class EvaluateConfig:
             self.iwae = build_settings(IWAEConfig, self.iwae, "iwae")
         if self.policies is not None and not isinstance(self.policies, list):
             raise ConfigError("policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
+        decode_cache(self.cache)  # a bad name fails before any work
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("seed", self.seed >= 0)):
             if not ok:
@@ -178,13 +205,13 @@ def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
 
 
 def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, seed: int, keep: int,
-                   cache: bool, temperature: float, bits: bool) -> Measurement:
+                   cache: Any, temperature: float, bits: bool) -> Measurement:
     """One batch decoded with decode seed ``seed``; ``keep``: its first rows whose orders are kept."""
     from orderlab.decoding import decode
     from orderlab.likelihood import log_likelihood
 
     device = x.device
-    run = lambda: decode(model, policy, x, r, cache=cache, temperature=temperature, seed=seed,  # noqa: E731
+    run = lambda: decode(model, policy, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
                          eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
     sync(device)
     t0 = time.perf_counter()
@@ -204,7 +231,7 @@ def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r:
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor, *, batch_size: int,
-            cache: bool = True, temperature: float = 0.0, seed: int = 0, bits: bool = False,
+            cache: Any = True, temperature: float = 0.0, seed: int = 0, bits: bool = False,
             keep_orders: int = 0) -> Measurement:
     """Decode the rows ``tokens``/``ranks`` (the task's reference; ranks >= 1 are decoded,
     whatever tokens are there) with ``policy`` in batches of ``batch_size`` and measure it:
@@ -264,15 +291,16 @@ def evaluate(
     policies: Mapping[str, Any],
     n: int,
     batch_size: int,
-    cache: bool = True,
+    cache: Any = True,
     temperature: float = 0.0,
     seed: int = 0,
     out_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every policy on the ``n`` test rows ``task.batch(n, "test", seed)``
     (:func:`measure`: batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``);
-    one result row per policy. With ``out_dir``, the order of the first batch is saved as
-    ``order_<policy>.png`` (by the main rank).
+    one result row per policy, whose ``cache`` names the cache used (:func:`cache_label`).
+    With ``out_dir``, the order of the first batch is saved as ``order_<policy>.png`` (by
+    the main rank).
     """
     tokens, ranks = task.batch(n, split="test", seed=seed)
     rows = []
@@ -280,6 +308,7 @@ def evaluate(
         m = measure(model, task, policy, tokens, ranks, batch_size=batch_size, cache=cache, temperature=temperature,
                     seed=seed, keep_orders=batch_size)
         row = _row(label, policy, task, m)
+        row["cache"] = cache_label(cache)
         if out_dir is not None:
             path = Path(out_dir) / f"order_{_slug(label)}.png"
             if distributed.is_main():
