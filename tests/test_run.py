@@ -126,8 +126,9 @@ def test_evaluate_rows_cache_exact_and_l2r_ranks(tiny_config):
     pols = {"l2r": exp.policy, "thr": exp.policies["threshold(tau=0.9)"]}
     a = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=True)
     b = evaluate(exp.model, exp.task, pols, n=12, batch_size=5, cache=False)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s", "cache")} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)  # the set-causal KV cache is exact
+    assert [r["cache"] for r in a + b] == [True, True, False, False]  # each row says which cache it used
     assert [r["n"] for r in a] == [12, 12] and a[0]["nfe_hist"] == {"nfe": [3], "count": [12]}
     r = torch.tensor([[0, 1, 1, -1, 1], [0, 0, 1, 1, -1]])
     assert l2r_ranks(r).tolist() == [[0, 1, 2, -1, 3], [0, 0, 1, 2, -1]]
