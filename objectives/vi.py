@@ -295,7 +295,7 @@ class VIOrders(Objective):
         """The decoder's ``StepView`` at step ``k`` (candidates as ``decode`` picks them) and
         ``log p_θ(· | x_{S<k})`` Float[B, L, V] (uniform off the candidates)."""
         masked = walk.rank == UNKNOWN
-        allowed = model.rule.candidates(masked)
+        allowed = model.rule.candidates(masked, walk.rank)
         cand = allowed & self.policy.candidates(masked, k)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)
         memo = None if self._memo is None else self._memo.get(k)

@@ -225,7 +225,7 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
         active = masked.any(1)
         if not active.any():
             break
-        allowed = rule.candidates(masked)
+        allowed = rule.candidates(masked, rank)
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
         if approx is not None:  # a refresh or a cached step: one forward either way

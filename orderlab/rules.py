@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-from orderlab.ranks import NEVER, RanksError, dense, require
+from orderlab.ranks import NEVER, PAD, RanksError, dense, require
 from orderlab.registry import declare_kind, register
 
 __all__ = ["Stream", "pack", "AttentionRule", "SetCausal", "BlockCausal", "Bidirectional", "UNKNOWN", "PROMPTS", "given_key_rank"]
@@ -185,8 +185,9 @@ class AttentionRule:
         """The streams whose predictions together give the exact likelihood of ``ranks``."""
         raise NotImplementedError
 
-    def candidates(self, unknown: Tensor) -> Tensor:
-        """Bool ``[B, L]``: masked positions this rule lets a decoder reveal now."""
+    def candidates(self, unknown: Tensor, rank: Tensor | None = None) -> Tensor:
+        """Bool ``[B, L]``: masked positions this rule lets a decoder reveal now (``rank``:
+        the decode state, whose padding a rule with blocks needs; None: no padding)."""
         return unknown
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
@@ -281,25 +282,28 @@ class BlockCausal(AttentionRule):
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         _check_prompt(self.prompt)
 
-    def _block(self, x: Tensor) -> Tensor:
-        return _positions(x) // self.block_size
+    def _block(self, rank: Tensor) -> Tensor:
+        """Long ``[B, L]``: the block of every position, counted like RoPE's positions from the
+        row's first non-padding column (``rank`` -1: padding), so that blocks start at a row's
+        own position 0 (SDAR, BD3-LM) whatever its left padding."""
+        return _logical(rank != PAD) // self.block_size
 
-    def _per_block(self, values: Tensor, keep: Tensor, fill: int, reduce: str) -> Tensor:
+    def _per_block(self, rank: Tensor, values: Tensor, keep: Tensor, fill: int, reduce: str) -> Tensor:
         """Long ``[B, n_blocks]``: ``reduce`` ("amin"/"amax") of ``values`` over each block's
         ``keep`` positions (``fill`` for a block with none)."""
-        blk = self._block(values)
+        blk = self._block(rank)
         out = torch.full((values.shape[0], int(blk.max()) + 1), fill, dtype=torch.long, device=values.device)
         return out.scatter_reduce(1, blk, torch.where(keep, values, fill).long(), reduce)
 
-    def _first_block(self, where: Tensor) -> Tensor:
+    def _first_block(self, where: Tensor, rank: Tensor) -> Tensor:
         """Long ``[B, 1]``: the first block holding a ``where`` position (``NEVER`` if none)."""
-        return torch.where(where, self._block(where), NEVER).amin(1, keepdim=True)
+        return torch.where(where, self._block(rank), NEVER).amin(1, keepdim=True)
 
     def _check_monotone(self, ranks: Tensor) -> None:
         gen = ranks >= 1
         # max rank of each block must be below min rank of every later block
-        lo = self._per_block(ranks, gen, NEVER, "amin")
-        hi = self._per_block(ranks, gen, -1, "amax")
+        lo = self._per_block(ranks, ranks, gen, NEVER, "amin")
+        hi = self._per_block(ranks, ranks, gen, -1, "amax")
         later_min = lo.flip(1).cummin(1).values.flip(1)  # min rank over blocks >= c
         bad = hi[:, :-1] >= later_min[:, 1:]
         if bad.any():
@@ -314,7 +318,7 @@ class BlockCausal(AttentionRule):
         gen = ranks >= 1
         # within-block step of each generated position: dense rank minus the block's first
         d = dense(ranks)
-        first = self._per_block(d, gen, NEVER, "amin").gather(1, self._block(x))  # [B, L]
+        first = self._per_block(ranks, d, gen, NEVER, "amin").gather(1, self._block(ranks))  # [B, L]
         w = torch.where(gen, d - first + 1, 0)  # 1.. inside each block
         for j in range(1, int(w.max()) + 1 if gen.any() else 1):
             xt = torch.where(w < j, x, torch.full_like(x, mask_id))
@@ -324,7 +328,7 @@ class BlockCausal(AttentionRule):
         """BD3-LM training input ``[x_0, x_t]``: clean blocks (block-causal) and the noisy
         copy ``xt`` of every block (bidirectional inside a block, sees earlier clean blocks).
         ``targets`` Bool[B, L]: positions whose prediction is read."""
-        pos, blk = _logical(ranks >= 0), self._block(x)
+        pos, blk = _logical(ranks >= 0), self._block(ranks)
         gen = ranks >= 1
         ck = given_key_rank(ranks, torch.where(gen, blk + 1, ranks.clamp(max=0)), self.prompt)
         clean = (ranks >= 0, {"tokens": x, "pos": pos, "k_rank": ck, "q_rank": ck + 1})
@@ -332,8 +336,9 @@ class BlockCausal(AttentionRule):
                        "out": torch.where(targets & gen, _positions(x), -1)})
         return pack(clean, noisy)
 
-    def candidates(self, unknown: Tensor) -> Tensor:
-        return unknown & (self._block(unknown) == self._first_block(unknown))
+    def candidates(self, unknown: Tensor, rank: Tensor | None = None) -> Tensor:
+        rank = torch.zeros_like(unknown, dtype=torch.long) if rank is None else rank
+        return unknown & (self._block(rank) == self._first_block(unknown, rank))
 
     def _sets(self, rank: Tensor, step: int, cached: bool) -> tuple[Tensor, Tensor, Tensor]:
         """``(clean, noisy, cur)`` of step ``step``'s stream: the clean tokens (cached: the
@@ -341,17 +346,17 @@ class BlockCausal(AttentionRule):
         generated positions (Bool[B, L] each) and the current block (Long[B, 1])."""
         blk = self._block(rank)
         unknown = rank == UNKNOWN
-        cur = self._first_block(unknown)  # [B, 1] first unfinished block
+        cur = self._first_block(unknown, rank)  # [B, 1] first unfinished block
         gen_done = (rank >= 1) & (rank != UNKNOWN) & (blk < cur)  # generated, in finished blocks
         if cached:
-            prev_cur = self._first_block(unknown | (rank == step))  # the block current one step ago
+            prev_cur = self._first_block(unknown | (rank == step), rank)  # the block current one step ago
             new = ((rank == 0) & (step == 0)) | (gen_done & (blk >= prev_cur))
         else:
             new = (rank == 0) | gen_done
         return new & unknown.any(1, keepdim=True), (blk == cur) & (rank != 0) & (rank >= 0), cur
 
     def step(self, tokens: Tensor, rank: Tensor, queries: Tensor, step: int, cached: bool, width: int | None = None) -> Stream:
-        pos, blk = _logical(rank >= 0), self._block(tokens)
+        pos, blk = _logical(rank >= 0), self._block(rank)
         new, in_block, cur = self._sets(rank, step, cached)
         ck = given_key_rank(rank, torch.where(rank >= 1, blk + 1, 0), self.prompt)
         clean = (new, {"tokens": tokens, "pos": pos, "k_rank": ck, "q_rank": ck + 1})

@@ -153,8 +153,8 @@ def test_decode_cached_uncached_ragged_and_alone(folders, family):
     """Each family decodes with three policies; cached equals uncached; a batch of ragged
     left-padded prompts equals each row decoded alone (tokens, order and NFE)."""
     model = from_pretrained(folders[family], dtype="float32")
-    if family == "sdar":  # block-causal: prompts fill whole blocks (SDAR's prefill) and the canvas is block-aligned
-        model = from_pretrained(folders[family], dtype="float32", attention={"name": "block_causal", "block_size": 2, "prompt": "causal"})
+    if family == "sdar":  # block-causal, blocks from each row's first token (paddings 2, 0, 4: not multiples of 3)
+        model = from_pretrained(folders[family], dtype="float32", attention={"name": "block_causal", "block_size": 3, "prompt": "causal"})
     x, ranks = _ragged(model, [3, 5, 1])
     for spec in POLICIES[family]:
         policy = orderlab.build("policy", spec)
