@@ -86,3 +86,44 @@ def test_adapt_qwen3_set_fine_tunes_and_exports_to_qwen3_format(data, tmp_path):
 def test_a_missing_path_is_a_config_error(data, tmp_path, capsys):
     assert main(["experiments/llada_gsm8k.yaml", f"task.path={data}", "--no-progress"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def _on_pretrained(yaml, model, data, tmp_path, shrink):
+    """``yaml`` with its task and model replaced by the jsonl task and a pretrained folder, and
+    ``shrink`` (dotted key -> value) applied: the toy experiment, unchanged, on a pretrained model."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(f"experiments/{yaml}")
+    cfg.task = {"name": "jsonl", "path": str(data), "tokenizer": str(model), "gen_length": 6}
+    cfg.model = {"name": "pretrained", "path": str(model), "dtype": "float32"}
+    cfg.run = {"dir": str(tmp_path / "runs"), "name": yaml.removesuffix(".yaml"), "device": "cpu"}
+    for key, value in shrink.items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    path = tmp_path / yaml
+    OmegaConf.save(cfg, path)
+    assert main([str(path), "--no-progress"]) == 0
+    return json.loads((tmp_path / "runs" / yaml.removesuffix(".yaml") / "results.json").read_text())
+
+
+def test_vi_rl_and_the_likelihood_table_run_unchanged_on_a_pretrained_model(data, tmp_path):
+    """learned_policy_vi.yaml (an MDM NELBO stage fine-tuning the model, a VI order policy with
+    pyro, a GRPO policy, the IWAE likelihood table over orders) on a LLaDA-layout folder."""
+    model = _folder(tmp_path, "llada", mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS)
+    small = {"batch_size": 2, "valid_n": 0, "eval_every": 0, "ckpt_every": 1}
+    shrink = {f"stages.{s}.train.{k}": v for s in ("denoiser", "vi", "grpo") for k, v in {"steps": 2, **small}.items()}
+    shrink |= {"stages.grpo.objective.group": 2, "stages.vi.objective.baseline": 2, "evaluate.n": 4, "evaluate.batch_size": 4,
+               "evaluate.policies": ["top_prob", {"name": "threshold", "tau": 0.5}], "evaluate.iwae": {"k": [1, 2], "n": 4}}
+    res = _on_pretrained("learned_policy_vi.yaml", model, data, tmp_path, shrink)
+    assert res["status"] == "completed"
+    rows = {r["policy"] for r in res["evaluations"]}
+    assert rows == {"top_prob", "threshold(tau=0.5)", "vi (vi_orders)", "grpo"}, rows
+    assert all(res["stages"][s]["step"] == 2 for s in ("denoiser", "vi", "grpo"))
+    assert res["likelihood_table"]  # the IWAE rows over orders
+
+
+def test_the_ablation_runner_runs_unchanged_on_a_pretrained_model(data, tmp_path):
+    model = _folder(tmp_path, "dream", mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=1)
+    res = _on_pretrained("ablate_orderings.yaml", model, data, tmp_path, {
+        "stages": {}, "evaluate.likelihood": False, "evaluate.n": 4, "ablate.n": 4, "ablate.batch_size": 4, "ablate.seeds": [0, 1],
+        "ablate.grid": ["l2r", {"name": "threshold", "tau": [0.5, 0.9]}, {"name": "semi_ar", "block_size": [3], "from_prompt_end": True}]})
+    assert res["status"] == "completed"
+    assert len(res["ablation"]["points"]) == 4  # l2r, threshold x 2, semi_ar
