@@ -14,10 +14,11 @@ holds every step's command, exit status and seconds, and the environment):
   forward and forward+backward, L 512..8192, D 64 and 128;
 - ``train``, ``decode``: the pytest-benchmark training-step and decode groups (Triton
   backend on CUDA vs SDPA baselines; decode eager and compiled, batch 1 and 32);
-- ``ddp``: ``torchrun --nproc_per_node=<all GPUs>`` training over NCCL for 50 steps.
+- ``ddp``: ``python -m torch.distributed.run`` (torchrun, found through this interpreter, not
+  PATH) ``--nproc_per_node=<all GPUs>`` training over NCCL for 50 steps.
 
 The dry run resolves every step (scripts and modules exist and import, the YAML loads with
-its overrides, torchrun is found) and runs no GPU work; ``tests/test_gpu_check.py`` runs it.
+its overrides) and runs no GPU work; ``tests/test_gpu_check.py`` runs it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ def plan(out: Path) -> list[Step]:
     bench = lambda f, name: [PY, "-m", "pytest", f"benchmarks/{f}", "--benchmark-only", "-q",  # noqa: E731
                              f"--benchmark-json={out / (name + '.json')}", "-p", "no:cacheprovider"]
     n = max(gpu_count(), 1)
-    torchrun = shutil.which("torchrun") or "torchrun"
     return [
         Step("kernels", [PY, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_aot.py", "-p", "no:cacheprovider"],
              ["tests/test_kernels.py", "tests/test_aot.py"], ["orderlab.kernels.aot"]),
@@ -70,7 +70,7 @@ def plan(out: Path) -> list[Step]:
              ["benchmarks/attention.py"], ["torch.nn.attention.flex_attention"]),
         Step("train", bench("test_train_speed.py", "train"), ["benchmarks/test_train_speed.py"], ["pytest_benchmark"]),
         Step("decode", bench("test_decode_speed.py", "decode"), ["benchmarks/test_decode_speed.py"], ["pytest_benchmark"]),
-        Step("ddp", [torchrun, f"--nproc_per_node={n}", "-m", "orderlab.run", DDP_CONFIG, *DDP_OVERRIDES,
+        Step("ddp", [PY, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "-m", "orderlab.run", DDP_CONFIG, *DDP_OVERRIDES,
                      f"run_dir={out / 'ddp_run'}", "--no-progress"],
              [DDP_CONFIG], ["orderlab.run", "torch.distributed.run"]),
     ]
@@ -99,8 +99,6 @@ def check(step: Step) -> list[str]:
             problems.append(f"cannot import {m}: {e}")
     if step.name == "ddp":
         problems += _check_config()
-        if shutil.which(step.argv[0]) is None:
-            problems.append("torchrun not on PATH")
     return problems
 
 
