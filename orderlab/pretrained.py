@@ -273,13 +273,15 @@ def _account(fam: Family, plan: dict[str, list[Part]], model: Transformer, folde
 
 def from_pretrained(path: str | Path, family: str | None = None, dtype: str | torch.dtype = "auto",
                     attention: AttentionRule | dict | str | None = None, device: str | torch.device = "cpu",
-                    max_len: int | None = None) -> Transformer:
+                    max_len: int | None = None, shift_logits: bool | None = None) -> Transformer:
     """A :class:`~orderlab.model.Transformer` holding the checkpoint in ``path``.
 
     ``family``: override the detected family. ``dtype``: ``"auto"`` (the checkpoint's),
     ``"bfloat16"``, ``"float16"`` or ``"float32"``. ``attention``: the rule (default: the
     family's). ``max_len``: the longest sequence to run (default: the config's
     ``max_position_embeddings`` / ``max_sequence_length``; only sizes the RoPE tables).
+    ``shift_logits``: override the family's (AR checkpoints and Dream shift): an AR
+    checkpoint adapted to block diffusion (BD3-LM, SDAR) reads its predictions in place.
     """
     folder = WeightFolder(path)
     cfg = folder.config
@@ -294,6 +296,8 @@ def from_pretrained(path: str | Path, family: str | None = None, dtype: str | to
         raise WeightsError(folder.path / "config.json", str(e)) from None
     if max_len is not None:
         args["max_len"] = max_len
+    if shift_logits is not None:
+        args["shift_logits"] = bool(shift_logits)
     if not isinstance(attention, AttentionRule):
         attention = build("attention", attention if attention is not None else fam.attention(cfg), path="attention")
     target = _resolve_dtype(dtype, folder)
@@ -317,12 +321,12 @@ def from_pretrained(path: str | Path, family: str | None = None, dtype: str | to
 
 @register("model", "pretrained")
 def pretrained(path: str, family: str | None = None, dtype: str = "auto", attention: AttentionRule | None = None,
-               max_len: int | None = None, device: str | None = None) -> Transformer:
-    """``model: {name: pretrained, path: <folder>, dtype: bfloat16, family: null, attention: null}``:
+               max_len: int | None = None, shift_logits: bool | None = None, device: str | None = None) -> Transformer:
+    """``model: {name: pretrained, path: <folder>, dtype: bfloat16, family: null, attention: null, shift_logits: null}``:
     :func:`from_pretrained` from a YAML; the vocabulary size and length are the checkpoint's,
     not the task's. ``device``: the run's (the build sets it; weights load straight onto it)."""
     try:
-        return from_pretrained(path, family, dtype, attention, device or "cpu", max_len)
+        return from_pretrained(path, family, dtype, attention, device or "cpu", max_len, shift_logits)
     except WeightsError as e:
         raise ConfigError("path", str(e)) from None
 

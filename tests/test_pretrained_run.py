@@ -127,3 +127,15 @@ def test_the_ablation_runner_runs_unchanged_on_a_pretrained_model(data, tmp_path
         "ablate.grid": ["l2r", {"name": "threshold", "tau": [0.5, 0.9]}, {"name": "semi_ar", "block_size": [3], "from_prompt_end": True}]})
     assert res["status"] == "completed"
     assert len(res["ablation"]["points"]) == 4  # l2r, threshold x 2, semi_ar
+
+
+def test_an_ar_checkpoint_initialises_block_diffusion_fine_tuning(data, tmp_path):
+    """block.yaml's BD3-LM objective on a Qwen3 AR checkpoint: block-causal attention, logits
+    read in place (shift_logits: false; shifted logits are refused under block_causal)."""
+    model = _folder(tmp_path, "qwen3", eos_token_id=EOS)
+    res = _on_pretrained("block.yaml", model, data, tmp_path, {
+        "model.attention": {"name": "block_causal", "block_size": 2, "prompt": "causal"}, "model.shift_logits": False,
+        "stages.denoiser.train.steps": 2, "stages.denoiser.train.batch_size": 2, "stages.denoiser.train.eval_every": 0,
+        "stages.denoiser.train.valid_n": 0, "evaluate.n": 4, "evaluate.batch_size": 4})
+    assert res["status"] == "completed" and res["stages"]["denoiser"]["step"] == 2
+    assert res["evaluations"] and res["evaluations"][0]["n"] == 4
