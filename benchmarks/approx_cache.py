@@ -15,7 +15,6 @@ fraction of generated tokens equal to the exact decode's.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -26,17 +25,9 @@ from rich.table import Table
 from orderlab.approx_cache import ApproximateCache
 from orderlab.builder import build
 from orderlab.decoding import decode
+from decode import run  # benchmarks/decode.py: the best of reps wall time of one decode
 
 CACHES = {"exact (recompute)": False, "prefix": ApproximateCache(suffix=False), "dual": ApproximateCache(suffix=True)}
-
-
-def run(model, policy, x, r, cache, reps):
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = decode(model, build("policy", policy), x, r, cache=cache)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main(argv=None):

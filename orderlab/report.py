@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from orderlab.files import atomic_write
 
 __all__ = [
     "order_heatmap",
@@ -710,26 +711,6 @@ def to_jsonable(obj: Any) -> Any:
 
 def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` to a temporary file in the same folder, flushed to disk, then
-    ``os.replace`` onto ``path``: a reader (or a crash) sees the old file or the new one,
-    never half of one. The one writer of every run-folder file (JSON, CSV, checkpoints)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _atomic_write_text(path: str | Path, text: str) -> Path:

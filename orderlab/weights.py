@@ -56,7 +56,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from math import prod
@@ -64,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from orderlab.files import write_temp
 
 __all__ = ["WeightsError", "WeightFolder", "save_folder", "SINGLE", "INDEX", "CONFIG", "shard_name"]
 
@@ -387,11 +388,11 @@ def save_folder(
     written: list[tuple[Path, Path]] = []  # (temporary, final)
     try:
         for file, shard in zip(files, shards):
-            tmp = _write_temp(folder, file, lambda tmp, s=shard: _write_shard(tmp, tensors, s, header_meta))
+            tmp = write_temp(folder, file, lambda tmp, s=shard: _write_shard(tmp, tensors, s, header_meta))
             written.append((tmp, folder / file))
         for file, content in texts.items():
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
-            written.append((_write_temp(folder, file, lambda tmp, d=data: tmp.write_bytes(d)), folder / file))
+            written.append((write_temp(folder, file, lambda tmp, d=data: tmp.write_bytes(d)), folder / file))
         _commit(folder, written, keep=set(files))
     finally:
         for tmp, _ in written:
@@ -444,22 +445,6 @@ def _check_extra_names(folder: Path, extra: Mapping[str, Any]) -> None:
         if not plain or name in (CONFIG, SINGLE, INDEX) or _SHARD.fullmatch(name):
             raise WeightsError(folder, f"extra file {name!r}: must be a plain file name other than the weights "
                                        f"and {CONFIG}")
-
-
-def _write_temp(folder: Path, name: str, write) -> Path:
-    """``write(tmp)`` to a temporary file beside ``folder / name``, flushed to disk."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _write_shard(tmp: Path, tensors: Mapping[str, torch.Tensor], names: Iterable[str], meta: dict[str, str]) -> None:
