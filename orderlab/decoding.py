@@ -88,6 +88,16 @@ def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
     return p.gather(1, row[:, :L, None].expand(B, L, V))
 
 
+def _hidden(h: Tensor, out: Tensor, L: int) -> Tensor:
+    """Float32 ``[B, L, C]``: the streams' final hidden states at their positions (the
+    gather of :func:`_probs`); zeros where nothing is predicted."""
+    B, N, C = h.shape
+    h = torch.cat([h.float(), torch.zeros(B, 1, C, device=h.device)], 1)  # row N: zeros
+    slots = torch.arange(N, device=out.device).expand(B, N)
+    row = torch.full((B, L + 1), N, device=out.device).scatter_(1, torch.where(out >= 0, out, L), slots)  # column L: dump
+    return h.gather(1, row[:, :L, None].expand(B, L, C))
+
+
 def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int, kv, width: int | None,
              temperature: float, top_p: float, gen: torch.Generator, span: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One decode step once its candidates are known: the rule's stream (padded to
@@ -97,19 +107,25 @@ def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tenso
     only, so that ``torch.compile`` makes the whole step one graph."""
     if span is not None:
         kv.span = span
-    return _choose(policy, _predict(model, x, rank, cand, step, kv, width), x, rank, masked, cand, step, temperature, top_p, gen)
+    probs, hidden = _predict(model, x, rank, cand, step, kv, width, getattr(policy, "wants_hidden", False))
+    return _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, hidden)
 
 
-def _predict(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width: int | None) -> Tensor:
-    """Float ``[B, L, V]``: one forward over the rule's stream for step ``step``."""
+def _predict(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width: int | None,
+             hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(probs Float[B, L, V], hidden Float[B, L, C] | None)``: one forward over the rule's
+    stream for step ``step``; the final hidden states too when ``hidden`` (same forward)."""
     s = model.rule.step(x, rank, cand, step, kv is not None, width=width)
-    return _probs(model(s, kv), s.out, x.shape[1])
+    if not hidden:
+        return _probs(model(s, kv), s.out, x.shape[1]), None
+    logits, h = model(s, kv, return_hidden=True)
+    return _probs(logits, s.out, x.shape[1]), _hidden(h, s.out, x.shape[1])
 
 
 def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int,
-            temperature: float, top_p: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            temperature: float, top_p: float, gen: torch.Generator, hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`."""
-    sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0))
+    sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden))
     bad = (sel & ~cand).any() | (cand.any(1) & ~sel.any(1)).any()
     new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
     return torch.where(sel, new, x), torch.where(sel, step + 1, rank), sel, bad
@@ -207,6 +223,9 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     _limit(rank, x, max_new_tokens, fill)
     approx = cache.start(model, B, L) if isinstance(cache, ApproximateCache) else None
+    if approx is not None and getattr(policy, "wants_hidden", False):
+        raise ValueError(f"decode: {cache!r} does not pass hidden states, which {policy!r} reads (features: hidden); "
+                         "use cache=True or False")
     if approx is not None and compile:
         raise ValueError(f"decode: {cache!r} runs eagerly only (its refreshes read the host); use compile=False")
     kv = model.new_cache(B, L) if approx is None and cache and rule.cacheable else None
@@ -234,8 +253,9 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
         elif kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
-            probs[rows] = _predict(model, x[rows], rank[rows], cand[rows], step, None, None)
-            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen)
+            probs[rows], h = _predict(model, x[rows], rank[rows], cand[rows], step, None, None, getattr(policy, "wants_hidden", False))
+            hidden = None if h is None else h.new_zeros(B, L, h.shape[-1]).index_copy(0, rows, h)
+            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, hidden)
         else:
             x, rank, sel, bad = advance(x, rank, masked, cand, step, kv, temperature, top_p, gen)
         if bad:

@@ -236,11 +236,15 @@ class Transformer(nn.Module):
         c, p = self.config, next(self.parameters())
         return KVCache(c.n_layers, batch, c.kv_heads, length + 1, c.head_size, p.dtype, p.device)
 
-    def forward(self, s: Stream, cache: KVCache | None = None) -> Tensor:
+    def forward(self, s: Stream, cache: KVCache | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B, N, vocab_size]`` for every token of the stream.
 
-        With a cache the forward has no host synchronisation and no data-dependent shape
-        (a stream of fixed width gives one graph: ``decode(..., compile=True)``)."""
+        ``return_hidden``: also the final normalised hidden state ``[B, N, d_model]`` (the
+        head's input, after the shift of shifted-logit models: the row each query's
+        prediction is read from), returned as ``(logits, hidden)`` from the same forward
+        (learned policies reading the denoiser's states, UPO / DCoLT). With a cache the
+        forward has no host synchronisation and no data-dependent shape (a stream of fixed
+        width gives one graph: ``decode(..., compile=True)``)."""
         if not torch.compiler.is_compiling() and s.pos.numel() and int(s.pos.max()) >= self.rope_cos.shape[0]:
             raise ValueError(f"stream positions reach {int(s.pos.max())}, past the model's max_len={self.max_len}")
         h = self.embed(s.tokens)  # [B, N, C]
@@ -254,10 +258,11 @@ class Transformer(nn.Module):
             cache.commit(s.n_append if s.n_append is not None else torch.zeros_like(cache.length))
         if self.config.shift_logits:
             h = _shift(h, s, self.max_len)
-        logits = F.linear(self.norm(h), self.head_weight())
+        hidden = self.norm(h)  # [B, N, C]
+        logits = F.linear(hidden, self.head_weight())
         if self.mask_id < self.vocab_size:  # [MASK] is a token of the vocabulary: never predicted
             logits[..., self.mask_id] = torch.finfo(logits.dtype).min
-        return logits
+        return (logits, hidden) if return_hidden else logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,7 +20,7 @@ from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, Rando
 from .schedule import ScheduleSampler
 from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution, rank_random_ties
 from .learned import (
-    FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
+    FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
     Trajectory, TransformerNet,
 )
 
@@ -35,6 +35,6 @@ __all__ = [
     "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
     "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
     "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "rank_random_ties",
-    "FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",
+    "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",
     "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
 ]

@@ -63,6 +63,10 @@ class StepView:
     masked      Bool[B, L]      positions still masked
     step        int             0-based decode step
     given       Bool[B, L]|None positions given from the start (prompt, clues)
+    hidden      Float[B, L, C]|None  the denoiser's final normalised hidden state at each
+                                position's query (same forward as ``probs``; rows outside
+                                ``candidates`` are zeros); the decoder fills it only for a
+                                policy whose ``wants_hidden`` is True (UPO, DCoLT)
 
     Derived on first use (:func:`_derived`, computed once per view): ``confidence`` (max prob),
     ``margin`` (top-1 minus top-2 prob), ``entropy`` (nats, 0·log 0 = 0), ``argmax``.
@@ -73,6 +77,7 @@ class StepView:
     masked: Tensor
     step: int
     given: Tensor | None = None
+    hidden: Tensor | None = None
     _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,10 @@ class StepView:
         _check_mask("masked", self.masked, shape)
         if self.given is not None:
             _check_mask("given", self.given, shape)
+        if self.hidden is not None and (not isinstance(self.hidden, Tensor) or self.hidden.dim() != 3
+                                        or tuple(self.hidden.shape[:2]) != shape):
+            got = tuple(self.hidden.shape) if isinstance(self.hidden, Tensor) else type(self.hidden).__name__
+            raise PolicyError(f"StepView.hidden must have shape [B, L, C] with [B, L] = {shape} (from probs), got {got}")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, torch.SymInt)) or self.step < 0:
             raise PolicyError(f"StepView.step must be an int >= 0, got {self.step!r}")
         stray = self.candidates & ~self.masked
@@ -138,7 +147,12 @@ class Policy(abc.ABC):
 
     One required method, ``select(view) -> Bool[B, L]``: a subset of ``view.candidates``
     with at least one position in every row that has candidates and none elsewhere.
+
+    ``wants_hidden``: the decoder passes the denoiser's final hidden states in
+    ``StepView.hidden`` (one forward either way) only to a policy that sets it.
     """
+
+    wants_hidden: bool = False
 
     def candidates(self, masked: Tensor, step: int) -> Tensor:
         """Bool[B, L]: positions to run queries for at ``step`` (default: all masked)."""

@@ -29,10 +29,14 @@ Features (``features=[...]``, in this order; all in [0, 1] or so):
     progress    fraction of the row's positions to generate already revealed
     step        decode step / number of positions to generate
     candidate   1 on candidates
+    hidden      the denoiser's final normalised hidden state at the position (``C`` =
+                ``hidden_size`` columns; UPO, Hong et al. 2026, and DCoLT's unmasking
+                policy module, Huang et al. 2025, read the LM's hidden states)
 
-The first three are 0 off the candidates (the decoder leaves those predictions
-undefined). The denoiser's hidden states are not a feature: ``StepView`` does not carry
-them and threading them through the decoder was not worth it for these tasks.
+The first three and ``hidden`` are 0 off the candidates (the decoder leaves those
+predictions undefined). A policy with ``hidden`` sets ``wants_hidden``, so the decoder
+passes ``StepView.hidden`` from the forward that gives ``probs`` (no second forward); the
+feature is detached: the policy's gradients never reach the denoiser.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from .compose import Count, rank_candidates
 from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution
 
 __all__ = [
-    "FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet",
+    "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet",
     "Trajectory", "Replay", "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
 ]
 
@@ -106,6 +110,15 @@ def _on_candidates(fn: Callable[[StepView], Tensor]) -> Callable[[StepView, _Sta
     return lambda view, state: torch.where(view.candidates, fn(view).float(), torch.zeros((), device=view.probs.device))
 
 
+def _hidden(view: StepView, state: _State) -> Tensor:
+    """Float[B, L, C]: ``view.hidden`` on the candidates, detached (a policy-gradient or
+    variational loss must not train the denoiser through its policy's inputs)."""
+    if view.hidden is None:
+        raise PolicyError("the 'hidden' feature needs StepView.hidden: the decoder passes it to a policy whose "
+                          "wants_hidden is True (orderlab.decode does; a loop building its own views must pass it)")
+    return torch.where(view.candidates[..., None], view.hidden.detach().float(), torch.zeros((), device=view.hidden.device))
+
+
 FEATURES: dict[str, Callable[[StepView, _State], Tensor]] = {
     "confidence": _on_candidates(lambda v: v.confidence),
     "margin": _on_candidates(lambda v: v.margin),
@@ -116,24 +129,47 @@ FEATURES: dict[str, Callable[[StepView, _State], Tensor]] = {
     "step": _step,
     "candidate": lambda view, state: view.candidates.float(),
 }
+# features of ``hidden_size`` columns ``Float[B, L, C]`` (every one above is one column)
+WIDE_FEATURES: dict[str, Callable[[StepView, _State], Tensor]] = {"hidden": _hidden}
 
 
 class Features:
-    """The selected feature columns: ``features(view, state) -> Float[B, L, F]``."""
+    """The selected feature columns: ``features(view, state) -> Float[B, L, F]``, in the
+    order of ``names``; a wide feature (``hidden``) takes ``hidden_size`` columns.
+    ``names=None``: every one-column feature (:data:`FEATURES`)."""
 
-    def __init__(self, names: Sequence[str] | None = None):
+    def __init__(self, names: Sequence[str] | None = None, hidden_size: int | None = None):
         names = list(FEATURES) if names is None else list(names)
-        unknown = [n for n in names if n not in FEATURES]
+        unknown = [n for n in names if n not in FEATURES and n not in WIDE_FEATURES]
         if unknown or not names or len(set(names)) != len(names):
-            raise PolicyError(f"features must be distinct names from {list(FEATURES)}, got {names}")
-        self.names = names
+            raise PolicyError(f"features must be distinct names from {list(FEATURES) + list(WIDE_FEATURES)}, got {names}")
+        wide = [n for n in names if n in WIDE_FEATURES]
+        if wide and (hidden_size is None or int(hidden_size) < 1):
+            raise PolicyError(f"feature {wide[0]!r} needs hidden_size (the denoiser's d_model), got {hidden_size}")
+        if hidden_size is not None and not wide:
+            raise PolicyError(f"hidden_size={hidden_size} is read only with the 'hidden' feature, not by {names}")
+        self.names, self.hidden_size = names, None if hidden_size is None else int(hidden_size)
 
     @property
     def size(self) -> int:
-        return len(self.names)
+        return sum(self.hidden_size if n in WIDE_FEATURES else 1 for n in self.names)
+
+    @property
+    def wants_hidden(self) -> bool:
+        return "hidden" in self.names
 
     def __call__(self, view: StepView, state: _State) -> Tensor:
-        return torch.stack([FEATURES[n](view, state) for n in self.names], dim=-1)  # [B, L, F]
+        cols = []
+        for n in self.names:
+            if n in FEATURES:
+                cols.append(FEATURES[n](view, state)[..., None])  # [B, L, 1]
+                continue
+            c = WIDE_FEATURES[n](view, state)  # [B, L, C]
+            if c.shape[-1] != self.hidden_size:
+                raise PolicyError(f"feature {n!r} was declared with hidden_size={self.hidden_size}, but the "
+                                  f"denoiser's hidden states have {c.shape[-1]} columns")
+            cols.append(c)
+        return torch.cat(cols, dim=-1)  # [B, L, F]
 
 
 # ----------------------------------------------------------------------------- networks
@@ -323,11 +359,13 @@ class LearnedPolicy(Policy, nn.Module):
     """
 
     # the width of the features, for a ``net`` given as a spec (its ``in_features``)
-    provides = {"in_features": lambda args: Features(args["features"]).size}
+    provides = {"in_features": lambda args: Features(args["features"], args.get("hidden_size")).size}
 
-    def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, greedy: bool = True, seed: int = 0):
+    def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, greedy: bool = True, seed: int = 0,
+                 hidden_size: int | None = None):
         nn.Module.__init__(self)
-        self.features = Features(features)
+        self.features = Features(features, hidden_size)
+        self.wants_hidden = self.features.wants_hidden  # the decoder passes StepView.hidden
         self.net = TransformerNet(self.features.size) if net is None else net
         if not isinstance(self.net, PolicyNet):
             raise PolicyError(f"policy.net must be a PolicyNet, got {type(self.net).__name__}")
@@ -452,7 +490,8 @@ class LearnedPolicy(Policy, nn.Module):
         return Replay(lp, cand.any(-1).to(dev), dist)
 
     def extra_repr(self) -> str:
-        return f"features={self.features.names}, greedy={self.greedy}, seed={self.seed}"
+        hidden = f", hidden_size={self.features.hidden_size}" if self.features.hidden_size is not None else ""
+        return f"features={self.features.names}{hidden}, greedy={self.greedy}, seed={self.seed}"
 
     def __repr__(self) -> str:  # one line: evaluation tables print it
         return f"{type(self).__name__}({self.extra_repr()}, net={type(self.net).__name__})"
@@ -476,8 +515,8 @@ class LearnedPlackettLuce(LearnedPolicy):
     score ranking the candidates (the learned logits when it has none)."""
 
     def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, k: int | Count = 1,
-                 greedy: bool = True, seed: int = 0):
-        super().__init__(features, net, greedy, seed)
+                 greedy: bool = True, seed: int = 0, hidden_size: int | None = None):
+        super().__init__(features, net, greedy, seed, hidden_size)
         if isinstance(k, int) and k < 1:
             raise PolicyError(f"learned_plackett_luce k must be >= 1, got {k}")
         self.k = k
