@@ -1,15 +1,18 @@
 """Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, GenMD4's
 NELBO with a learned schedule, the policy-gradient objectives (REINFORCE, RLOO, GRPO) with
-their rewards (kind "reward"), variational order learning with pyro (vi_orders), and the
+their rewards (kind "reward"), SAS (GRPO with per-step rewards, kind "step_reward"), variational order learning with pyro (vi_orders), and the
 importance-weighted bound over orders."""
 
-from . import genmd4, likelihood, policy_gradient, rewards, vi  # noqa: F401  (fill the registry)
+from . import genmd4, likelihood, policy_gradient, rewards, sas, vi  # noqa: F401  (fill the registry)
 from .base import LossOutput, Objective, StepOutput
 from .genmd4 import GenMD4Nelbo, learned_parts
 from .iwae import OrderDistribution, ProcessOrders, as_orders, iwae_bound, likelihood_table
 from .likelihood import BlockNelbo, MDMNelbo, SetNLL
 from .policy_gradient import GRPO, RLOO, PolicyGradient, Reinforce, Rollout
-from .rewards import NFEPenalty, Reward, StepDiscount, TaskScore
+from .rewards import (
+    NFEPenalty, PathwiseLikelihood, Reward, StepDiscount, StepReward, TaskScore, position_log_probs, returns_to_go,
+)
+from .sas import SAS, step_advantages, teacher_forced
 from .vi import VIOrders
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "GenMD4Nelbo", "learned_parts",
     "PolicyGradient", "Reinforce", "RLOO", "GRPO", "Rollout",
     "Reward", "TaskScore", "NFEPenalty", "StepDiscount",
+    "StepReward", "PathwiseLikelihood", "position_log_probs", "returns_to_go", "SAS", "step_advantages", "teacher_forced",
     "OrderDistribution", "ProcessOrders", "as_orders", "iwae_bound", "likelihood_table",
     "VIOrders",
 ]

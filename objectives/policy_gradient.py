@@ -57,6 +57,7 @@ class Rollout:
     ranks: Tensor  # Long[B·G, L] ranks as the task gives them
     reward: Tensor  # Float[B·G]
     score: Tensor  # Float[B·G] the task's score
+    step_reward: Tensor | None = None  # Float[T, B·G]: per-step rewards (SAS), if the objective has them
 
 
 class PolicyGradient(Objective):
@@ -111,13 +112,18 @@ class PolicyGradient(Objective):
         """Float[B, G]: the advantage of each rollout (rewards ``[B, G]``, one prompt per row)."""
         raise NotImplementedError
 
+    def rollout_advantages(self, ro: Rollout) -> Tensor:
+        """Float ``[B·G]`` (one advantage per rollout) or ``[T, B·G]`` (one per decode step,
+        e.g. from returns-to-go), detached: ``advantages`` of the rollouts' rewards."""
+        return self.advantages(ro.reward.view(-1, self.group)).reshape(-1).detach()
+
     def surrogate(self, rep: Replay, ro: Rollout, adv: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Scalar whose gradient is the policy-gradient estimate (to minimise)."""
         return -(adv * rep.log_prob).mean(), {}
 
     def step(self, model, tokens: Tensor, ranks: Tensor, generator: torch.Generator | None = None) -> StepOutput:
         ro = self.rollout(model, tokens, ranks, generator, self.reference)
-        adv = self.advantages(ro.reward.view(-1, self.group)).reshape(-1).detach()  # [B·G]
+        adv = self.rollout_advantages(ro)  # [B·G] or [T, B·G]
         rep = self.policy.replay(ro.traj)
         loss, metrics = self.surrogate(rep, ro, adv)
         if self.entropy:
@@ -259,7 +265,7 @@ class GRPO(PolicyGradient):
         new = rep.step_log_prob  # [T, N] with gradients
         old = ro.traj.stacked("log_prob").to(new)  # [T, N] at decode time
         ratio = torch.exp(new - old)
-        a = adv.to(new)[None]  # [1, N]
+        a = adv.to(new) if adv.dim() == 2 else adv.to(new)[None]  # [T, N] per step or [1, N] per rollout
         surr = torch.minimum(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a)
         surr = torch.where(rep.active, surr, torch.zeros_like(surr))  # finished rows chose nothing
         loss = -surr.sum(0).mean()
