@@ -1,6 +1,7 @@
 """Training objectives (``orderlab.objectives``): set NLL, MDM NELBO, block NELBO, GenMD4's
 NELBO with a learned schedule, the policy-gradient objectives (REINFORCE, RLOO, GRPO) with
-their rewards (kind "reward"), SAS (GRPO with per-step rewards, kind "step_reward"), variational order learning with pyro (vi_orders), and the
+their rewards (kind "reward"), SAS (GRPO with per-step rewards, kind "step_reward"),
+variational order learning with pyro (vi_orders), and the
 importance-weighted bound over orders."""
 
 from . import genmd4, likelihood, policy_gradient, rewards, sas, vi  # noqa: F401  (fill the registry)

@@ -123,9 +123,11 @@ def _predict(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width:
 
 
 def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int,
-            temperature: float, top_p: float, gen: torch.Generator, hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            temperature: float, top_p: float, gen: torch.Generator,
+            hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`."""
-    sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden))
+    view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden)
+    sel = policy.select(view)
     bad = (sel & ~cand).any() | (cand.any(1) & ~sel.any(1)).any()
     new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
     return torch.where(sel, new, x), torch.where(sel, step + 1, rank), sel, bad
@@ -253,7 +255,8 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
         elif kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)
-            probs[rows], h = _predict(model, x[rows], rank[rows], cand[rows], step, None, None, getattr(policy, "wants_hidden", False))
+            wants = getattr(policy, "wants_hidden", False)
+            probs[rows], h = _predict(model, x[rows], rank[rows], cand[rows], step, None, None, wants)
             hidden = None if h is None else h.new_zeros(B, L, h.shape[-1]).index_copy(0, rows, h)
             x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, hidden)
         else:
