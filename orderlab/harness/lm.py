@@ -117,6 +117,12 @@ class OrderlabLM(LM):
             self.cache_hook.add_partial("loglikelihood", r.args, res)
         return results
 
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                             disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """``(log p, is_greedy)`` of each ``(context ids, continuation ids)`` pair, in order:
+        :meth:`loglikelihood` without the text (contexts must be non-empty)."""
+        return self._score([fit(c, t, self.max_length) for c, t in pairs], "loglikelihood", disable_tqdm)
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 

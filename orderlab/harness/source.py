@@ -151,9 +151,9 @@ def resolve_policy(args: ModelArgs, source: Source) -> Any:
             raise ConfigError(f"model_args.policy.{next(iter(knobs))}", f"{spec!r} is the run's built policy; "
                                                                         "it takes no knobs")
         return source.policies[spec]
-    if isinstance(spec, str):
+    if isinstance(spec, str) and knobs:
         spec = {("_target_" if "." in spec else "name"): spec}
-    policy = build("policy", {**spec, **knobs}, path="model_args.policy")
+    policy = build("policy", {**spec, **knobs} if knobs else spec, path="model_args.policy")
     if isinstance(policy, nn.Module):
         policy.eval()
     return policy
