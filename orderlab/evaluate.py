@@ -42,7 +42,7 @@ from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, build_settings
 from orderlab.runtime import derive_seed, device_of, sync
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
+__all__ = ["EvaluateConfig", "IWAEConfig", "LMEvalConfig", "lm_eval", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
            "test_likelihood", "l2r_ranks", "ACCURACY_METRICS", "CACHES", "decode_cache", "cache_label"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
@@ -99,6 +99,43 @@ class IWAEConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """The ``evaluate.lm_eval`` section: lm-eval tasks run on the experiment's model as an
+    evaluation step (``orderlab.harness.step``; needs ``pip install orderlab[eval]``).
+    ``tasks``: lm-eval task names or paths to task YAML files; ``limit``, ``num_fewshot``,
+    ``apply_chat_template``: lm-eval's; ``include_path``: a folder of task YAMLs;
+    ``include_defaults``: index lm-eval's own tasks too (about 10 s; false when every task
+    is a local YAML); ``model_args``: more ``orderlab`` model arguments (``policy``,
+    ``order``, ``max_gen_toks``, ...; the model itself is the experiment's)."""
+
+    tasks: list = field(default_factory=list)
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    include_path: str | None = None
+    include_defaults: bool = True
+    apply_chat_template: bool = False
+    model_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        if not isinstance(self.tasks, (list, tuple)) or not self.tasks or not all(isinstance(t, str) for t in self.tasks):
+            raise ConfigError("tasks", f"must be a non-empty list of lm-eval task names or YAML paths, got {self.tasks!r}")
+        self.tasks = list(self.tasks)
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("", "needs lm-eval, which is not installed: pip install 'orderlab[eval]'")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"out of range: {self.batch_size!r}")
+        from orderlab.harness.args import ModelArgs  # noqa: PLC0415  (imports lm_eval: only when asked for)
+        from orderlab.harness.scorers import build_scorer
+
+        args = ModelArgs.parse(dict(self.model_args), source_given=True)  # a bad key fails before training
+        build_scorer(args.order, args.order_knobs)
+
+
+@dataclass
 class EvaluateConfig:
     """The ``evaluate:`` section; the keys are these fields."""
 
@@ -111,10 +148,13 @@ class EvaluateConfig:
     likelihood: bool = True  # also report the test bits per token under the L2R order
     heatmaps: bool = True  # save order_<policy>.png per policy in the run folder
     iwae: IWAEConfig | None = None  # the likelihood table over orders (IWAEConfig keys); null: none
+    lm_eval: LMEvalConfig | None = None  # lm-eval tasks on the model (LMEvalConfig keys); null: none
 
     def __post_init__(self) -> None:
         if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):  # from Python: a mapping
             self.iwae = build_settings(IWAEConfig, self.iwae, "iwae")
+        if self.lm_eval is not None and not isinstance(self.lm_eval, LMEvalConfig):
+            self.lm_eval = build_settings(LMEvalConfig, self.lm_eval, "lm_eval")
         if self.policies is not None and not isinstance(self.policies, list):
             raise ConfigError("policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
         decode_cache(self.cache)  # a bad name fails before any work
@@ -424,3 +464,11 @@ def iwae_table(model: torch.nn.Module, task: Any, cfg: IWAEConfig, prior: Any = 
         model.train(was_training)
     return {"orders": orders, "prior": repr(prior), "proposal": repr(prior if proposal is None else proposal),
             "n": cfg.n, "rows": rows}
+
+
+def lm_eval(exp: Any, cfg: LMEvalConfig) -> dict[str, Any]:
+    """``evaluate.lm_eval``: ``cfg``'s lm-eval tasks on the experiment's model
+    (``orderlab.harness.step``; lm-eval is imported here only)."""
+    from orderlab.harness.step import evaluate_experiment
+
+    return evaluate_experiment(exp, cfg)

@@ -46,6 +46,9 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
                   (estimate, k, bits_per_token, stderr, label "bound" | "nll"); the orders
                   are the last stage's whose objective gives them (``Objective.orders``;
                   vi_orders: π_ψ, q_φ), else uniformly random ones
+    lm_eval       lm-eval tasks on the model (``evaluate.lm_eval``; ``orderlab.harness.step``):
+                  tasks (per task: lm-eval's metrics), n_samples, versions, model (source,
+                  policy, order and whether its log-likelihood is a bound, NFE), settings
     ablation      the ``ablate`` grid (``orderlab.ablate.run_grid``): setup, metric, seeds,
                   points (per grid point: policy, knobs, spec, runs per seed, summary);
                   rewritten after every (point, seed); kept by ``run.resume`` / ``--eval-only``
@@ -69,7 +72,7 @@ from orderlab import ablate
 from orderlab import checkpoint as ckpt
 from orderlab import distributed
 from orderlab.config import Experiment, Stage, load
-from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, test_likelihood
+from orderlab.evaluate import evaluate, evaluation_pareto, iwae_table, lm_eval, test_likelihood
 from orderlab.registry import ConfigError
 from orderlab.runfolder import RunFolderError, claim
 from orderlab.train import NonFiniteError, TrainResult, train
@@ -176,6 +179,8 @@ def _execute(exp: Experiment, eval_only: bool, progress: bool) -> dict[str, Any]
             name, prior, proposal = _orders(exp)
             results["likelihood_table"] = iwae_table(exp.model, exp.task, ev.iwae, prior, proposal, orders=name,
                                                      seed=ev.seed)
+        if ev.lm_eval is not None and distributed.is_main():  # lm-eval runs its requests in one process
+            results["lm_eval"] = lm_eval(exp, ev.lm_eval)
         if exp.ablation is not None:
             ablate.run_grid(exp, results, save=lambda: _write(exp, results), progress=progress)
             ablate.write_outputs(files.dir, results["ablation"], heatmaps=exp.ablation.config.heatmaps,
