@@ -23,7 +23,7 @@ __all__ = ["SetNLL", "MDMNelbo", "BlockNelbo", "interpolating_nelbo_rate", "prio
 
 def _times(batch: int, generator: torch.Generator | None, device, eps: float) -> Tensor:
     """Stratified t ∈ [eps, 1] over the batch (low-variance NELBO estimate, as in MDLM)."""
-    u = torch.rand((), generator=generator).item()
+    u = torch.rand((), generator=generator, device=None if generator is None else generator.device).item()
     t = (u + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
     return (eps + (1 - eps) * t).to(device)
 
@@ -211,7 +211,8 @@ class BlockNelbo(Objective):
         t = t.repeat_interleave(model.rule.block_size, dim=1)[:, :L].reshape(-1)  # [B*L] time of each position's block
         alpha = self.process.alpha(t, 1).view(B, L)
         w = self.process.weight(t, 1).view(B, L)
-        u = torch.rand(B, L, generator=generator, dtype=torch.float64).to(tokens.device)
+        where = None if generator is None else generator.device  # the trainer's generator lives on the model's device
+        u = torch.rand(B, L, generator=generator, dtype=torch.float64, device=where).to(tokens.device)
         noised = (u >= alpha) & (ranks > 0)  # P(noised) = 1 - α(t_block)
         xt = torch.where(noised, torch.full_like(tokens, model.mask_id), tokens)
         s = model.rule.noisy_stream(tokens, xt, ranks, noised)

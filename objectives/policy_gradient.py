@@ -100,7 +100,8 @@ class PolicyGradient(Objective):
                 reference: Policy | None = None) -> Rollout:
         G = self.group
         x, r = tokens.repeat_interleave(G, 0), ranks.repeat_interleave(G, 0)  # [B·G, L]
-        seed = int(torch.randint(0, 2**62, (), generator=generator))  # fresh, reproducible randomness per step
+        where = None if generator is None else generator.device  # the trainer's generator lives on the model's device
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=where))  # fresh, reproducible randomness per step
         with self.policy.recording(seed=seed, greedy=False, reference=reference) as traj:
             d = decode(model, self.policy, x, r, cache=self.cache, temperature=self.temperature, seed=seed,
                        eos_id=self.task.eos_id, pad_id=getattr(self.task, "pad_id", None))

@@ -106,7 +106,7 @@ class SAS(GRPO):
                 reference: Policy | None = None) -> Rollout:
         G = self.group
         x, r = tokens.repeat_interleave(G, 0), ranks.repeat_interleave(G, 0)  # [B·G, L]
-        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=None if generator is None else generator.device))
         with self.policy.recording(seed=seed, greedy=False, reference=reference) as traj:
             d = teacher_forced(model, self.policy, x, r, cache=self.cache)
         steps = self.step_reward(model, x, d.ranks, steps=traj.steps).to(x.device)  # [T, B·G]

@@ -37,8 +37,10 @@ _NEG_INF = -math.inf
 
 
 def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """U(0, 1) in float64, drawn on the CPU (results independent of the device)."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+    """U(0, 1) in float64, drawn where the generator lives (a CPU generator: results
+    independent of the model's device; a CUDA one, as training passes on a GPU, draws there)."""
+    where = None if generator is None else generator.device
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=where).to(device)
 
 
 def rank_random_ties(score: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> Ranked:

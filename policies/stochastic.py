@@ -72,7 +72,8 @@ class PlackettLuce:
     @staticmethod
     def sample(logits: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Long[B, L]: a full PL order of each row's valid positions (invalid ones last)."""
-        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+        where = None if generator is None else generator.device  # a CUDA generator draws on CUDA
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=where).to(logits.device)
         g = -torch.log((-torch.log(u.clamp(1e-300, 1.0))).clamp_min(1e-300))
         return rank_candidates(logits.double() + g, valid).order
 
