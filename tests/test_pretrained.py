@@ -257,3 +257,14 @@ def test_load_errors_name_the_tensor_or_key_and_the_folder(folders, tmp_path):
     (nokey / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="config.json: no key 'mlp_hidden_size'"):
         from_pretrained(nokey)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "dream"])
+def test_the_compiled_decode_step_equals_eager_on_shifted_models(folders, family):
+    """Shifted logits and grouped-query attention inside the compiled step (one static graph)."""
+    model = from_pretrained(folders[family], dtype="float32")
+    x, ranks = _ragged(model, [3, 5, 1])
+    policy = {"qwen3": "l2r", "dream": "top_prob"}[family]
+    want = decode(model, orderlab.build("policy", policy), x, ranks)
+    got = decode(model, orderlab.build("policy", policy), x, ranks, compile={"backend": "aot_eager"})
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.ranks, want.ranks) and torch.equal(got.nfe, want.nfe)
