@@ -288,7 +288,7 @@ class VIOrders(Objective):
         self.entropy = float(entropy)
         self.trains_model = bool(train_model)
         self.elbo = TraceGraph_ELBO(max_plate_nesting=1)
-        self._memo: dict[int, tuple[Tensor, Tensor]] | None = None  # step -> (rank, log-probs), see _sharing
+        self._memo: dict[int, tuple] | None = None  # step -> (rank, log-probs, hidden), see _sharing
 
     # -- the denoiser's predictions at one step
     def _view(self, model, walk: _Walk, k: int) -> tuple[StepView, Tensor]:
@@ -300,28 +300,37 @@ class VIOrders(Objective):
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)
         memo = None if self._memo is None else self._memo.get(k)
         if memo is not None and torch.equal(memo[0], walk.rank):
-            logp = memo[1]
+            logp, hidden = memo[1], memo[2]
         else:
             with torch.set_grad_enabled(self.trains_model and torch.is_grad_enabled()):
-                logp = self._log_probs(model, walk, cand, k)
+                logp, hidden = self._log_probs(model, walk, cand, k, self.policy.wants_hidden)
             if self._memo is not None:
-                self._memo[k] = (walk.rank, logp)
-        view = StepView(probs=logp.exp(), candidates=cand, masked=masked, step=k, given=walk.rank == 0)
+                self._memo[k] = (walk.rank, logp, hidden)
+        view = StepView(probs=logp.exp(), candidates=cand, masked=masked, step=k, given=walk.rank == 0, hidden=hidden)
         return view, logp
 
     @staticmethod
-    def _log_probs(model, walk: _Walk, cand: Tensor, k: int) -> Tensor:
+    def _log_probs(model, walk: _Walk, cand: Tensor, k: int, hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(log p_θ Float[B, L, V], hidden Float[B, L, C] | None)``: the step's predictions
+        and, for a policy that reads them (``wants_hidden``), the denoiser's final normalised
+        hidden state at each candidate's query (0 elsewhere, detached), as ``decode`` gives them."""
         B, L = walk.x.shape
         V = model.vocab_size
         out = torch.full((B, L, V), -math.log(V), device=walk.x.device)
+        states = torch.zeros(B, L, model.config.d_model, device=walk.x.device) if hidden else None
         rows = cand.any(1).nonzero()[:, 0]  # only rows with candidates cost a forward (as in decode)
         if rows.numel() == 0:
-            return out
+            return out, states
         s = model.rule.step(walk.cur[rows], walk.rank[rows], cand[rows], k, False)
-        lp = F.log_softmax(model(s).float(), dim=-1)  # [b, N, V]
-        idx = torch.where(s.out >= 0, s.out, L)[..., None].expand_as(lp)  # slot L: queries that predict nothing
-        pred = torch.full((len(rows), L + 1, V), -math.log(V), device=lp.device).scatter(1, idx, lp)[:, :L]
-        return out.index_copy(0, rows, pred)
+        logits, h = model(s, return_hidden=True) if hidden else (model(s), None)
+        lp = F.log_softmax(logits.float(), dim=-1)  # [b, N, V]
+        idx = torch.where(s.out >= 0, s.out, L)[..., None]  # [b, N, 1] slot L: queries that predict nothing
+        pred = torch.full((len(rows), L + 1, V), -math.log(V), device=lp.device).scatter(1, idx.expand_as(lp), lp)[:, :L]
+        if h is not None:  # [b, N, C] -> [b, L, C] at the queries' positions
+            C = h.shape[-1]
+            placed = torch.zeros(len(rows), L + 1, C, device=h.device).scatter(1, idx.expand(-1, -1, C), h.detach().float())
+            states = states.to(h.device).index_copy(0, rows, placed[:, :L])
+        return out.index_copy(0, rows, pred), states
 
     @contextlib.contextmanager
     def _sharing(self) -> Iterator[None]:

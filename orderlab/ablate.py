@@ -18,6 +18,8 @@ plus an ``ablate:`` section, whose keys are the fields of :class:`AblateConfig`:
       bits: true           # also -log2 p(reference | the decoded order) per generated token
       heatmaps: true       # order_grid_<entry>.png: one panel per grid point
       heatmap_rows: 8      # rows of each panel (and orders kept per run in results.json)
+      search: null         # {k: 4, verifier: null}: every point is the searched policy
+                           # (orderlab.evaluate.SearchConfig; labels "<point> (search k=4)")
 
 A grid **entry** is a policy spec (``{name: ...}`` or ``{_target_: ...}``, or a bare name)
 in which every list-valued key is a knob: the entry expands to the product of its lists,
@@ -57,6 +59,7 @@ order heatmaps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -72,7 +75,8 @@ import torch
 from torch import Tensor
 
 from orderlab import distributed
-from orderlab.registry import ConfigError
+from orderlab.evaluate import SearchConfig
+from orderlab.registry import ConfigError, build_settings
 
 __all__ = [
     "AblateConfig",
@@ -188,8 +192,11 @@ class AblateConfig:
     bits: bool = True
     heatmaps: bool = True
     heatmap_rows: int = 8
+    search: SearchConfig | None = None  # every point searched (orderlab.evaluate.SearchConfig keys); null: plain
 
     def __post_init__(self) -> None:
+        if self.search is not None and not isinstance(self.search, SearchConfig):
+            self.search = build_settings(SearchConfig, self.search, "search")
         if self.seeds is None:
             self.seeds = [0]
         if not isinstance(self.seeds, list) or not self.seeds:
@@ -215,7 +222,9 @@ class AblateConfig:
 
     def spec(self) -> dict[str, Any]:
         """The section as written back to ``config.yaml`` (every default filled in)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["search"] = None if self.search is None else dataclasses.asdict(self.search)
+        return out
 
 
 @dataclass
@@ -245,7 +254,8 @@ def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tenso
     from orderlab.evaluate import measure
 
     m = measure(model, task, policy, tokens, ranks, batch_size=config.batch_size, cache=config.cache,
-                temperature=config.temperature, seed=seed, bits=config.bits, keep_orders=config.heatmap_rows)
+                temperature=config.temperature, seed=seed, bits=config.bits, keep_orders=config.heatmap_rows,
+                search=config.search)
     return {"seed": seed, **m.means(), "orders": m.orders.tolist()}
 
 
@@ -282,7 +292,9 @@ def _setup(exp: Any) -> dict[str, Any]:
     cfg = exp.ablation.config
     return {"weights": _fingerprint(exp.model), "task": OmegaConf.to_container(exp.config.task),
             "model": OmegaConf.to_container(exp.config.model), "n": cfg.n, "batch_size": cfg.batch_size,
-            "cache": cfg.cache, "temperature": cfg.temperature, "bits": cfg.bits}
+            "cache": cfg.cache, "temperature": cfg.temperature, "bits": cfg.bits,
+            # only when set: runs stored before the option existed stay reusable
+            **({} if cfg.search is None else {"search": dataclasses.asdict(cfg.search)})}
 
 
 def previous(path: str | Path) -> dict[str, Any] | None:
@@ -305,8 +317,9 @@ def _reusable(old: Mapping[str, Any] | None, setup: Mapping[str, Any], say: Call
     return {(p["key"], r["seed"]): r for p in old.get("points", []) for r in p.get("runs", [])}
 
 
-def _record(p: GridPoint) -> dict[str, Any]:
-    return {"index": p.index, "entry": p.entry, "family": p.family, "policy": p.label, "knobs": dict(p.knobs),
+def _record(p: GridPoint, search: SearchConfig | None = None) -> dict[str, Any]:
+    label = p.label if search is None else search.label(p.label)
+    return {"index": p.index, "entry": p.entry, "family": p.family, "policy": label, "knobs": dict(p.knobs),
             "spec": dict(p.spec), "key": p.key, "runs": [], "summary": None}
 
 
@@ -325,7 +338,7 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
 
     ``results["ablation"]`` becomes (and ``save()`` writes after every round of runs)::
 
-        setup     weights hash, task, model, n, batch_size, cache, temperature, bits
+        setup     weights hash, task, model, n, batch_size, cache, temperature, bits, search
         metric    the task's metric
         seeds     the seeds
         points    per grid point, in grid order: index, entry, family, policy (label), knobs,
@@ -356,7 +369,7 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
     done = _reusable(old, setup, say)
     points = grid.points
     section = results["ablation"] = {"setup": setup, "metric": task.metric, "seeds": list(cfg.seeds),
-                                     "points": [_record(p) for p in points]}
+                                     "points": [_record(p, cfg.search) for p in points]}
     for p in points:  # reuse what is there first: a partial file stays complete
         for s in cfg.seeds:
             if (p.key, s) in done:

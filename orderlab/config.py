@@ -293,10 +293,12 @@ def _context(task: Any) -> Context:
 
 
 def _with_model(ctx: Context, model: Any) -> Context:
-    """Components built after the model see its sizes (a pretrained model's are its own);
-    the task's tokens and lengths must fit them."""
+    """Components built after the model see its sizes (a pretrained model's are its own):
+    ``vocab_size``, ``max_len`` and ``hidden_size`` (its ``d_model``, the width of the
+    hidden states a learned policy's ``hidden`` feature reads); the task's tokens and
+    lengths must fit them."""
     if model is DEFERRED:
-        return ctx
+        return ctx.set("hidden_size", DEFERRED, "the model (model.d_model)")
     task = ctx["task"]
     if task.vocab_size > model.vocab_size:
         raise ConfigError("model", f"the task's vocabulary ({task.vocab_size} tokens) is larger than the model's "
@@ -305,6 +307,7 @@ def _with_model(ctx: Context, model: Any) -> Context:
         raise ConfigError("model", f"the task's sequences ({task.seq_len} positions) are longer than the model's "
                                    f"max_len={model.max_len}")
     ctx.set("vocab_size", model.vocab_size, "the model (model.vocab_size)")
+    ctx.set("hidden_size", model.config.d_model, "the model (model.d_model)")
     return ctx.set("max_len", model.max_len, "the model (model.max_len)")
 
 

@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, build_settings
 from orderlab.runtime import derive_seed, device_of, sync
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "LMEvalConfig", "lm_eval", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
+__all__ = ["EvaluateConfig", "IWAEConfig", "LMEvalConfig", "SearchConfig", "VERIFIERS", "lm_eval", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
            "test_likelihood", "l2r_ranks", "ACCURACY_METRICS", "CACHES", "decode_cache", "cache_label"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
@@ -135,6 +135,58 @@ class LMEvalConfig:
         build_scorer(args.order, args.order_knobs)
 
 
+# ``search.verifier``: how a searched path is scored (None: the model's own likelihood)
+VERIFIERS = (None, "task")
+
+
+@dataclass
+class SearchConfig:
+    """The ``evaluate.search`` (and ``ablate.search``) section: evaluate the *searched*
+    version of every policy (test-time order search, ``orderlab.search.search_decode``;
+    LookUM, Order-Token Search): ``k`` paths per row decoded with the policy, the best kept.
+
+    ``verifier``: ``null`` scores a path by the model's exact ``log p_θ(x̂ | σ̂)`` under its
+    own order (those scoring passes count in NFE); ``task`` by the task's score against the
+    reference (an oracle verifier: an upper bound on what a real verifier can pick; no
+    forward). ``temperature``: token sampling of the paths (``null``: the evaluation's);
+    paths differ only through a stochastic policy or ``temperature > 0``. NFE counts every
+    forward of every path and every scoring pass (``Searched.nfe``); ``k = 1`` is the plain
+    decode. Rows are labelled ``<policy> (search k=4)`` (``, task`` with the oracle)."""
+
+    k: int = 4
+    verifier: str | None = None
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError("k", f"must be an integer >= 1 (paths per row), got {self.k!r}")
+        if self.verifier not in VERIFIERS:
+            raise ConfigError("verifier", f"unknown verifier {self.verifier!r}; choose null (the model's likelihood "
+                                          "of each path) or task (the task's score against the reference)")
+        if self.temperature is not None:
+            if self.temperature < 0:
+                raise ConfigError("temperature", f"out of range: {self.temperature!r}")
+            self.temperature = float(self.temperature)
+
+    def label(self, policy: str) -> str:
+        """The result row's label of the searched ``policy``: ``"top_prob (search k=4)"``."""
+        extra = "" if self.verifier is None else f", {self.verifier}"
+        return f"{policy} (search k={self.k}{extra})"
+
+    def run(self, model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, *, cache: Any,
+            temperature: float, seed: int) -> Any:
+        """``search_decode`` of rows ``x``/``r`` (the task's reference and ranks) -> ``Searched``."""
+        from orderlab.search import search_decode
+
+        verifier = None
+        if self.verifier == "task":
+            xs, rs = x.repeat_interleave(self.k, 0), r.repeat_interleave(self.k, 0)  # the paths' references
+            verifier = lambda tokens, ranks: task.score(tokens, xs, rs).double().to(x.device)  # noqa: E731
+        return search_decode(model, policy, x, r, k=self.k, verifier=verifier, cache=decode_cache(cache),
+                             temperature=temperature if self.temperature is None else self.temperature, seed=seed,
+                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+
+
 @dataclass
 class EvaluateConfig:
     """The ``evaluate:`` section; the keys are these fields."""
@@ -149,8 +201,11 @@ class EvaluateConfig:
     heatmaps: bool = True  # save order_<policy>.png per policy in the run folder
     iwae: IWAEConfig | None = None  # the likelihood table over orders (IWAEConfig keys); null: none
     lm_eval: LMEvalConfig | None = None  # lm-eval tasks on the model (LMEvalConfig keys); null: none
+    search: SearchConfig | None = None  # also a searched row per policy (SearchConfig keys); null: none
 
     def __post_init__(self) -> None:
+        if self.search is not None and not isinstance(self.search, SearchConfig):
+            self.search = build_settings(SearchConfig, self.search, "search")
         if self.iwae is not None and not isinstance(self.iwae, IWAEConfig):  # from Python: a mapping
             self.iwae = build_settings(IWAEConfig, self.iwae, "iwae")
         if self.lm_eval is not None and not isinstance(self.lm_eval, LMEvalConfig):
@@ -245,14 +300,18 @@ def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
 
 
 def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, seed: int, keep: int,
-                   cache: Any, temperature: float, bits: bool) -> Measurement:
-    """One batch decoded with decode seed ``seed``; ``keep``: its first rows whose orders are kept."""
+                   cache: Any, temperature: float, bits: bool, search: SearchConfig | None = None) -> Measurement:
+    """One batch decoded with decode seed ``seed``; ``keep``: its first rows whose orders are
+    kept; ``search``: the searched decode (its NFE: every path and every scoring pass)."""
     from orderlab.decoding import decode
     from orderlab.likelihood import log_likelihood
 
     device = x.device
-    run = lambda: decode(model, policy, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
-                         eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+    if search is not None:
+        run = lambda: search.run(model, task, policy, x, r, cache=cache, temperature=temperature, seed=seed)  # noqa: E731
+    else:
+        run = lambda: decode(model, policy, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
+                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
     sync(device)
     t0 = time.perf_counter()
     out = run()
@@ -264,7 +323,7 @@ def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r:
     if bits:
         m.nats = -log_likelihood(model, x, _reference_order(out.ranks, r)).cpu()
         m.generated = (r >= 1).sum(1).cpu()
-    if _is_learned(policy):
+    if _is_learned(policy) and search is None:  # the policy's own numbers: its plain row has them
         m.sampled, m.entropy = _learned_extras(policy, run, task, x, r, seed)
     return m
 
@@ -272,7 +331,7 @@ def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r:
 @torch.no_grad()
 def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor, *, batch_size: int,
             cache: Any = True, temperature: float = 0.0, seed: int = 0, bits: bool = False,
-            keep_orders: int = 0) -> Measurement:
+            keep_orders: int = 0, search: SearchConfig | None = None) -> Measurement:
     """Decode the rows ``tokens``/``ranks`` (the task's reference; ranks >= 1 are decoded,
     whatever tokens are there) with ``policy`` in batches of ``batch_size`` and measure it:
     the one measuring path of evaluation (:func:`evaluate`) and ablation
@@ -281,7 +340,9 @@ def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, rank
     Batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``. Under a process group
     (every rank calls) the batches are sharded across ranks and the per-batch results
     gathered on every rank in batch order: the single-process measurement but for
-    ``wall_s``. The model decodes in eval mode. Returns :class:`Measurement`.
+    ``wall_s``. The model decodes in eval mode. ``search``: measure the searched decode
+    (:class:`SearchConfig`: ``k`` paths per row, the best kept; ``nfe`` counts every path's
+    forwards and every scoring pass). Returns :class:`Measurement`.
     """
     device = device_of(model)
     tokens, ranks = tokens.to(device), ranks.to(device)
@@ -292,7 +353,7 @@ def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, rank
         for j, start in distributed.shard(list(enumerate(range(0, tokens.shape[0], batch_size)))):
             x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
             mine.append((j, _measure_batch(model, task, policy, x, r, derive_seed(seed, j, "decode"),
-                                           max(keep_orders - start, 0), cache, temperature, bits)))
+                                           max(keep_orders - start, 0), cache, temperature, bits, search)))
     finally:
         model.train(was_training)
     everyone = distributed.all_gather_object(mine)
@@ -335,20 +396,28 @@ def evaluate(
     temperature: float = 0.0,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    search: SearchConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every policy on the ``n`` test rows ``task.batch(n, "test", seed)``
     (:func:`measure`: batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``);
     one result row per policy, whose ``cache`` names the cache used (:func:`cache_label`).
-    With ``out_dir``, the order of the first batch is saved as ``order_<policy>.png`` (by
-    the main rank).
+    ``search``: after each policy's row, the row of its searched version (labelled
+    ``SearchConfig.label``, with ``search`` = ``{k, verifier, temperature}``). With
+    ``out_dir``, the order of the first batch is saved as ``order_<policy>.png`` (by the
+    main rank).
     """
     tokens, ranks = task.batch(n, split="test", seed=seed)
     rows = []
-    for label, policy in policies.items():
+    runs = [(label, policy, None) for label, policy in policies.items()]
+    if search is not None:  # each policy's searched row right after its plain row
+        runs = [run for label, policy, _ in runs for run in ((label, policy, None), (search.label(label), policy, search))]
+    for label, policy, searched in runs:
         m = measure(model, task, policy, tokens, ranks, batch_size=batch_size, cache=cache, temperature=temperature,
-                    seed=seed, keep_orders=batch_size)
+                    seed=seed, keep_orders=batch_size, search=searched)
         row = _row(label, policy, task, m)
         row["cache"] = cache_label(cache)
+        if searched is not None:
+            row["search"] = asdict(searched)
         if out_dir is not None:
             path = Path(out_dir) / f"order_{_slug(label)}.png"
             if distributed.is_main():

@@ -465,7 +465,10 @@ def _call(cls: Callable[..., Any], args: dict[str, Any], path: str, context: Con
     hints, params = _hints(cls), inspect.signature(cls).parameters
     bound: dict[str, Any] = {}  # the arguments the constructor gets (the rest keep their defaults)
     defaults = {} if check_only else {n: p.default for n, p in params.items() if p.default is not p.empty}
-    inner = context.child(_provides(cls), ChainMap(bound, defaults), check_only)  # what it provides reads both
+    # runtime values the class needs and the spec does not set: what it provides sees them too
+    needed = {} if check_only else {n: context[n] for n in _needs(cls)
+                                    if n not in args and n not in (given or {}) and n in context}
+    inner = context.child(_provides(cls), ChainMap(bound, needed, defaults), check_only)  # what it provides reads
     # plain values first, then components in signature order: what a parent provides to a
     # child is computed from its other arguments (and earlier siblings) as given
     order = {n: i for i, n in enumerate(params)}
@@ -475,9 +478,8 @@ def _call(cls: Callable[..., Any], args: dict[str, Any], path: str, context: Con
         bound[key] = _value(hints.get(key), value, _join(path, key), inner, check_only)
     if check_only:
         return cls
-    for n in _needs(cls):
-        if n not in bound and n in context:
-            bound[n] = context[n]
+    for n, v in needed.items():
+        bound.setdefault(n, v)
     try:
         return cls(**bound)
     except ConfigError as e:  # the constructor names a key of its own node

@@ -30,8 +30,9 @@ Features (``features=[...]``, in this order; all in [0, 1] or so):
     step        decode step / number of positions to generate
     candidate   1 on candidates
     hidden      the denoiser's final normalised hidden state at the position (``C`` =
-                ``hidden_size`` columns; UPO, Hong et al. 2026, and DCoLT's unmasking
-                policy module, Huang et al. 2025, read the LM's hidden states)
+                ``hidden_size`` columns, the model's ``d_model``: in an experiment the
+                build's context gives it, a spec may set it; UPO, Hong et al. 2026, and
+                DCoLT's unmasking policy module, Huang et al. 2025, read the LM's hidden states)
 
 The first three and ``hidden`` are 0 off the candidates (the decoder leaves those
 predictions undefined). A policy with ``hidden`` sets ``wants_hidden``, so the decoder
@@ -145,7 +146,8 @@ class Features:
             raise PolicyError(f"features must be distinct names from {list(FEATURES) + list(WIDE_FEATURES)}, got {names}")
         wide = [n for n in names if n in WIDE_FEATURES]
         if wide and (hidden_size is None or int(hidden_size) < 1):
-            raise PolicyError(f"feature {wide[0]!r} needs hidden_size (the denoiser's d_model), got {hidden_size}")
+            raise PolicyError(f"feature {wide[0]!r} needs hidden_size (the denoiser's d_model: an experiment's "
+                             f"model gives it; set it when building the policy alone), got {hidden_size}")
         if hidden_size is not None and not wide:
             raise PolicyError(f"hidden_size={hidden_size} is read only with the 'hidden' feature, not by {names}")
         self.names, self.hidden_size = names, None if hidden_size is None else int(hidden_size)
@@ -358,13 +360,16 @@ class LearnedPolicy(Policy, nn.Module):
       differentiable (a variational guide or prior walks the steps itself).
     """
 
+    # ``hidden_size``: the denoiser's d_model, from the build's context (an experiment's
+    # model) unless the spec sets it; read only by a wide feature (``hidden``)
+    needs = ("hidden_size",)
     # the width of the features, for a ``net`` given as a spec (its ``in_features``)
-    provides = {"in_features": lambda args: Features(args["features"], args.get("hidden_size")).size}
+    provides = {"in_features": lambda args: LearnedPolicy._features(args["features"], args.get("hidden_size")).size}
 
     def __init__(self, features: list[str] | None = None, net: PolicyNet | None = None, greedy: bool = True, seed: int = 0,
                  hidden_size: int | None = None):
         nn.Module.__init__(self)
-        self.features = Features(features, hidden_size)
+        self.features = self._features(features, hidden_size)
         self.wants_hidden = self.features.wants_hidden  # the decoder passes StepView.hidden
         self.net = TransformerNet(self.features.size) if net is None else net
         if not isinstance(self.net, PolicyNet):
@@ -373,6 +378,13 @@ class LearnedPolicy(Policy, nn.Module):
         self._gen: torch.Generator | None = None
         self._state: _State | None = None
         self._rec: _Recording | None = None
+
+    @staticmethod
+    def _features(names: list[str] | None, hidden_size: int | None) -> Features:
+        """The features; ``hidden_size`` kept only where a wide feature reads it (an
+        experiment's context gives every learned policy the model's width)."""
+        wide = names is not None and any(n in WIDE_FEATURES for n in names)
+        return Features(names, hidden_size if wide else None)
 
     # -- what subclasses define
     def distribution(self, logits: Tensor, candidates: Tensor, k: Tensor) -> SetDistribution:

@@ -6,12 +6,13 @@ this package registers every process (kind "process") and corruption (kind
 "corruption"): explicit imports, no scanning.
 """
 
-from orderlab.processes import base, compose, corruption, flat, learned, windowed
+from orderlab.processes import base, compose, corruption, flat, learned, scheduler, windowed
 from orderlab.processes.base import Process
 from orderlab.processes.compose import Blockwise, Mixture
 from orderlab.processes.corruption import Absorbing, Corruption, Hybrid, Uniform, as_corruption
 from orderlab.processes.flat import Cosine, Flat, Linear, LogLinear, Polynomial
 from orderlab.processes.learned import LearnedPositionSchedule, LearnedTokenSchedule, Powers, PowerSchedule
+from orderlab.processes.scheduler import DataSchedule, MixerScheduler, PositionalScheduler, Scheduler
 from orderlab.processes.windowed import Quench, SlidingWindow, Staggered, Windowed
 
 __all__ = [
@@ -31,6 +32,10 @@ __all__ = [
     "Powers",
     "LearnedPositionSchedule",
     "LearnedTokenSchedule",
+    "Scheduler",
+    "PositionalScheduler",
+    "MixerScheduler",
+    "DataSchedule",
     "Corruption",
     "Absorbing",
     "Uniform",
@@ -41,5 +46,6 @@ __all__ = [
     "corruption",
     "flat",
     "learned",
+    "scheduler",
     "windowed",
 ]

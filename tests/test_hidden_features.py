@@ -9,6 +9,7 @@ import orderlab
 from orderlab.decoding import decode
 from orderlab.objectives import GRPO
 from orderlab.policies import LearnedPlackettLuce, PolicyError, StepView
+from orderlab.policies.learned import Features
 from orderlab.rules import UNKNOWN
 
 D = 16  # the denoiser's d_model
@@ -142,8 +143,10 @@ def test_config_and_errors():
     assert not orderlab.build("policy", "learned", features=["confidence"]).wants_hidden
     with pytest.raises(Exception, match="needs hidden_size"):
         orderlab.build("policy", {"name": "learned", "features": ["hidden"]})
-    with pytest.raises(Exception, match="only with the 'hidden' feature"):
-        orderlab.build("policy", {"name": "learned", "features": ["confidence"], "hidden_size": 8})
+    # a policy without the hidden feature ignores the width (an experiment's context gives every learned policy the model's)
+    assert orderlab.build("policy", {"name": "learned", "features": ["confidence"], "hidden_size": 8}).features.hidden_size is None
+    with pytest.raises(PolicyError, match="only with the 'hidden' feature"):  # the Features class itself still refuses it
+        Features(["confidence"], 8)
     model, task = tiny_model("set_causal"), ToyTask()
     x, r = task.batch(2)
     wrong = orderlab.build("policy", "learned", features=["hidden"], hidden_size=D + 1, net="linear")
@@ -158,3 +161,68 @@ def test_config_and_errors():
     from orderlab.approx_cache import ApproximateCache
     with pytest.raises(ValueError, match="does not pass hidden states"):
         decode(tiny_model("bidirectional"), pol, x, r, cache=ApproximateCache(suffix=False))
+
+
+# ----------------------------------------------------------------------------- hidden_size from the model
+
+
+def _experiment(policy, stages=None, overrides=()):
+    from orderlab.config import load
+
+    cfg = {
+        "task": {"name": "addition", "digits": 1},
+        "model": {"name": "transformer", "d_model": 24, "n_layers": 1, "n_heads": 2, "attention": {"name": "set_causal"}},
+        "stages": stages or {},
+        "evaluate": {"policies": [policy], "n": 4, "batch_size": 4},
+    }
+    return load(cfg, list(overrides))
+
+
+def test_an_experiment_gives_the_hidden_feature_the_models_width():
+    """A YAML with ``features: [confidence, hidden]`` and no ``hidden_size`` builds with the
+    model's d_model, in the evaluation policies and inside objectives (the net's input is
+    1 + d_model wide); a spec may still set it, and a wrong one fails when decoding."""
+    spec = {"name": "learned_plackett_luce", "features": ["confidence", "hidden"], "net": {"name": "mlp", "hidden": 8}}
+    stages = {"policy": {"objective": {"name": "rloo", "policy": spec, "group": 2}, "train": {"steps": 1}}}
+    exp = _experiment(spec, stages)
+    for pol in (exp.policies["learned_plackett_luce(features=['confidence', 'hidden'], net=mlp(hidden=8))"],
+                exp.stages["policy"].objective.policy):
+        assert pol.features.hidden_size == 24 and pol.wants_hidden
+        assert pol.net.hidden[0].in_features == 25
+    wider = _experiment(spec, overrides=["model.d_model=32"])
+    assert next(iter(wider.policies.values())).net.hidden[0].in_features == 33  # follows the model
+    x, r = exp.task.batch(3, "test")
+    d = decode(exp.model, exp.stages["policy"].objective.policy, x, r)
+    assert (d.ranks[r >= 1] >= 1).all()
+    explicit = _experiment({**spec, "hidden_size": 24})  # the spec may set it (the same value here)
+    assert next(iter(explicit.policies.values())).features.hidden_size == 24
+    wrong = next(iter(_experiment({**spec, "hidden_size": 7}).policies.values()))
+    with pytest.raises(PolicyError, match="hidden_size=7.*24 columns"):
+        decode(exp.model, wrong, x, r)
+    plain = _experiment({"name": "learned", "features": ["confidence"], "net": "linear"})
+    assert next(iter(plain.policies.values())).features.hidden_size is None  # read only by the hidden feature
+
+
+def test_vi_orders_walks_with_hidden_states_as_decode_does():
+    """``vi_orders`` builds its own views: with a hidden-feature policy they carry the
+    denoiser's hidden states, so π's log-probability of an order under the objective's
+    program equals the policy's own, recorded by teacher-forced decoding of the same order
+    (decode's views), and a step trains the policy and guide, not the denoiser."""
+    from orderlab.objectives import VIOrders, teacher_forced
+
+    model, task = tiny_model("set_causal"), ToyTask()
+    pol = hidden_policy(k=1)
+    obj = orderlab.build("objective", {"name": "vi_orders", "policy": pol, "guide": {"name": "mlp", "hidden": 8}})
+    assert isinstance(obj, VIOrders) and obj.guide.net.hidden[0].in_features == 1 + D + 2
+    x, r = task.batch(3)
+    order = obj.prior(model).sample(x, r, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = obj.prior(model).log_prob(x, order)
+        with pol.recording(follow=order) as traj:
+            teacher_forced(model, pol, x, r, cache=False)
+        want = pol.replay(traj).log_prob
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=1e-5)
+    out = obj.step(model, x, r, torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in pol.net.parameters() if p.grad is not None) > 0
