@@ -27,8 +27,9 @@ EXAMPLES = {
     "mixture": [{"processes": ["cosine", "quench"], "weights": [0.3, 0.7]}],
     "learned_position": [{"eps": 0.0, "power_init": [0.3, 0.5, 0.8, 1, 1.5, 2, 3, 1, 0.7, 4, 1, 1]}],
 }
-# its schedule depends on the token values: tests/test_learned_schedule.py checks it through given(x)
-NEEDS_TOKENS = {"learned_token"}
+# their schedules depend on the token values: tests/test_learned_schedule.py (learned_token) and
+# tests/test_lomdm.py (learned_data, LoMDM's data-dependent scheduler) check them through given(x)
+NEEDS_TOKENS = {"learned_token", "learned_data"}
 CASES = [(name, kw) for name, kws in EXAMPLES.items() for kw in kws]
 IDS = [f"{name}-{i}" for name, kws in EXAMPLES.items() for i in range(len(kws))]
 L = 10
