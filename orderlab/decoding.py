@@ -25,6 +25,8 @@ window of the last refresh; eager only).
 
 from __future__ import annotations
 
+import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -75,27 +77,42 @@ def sample_tokens(probs: Tensor, temperature: float = 0.0, top_p: float = 1.0, g
     return (logp + gumbel).argmax(-1)
 
 
-def _probs(logits: Tensor, out: Tensor, L: int) -> Tensor:
-    """The streams' predictions at their positions, ``[B, L, V]``; rows not predicted get 1/V.
+def _rows(out: Tensor, N: int, L: int) -> Tensor:
+    """Long ``[B, L]``: for every position, the row of the flattened ``[B * (N + 1), ...]``
+    predictions that holds it: its query's (``out``) or row ``N`` of its batch row (the
+    filler) where nothing predicts it."""
+    B = out.shape[0]
+    slots = torch.arange(N, device=out.device).expand(B, N)
+    row = torch.full((B, L + 1), N, device=out.device).scatter_(1, torch.where(out >= 0, out, L), slots)  # column L: dump
+    return row[:, :L] + torch.arange(B, device=out.device)[:, None] * (N + 1)
 
-    A gather, not a scatter of ``[B, N, V]`` rows into a ``[B, L, V]`` fill: the one
-    ``[B, L, V]`` pass then reads its row directly (compiled, one fused loop)."""
+
+def _spread(rows: Tensor, flat: Tensor) -> Tensor:
+    """``rows [B, N + 1, C]`` read at ``flat [B, L]`` (:func:`_rows`): ``[B, L, C]``. An
+    ``index_select`` of whole rows (a row copy each), not a ``gather`` over ``[B, L, C]``
+    (one index per element: 13x slower at batch 32)."""
+    B, L = flat.shape
+    return rows.reshape(-1, rows.shape[-1]).index_select(0, flat.flatten()).view(B, L, -1)
+
+
+def _probs(logits: Tensor, out: Tensor, L: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The streams' predictions at their positions, ``[B, L, V]``; rows not predicted get
+    1/V. Also their confidence and argmax ``[B, L]`` (StepView's derived fields), reduced
+    over the ``N`` predicted rows and then spread, not over all ``L``: the same values."""
     B, N, V = logits.shape
     p = torch.softmax(logits.float(), -1)
     p = torch.cat([p, torch.full((B, 1, V), 1.0 / V, device=p.device)], 1)  # row N: uniform
-    slots = torch.arange(N, device=out.device).expand(B, N)
-    row = torch.full((B, L + 1), N, device=out.device).scatter_(1, torch.where(out >= 0, out, L), slots)  # column L: dump
-    return p.gather(1, row[:, :L, None].expand(B, L, V))
+    flat = _rows(out, N, L)
+    derived = {"confidence": p.amax(-1).take(flat), "argmax": p.argmax(-1).take(flat)}
+    return _spread(p, flat), derived
 
 
 def _hidden(h: Tensor, out: Tensor, L: int) -> Tensor:
-    """Float32 ``[B, L, C]``: the streams' final hidden states at their positions (the
-    gather of :func:`_probs`); zeros where nothing is predicted."""
+    """Float32 ``[B, L, C]``: the streams' final hidden states at their positions (spread as
+    in :func:`_probs`); zeros where nothing is predicted."""
     B, N, C = h.shape
     h = torch.cat([h.float(), torch.zeros(B, 1, C, device=h.device)], 1)  # row N: zeros
-    slots = torch.arange(N, device=out.device).expand(B, N)
-    row = torch.full((B, L + 1), N, device=out.device).scatter_(1, torch.where(out >= 0, out, L), slots)  # column L: dump
-    return h.gather(1, row[:, :L, None].expand(B, L, C))
+    return _spread(h, _rows(out, N, L))
 
 
 def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int, kv, width: int | None,
@@ -107,29 +124,41 @@ def _advance(model, policy, x: Tensor, rank: Tensor, masked: Tensor, cand: Tenso
     only, so that ``torch.compile`` makes the whole step one graph."""
     if span is not None:
         kv.span = span
-    probs, hidden = _predict(model, x, rank, cand, step, kv, width, getattr(policy, "wants_hidden", False))
-    return _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, hidden)
+    probs, hidden, derived = _forward(model, x, rank, cand, step, kv, width, getattr(policy, "wants_hidden", False))
+    return _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, hidden, derived)
+
+
+def _forward(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width: int | None,
+             hidden: bool = False) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """:func:`_predict` and the derived fields of :func:`_probs`."""
+    s = model.rule.step(x, rank, cand, step, kv is not None, width=width)
+    if not hidden:
+        probs, derived = _probs(model(s, kv), s.out, x.shape[1])
+        return probs, None, derived
+    logits, h = model(s, kv, return_hidden=True)
+    probs, derived = _probs(logits, s.out, x.shape[1])
+    return probs, _hidden(h, s.out, x.shape[1]), derived
 
 
 def _predict(model, x: Tensor, rank: Tensor, cand: Tensor, step: int, kv, width: int | None,
              hidden: bool = False) -> tuple[Tensor, Tensor | None]:
     """``(probs Float[B, L, V], hidden Float[B, L, C] | None)``: one forward over the rule's
     stream for step ``step``; the final hidden states too when ``hidden`` (same forward)."""
-    s = model.rule.step(x, rank, cand, step, kv is not None, width=width)
-    if not hidden:
-        return _probs(model(s, kv), s.out, x.shape[1]), None
-    logits, h = model(s, kv, return_hidden=True)
-    return _probs(logits, s.out, x.shape[1]), _hidden(h, s.out, x.shape[1])
+    probs, h, _ = _forward(model, x, rank, cand, step, kv, width, hidden)
+    return probs, h
 
 
 def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand: Tensor, step: int,
             temperature: float, top_p: float, gen: torch.Generator,
-            hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`."""
+            hidden: Tensor | None = None, derived: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`.
+    ``derived``: StepView fields already computed (:func:`_probs`), handed to the view's memo."""
     view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden)
+    if derived:
+        view._memo.update(derived)  # the values its properties would compute from probs
     sel = policy.select(view)
-    bad = (sel & ~cand).any() | (cand.any(1) & ~sel.any(1)).any()
-    new = sample_tokens(probs, temperature, top_p, gen)  # [B, L]
+    bad = (sel > cand).any() | (cand.any(1) > sel.any(1)).any()  # outside the candidates; none for a row
+    new = view.argmax if temperature == 0.0 else sample_tokens(probs, temperature, top_p, gen)  # [B, L]
     return torch.where(sel, new, x), torch.where(sel, step + 1, rank), sel, bad
 
 
@@ -156,7 +185,8 @@ class _Step:
 
     def __init__(self, model, policy, compile: bool | dict, cached: bool, width: int | None, nonpad: int, cand_width: int):
         self.model, self.policy, self.bound = model, policy, 2 * cand_width
-        self.compiled = _compiled_advance(**(compile if isinstance(compile, dict) else {})) if compile else None
+        opts = compile if isinstance(compile, dict) else {}
+        self.compiled = _compiled_advance(model, policy, **opts) if compile else None
         self.width = nonpad if not cached else (width if width is not None else cand_width + 1)
 
     def __call__(self, x, rank, masked, cand, step, kv, temperature, top_p, gen):
@@ -175,16 +205,22 @@ class _Step:
             return self.compiled(*args, self.width, temperature, top_p, gen, span)
 
 
-def _compiled_advance(**options):
-    """:func:`_advance` through ``torch.compile(**options)``, built once per options (the
-    graphs are cached on the function's code, per model, policy and width)."""
-    key = repr(sorted(options.items()))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_advance, dynamic=False, **options)
-    return _COMPILED[key]
+def _compiled_advance(model, policy, **options):
+    """:func:`_advance` through ``torch.compile(**options)``, one compiled function per
+    model, policy (by its repr) and options. Dynamo keeps its graphs per *code object* and
+    runs a function eagerly once it holds ``recompile_limit`` (8) graphs; every policy,
+    width and batch size is a graph, so one shared function fell back to eager within an
+    ablation over a few policies. Each entry here compiles its own copy of the code."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = (repr(policy), repr(sorted(options.items())))
+    if key not in per_model:
+        code = _advance.__code__.replace(co_name=f"_advance_{len(per_model)}")
+        fn = types.FunctionType(code, _advance.__globals__, code.co_name, _advance.__defaults__)
+        per_model[key] = torch.compile(fn, dynamic=False, **options)
+    return per_model[key]
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: "weakref.WeakKeyDictionary[object, dict[tuple[str, str], object]]" = weakref.WeakKeyDictionary()
 
 
 def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int) -> None:
@@ -250,8 +286,8 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins when they disagree
         if approx is not None:  # a refresh or a cached step: one forward either way
-            probs = _probs(*approx(x, rank, cand), L)
-            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen)
+            probs, derived = _probs(*approx(x, rank, cand), L)
+            x, rank, sel, bad = _choose(policy, probs, x, rank, masked, cand, step, temperature, top_p, gen, None, derived)
         elif kv is None and not compile and not active.all():  # recomputing: finished rows cost nothing
             rows = active.nonzero()[:, 0]
             probs = torch.full((B, L, model.vocab_size), 1.0 / model.vocab_size, device=x.device)

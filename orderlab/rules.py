@@ -88,34 +88,41 @@ def pack(*segments: tuple[Tensor, dict[str, Tensor | int]], width: int | None = 
     dev = segments[0][0].device
     fill = torch.tensor(list(_FILL.values()), device=dev)  # [F]
     sel = torch.cat([s for s, _ in segments], dim=1)  # [B, S*L]
-    cols = fill[:, None, None].repeat(1, B, len(segments) * L)  # [F, B, S*L]
-    keys = []
-    for i, (_, attrs) in enumerate(segments):
-        seg = cols[:, :, i * L : (i + 1) * L]  # [F, B, L] view of this segment's columns
+    segs, keys = [], []  # per segment: its fields as one [F, B, L] tensor (one stack, no per-field copies)
+    for _, attrs in segments:
+        fields = []
         for f, name in enumerate(_FILL):
             a = attrs.get(name)
             if isinstance(a, Tensor):
-                seg[f].copy_(a)
-            elif a is not None and a != _FILL[name]:
-                seg[f].fill_(a)
-        if attrs.get("sort") is not None:
-            keys.append(torch.as_tensor(attrs["sort"], device=dev).long().clamp(0, NEVER).expand(B, L))
-        else:
-            keys.append(None)
-    # composite sort key: (unselected last, segment, sort key, position); without sort keys
-    # the concatenation order already is that order
-    if all(k is None for k in keys):
-        key = torch.arange(len(segments) * L, device=dev).expand(B, -1)
-    else:
-        pos = torch.arange(L, device=dev)
-        key = torch.cat([(i * (NEVER + 1) + (0 if k is None else k)) * L + pos for i, k in enumerate(keys)], dim=1).expand(B, -1)
-    key = torch.where(sel, key, torch.iinfo(torch.long).max)
+                fields.append(a.long().expand(B, L))
+            elif a is None or a == _FILL[name]:
+                fields.append(fill[f].expand(B, L))  # a view, copied once by the stack
+            else:
+                fields.append(torch.full((B, L), a, dtype=torch.long, device=dev))
+        segs.append(torch.stack(fields))  # [F, B, L]
+        keys.append(None if attrs.get("sort") is None
+                    else torch.as_tensor(attrs["sort"], device=dev).long().clamp(0, NEVER).expand(B, L))
     if width is None:
         N = int(sel.sum(1).max()) if B else 0
     else:
         N = width
         require((sel.sum(1) <= width).all(), "pack: a row selects more tokens than the stream's width",
                 lambda: f"{int(sel.sum(1).max())} tokens, width={width}")
+    if all(k is None for k in keys):
+        # no sort keys (a decode step): the concatenation order is the stream's order, so a
+        # selected column's slot is the count of selected columns before it, and a scatter
+        # per segment places every field (unselected columns go to a dump slot N, cut off):
+        # the sort below's result without sorting S*L columns per row
+        slot = torch.where(sel, (sel.long().cumsum(1) - 1).clamp(max=N), N)  # [B, S*L]; past N: never (checked)
+        out = fill[:, None, None].expand(-1, B, N + 1).contiguous()  # [F, B, N + 1]
+        for i, seg in enumerate(segs):
+            out.scatter_(2, slot[None, :, i * L : (i + 1) * L].expand(len(_FILL), B, L), seg)
+        return Stream(*out[:, :, :N].unbind(0))
+    cols = torch.cat(segs, dim=2)  # [F, B, S*L]
+    # composite sort key: (unselected last, segment, sort key, position)
+    pos = torch.arange(L, device=dev)
+    key = torch.cat([(i * (NEVER + 1) + (0 if k is None else k)) * L + pos for i, k in enumerate(keys)], dim=1).expand(B, -1)
+    key = torch.where(sel, key, torch.iinfo(torch.long).max)
     n = min(N, sel.shape[1])  # a width past every column: the rest is padding
     order = torch.argsort(key, dim=1, stable=True)[:, :n]  # [B, n]: selected first, in key order
     valid = sel.gather(1, order)  # [B, n]

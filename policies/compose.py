@@ -172,11 +172,11 @@ def rank_candidates(score: Tensor, candidates: Tensor, step: int | Tensor = 0) -
         return f"position [{b}, {i}] (score shape {tuple(score.shape)})"
 
     require(~nan.any(), "score is NaN at a candidate position", where, PolicyError)
-    s = torch.where(candidates, score, torch.full_like(score, -math.inf))
-    o1 = s.argsort(dim=1, descending=True, stable=True)  # by score; stable = lower position on ties
-    v1 = candidates.gather(1, o1)
-    o2 = v1.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # candidates first
-    order = o1.gather(1, o2)  # [B, L]
+    s = torch.where(candidates, score, -math.inf)
+    # one stable ascending sort of -score with NaN at non-candidates: sorts put NaN after
+    # every number (-inf scores of candidates included), so candidates come first by score
+    # descending, ties and non-candidates in position order (what two stable sorts gave)
+    order = torch.where(candidates, -score, math.nan).argsort(dim=1, stable=True)  # [B, L]
     return Ranked(order, s.gather(1, order), candidates.gather(1, order), candidates.sum(1), step)
 
 
@@ -184,7 +184,7 @@ def take_prefix(r: Ranked, k: Tensor) -> Tensor:
     """Bool[B, L]: the first ``k[b]`` ranked candidates of each row, ``k`` clamped to [1, n]."""
     k = torch.minimum(k.clamp_min(1), r.n)  # rows without candidates: 0
     slot = torch.arange(r.order.shape[1], device=r.order.device)[None, :]
-    keep = (slot < k[:, None]) & r.valid  # [B, L] in sorted order
+    keep = slot < k[:, None]  # [B, L] in sorted order; k <= n, and the first n slots are the candidates
     return torch.zeros_like(keep).scatter(1, r.order, keep)
 
 
