@@ -161,13 +161,54 @@ class LearnedPositionSchedule(PowerSchedule, nn.Module):
         return {"max_len": self.length, "eps": self.eps}
 
 
+class TokenDependent:
+    """Mixin of a process whose schedule depends on the clean tokens (a power per token value,
+    or a scheduler net reading ``x``): ``given(x)`` is its schedule for tokens ``x`` and
+    ``corrupt`` goes through it; every token-free question (``alpha``, the order, its
+    probability) is an error naming that way out. ``depends_on`` says on what."""
+
+    depends_on = "the clean tokens"
+
+    def given(self, x: Tensor) -> Process:
+        raise NotImplementedError
+
+    def corrupt(self, x, t, mask_id, vocab_size, ranks=None, generator=None):  # noqa: D102
+        return self.given(x).corrupt(x, t, mask_id, vocab_size, ranks=ranks, generator=generator)
+
+    def _needs_tokens(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"{self!r}: {what} depends on {self.depends_on}; use given(x) for the schedule "
+                                   "of tokens x, e.g. process.given(x).log_prob(ranks)")
+
+    def alpha(self, t, length):  # noqa: D102
+        raise self._needs_tokens("alpha")
+
+    def dalpha(self, t, length):  # noqa: D102
+        raise self._needs_tokens("dalpha")
+
+    def weight(self, t, length):  # noqa: D102
+        raise self._needs_tokens("the NELBO weight")
+
+    def inverse_alpha(self, u, length):  # noqa: D102
+        raise self._needs_tokens("the first-hitting time")
+
+    def first_hitting_times(self, batch, length, generator=None, device=None, dtype=None):  # noqa: D102
+        raise self._needs_tokens("the first-hitting time")
+
+    def sample_ranks(self, ranks, generator=None, steps=None):  # noqa: D102
+        raise self._needs_tokens("the order")
+
+    def log_prob(self, ranks, steps=None):  # noqa: D102
+        raise self._needs_tokens("the order probability")
+
+
 @register("process", "learned_token")
-class LearnedTokenSchedule(Process, nn.Module):
+class LearnedTokenSchedule(TokenDependent, Process, nn.Module):
     """GenMD4's schedule: ``α_t(v) = 1 - (1-ε) t^{w_v}`` with a learned power per token value
     ``v < vocab_size`` (``w = softplus(ρ)``). Everything that needs the clean tokens gets
     them: ``given(x)``, ``corrupt(x, ...)``; ``alpha_values`` gives ``α`` for every value."""
 
     needs = ("vocab_size",)
+    depends_on = "the clean token values (a power per token)"
 
     def __init__(
         self,
@@ -209,36 +250,6 @@ class LearnedTokenSchedule(Process, nn.Module):
         w = self.powers().to(t.dtype)
         da = -(1.0 - self.eps) * w * t[..., None] ** (w - 1.0)
         return da.expand(da.shape[0], length, -1)
-
-    def corrupt(self, x, t, mask_id, vocab_size, ranks=None, generator=None):  # noqa: D102
-        return self.given(x).corrupt(x, t, mask_id, vocab_size, ranks=ranks, generator=generator)
-
-    def _needs_tokens(self, what: str) -> NotImplementedError:
-        return NotImplementedError(
-            f"{self!r}: {what} depends on the clean token values (a power per token); "
-            "use given(x) for the schedule of tokens x, e.g. process.given(x).log_prob(ranks)"
-        )
-
-    def alpha(self, t, length):  # noqa: D102
-        raise self._needs_tokens("alpha")
-
-    def dalpha(self, t, length):  # noqa: D102
-        raise self._needs_tokens("dalpha")
-
-    def weight(self, t, length):  # noqa: D102
-        raise self._needs_tokens("the NELBO weight")
-
-    def inverse_alpha(self, u, length):  # noqa: D102
-        raise self._needs_tokens("the first-hitting time")
-
-    def first_hitting_times(self, batch, length, generator=None, device=None, dtype=None):  # noqa: D102
-        raise self._needs_tokens("the first-hitting time")
-
-    def sample_ranks(self, ranks, generator=None, steps=None):  # noqa: D102
-        raise self._needs_tokens("the order")
-
-    def log_prob(self, ranks, steps=None):  # noqa: D102
-        raise self._needs_tokens("the order probability")
 
     def _args(self):
         return {"vocab_size": self.vocab_size, "eps": self.eps}

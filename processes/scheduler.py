@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from orderlab.processes.base import Process
 from orderlab.processes.corruption import Absorbing, Corruption
-from orderlab.processes.learned import Powers, _check_eps, _initial
+from orderlab.processes.learned import Powers, TokenDependent, _check_eps, _initial
 from orderlab.registry import declare_kind, register
 
 __all__ = ["Scheduler", "PositionalScheduler", "MixerScheduler", "DataSchedule"]
@@ -93,9 +93,11 @@ class MixerScheduler(PositionalScheduler):
 
 
 @register("process", "learned_data")
-class DataSchedule(Process, nn.Module):
+class DataSchedule(TokenDependent, Process, nn.Module):
     """The forward process of a scheduler: ``α_i(x, t) = 1 − (1−ε) t^{w_i(x)}`` (module doc).
     ``given(x)``: the ``Powers`` schedule of tokens ``x``; ``corrupt(x, ...)`` works directly."""
+
+    depends_on = "the clean tokens (a data-dependent schedule)"
 
     def __init__(self, scheduler: Scheduler, eps: float = 1e-4, corruption: Corruption = Absorbing()):
         nn.Module.__init__(self)
@@ -107,34 +109,6 @@ class DataSchedule(Process, nn.Module):
     def given(self, x: Tensor) -> Powers:
         """The schedule of the clean tokens ``x`` Long ``[B, L]`` (a power per row and position)."""
         return Powers(self.scheduler(x), self.eps, self.corruption)
-
-    def corrupt(self, x, t, mask_id, vocab_size, ranks=None, generator=None):  # noqa: D102
-        return self.given(x).corrupt(x, t, mask_id, vocab_size, ranks=ranks, generator=generator)
-
-    def _needs_tokens(self, what: str) -> NotImplementedError:
-        return NotImplementedError(f"{self!r}: {what} depends on the clean tokens (a data-dependent schedule); "
-                                   "use given(x), e.g. process.given(x).log_prob(ranks)")
-
-    def alpha(self, t, length):  # noqa: D102
-        raise self._needs_tokens("alpha")
-
-    def dalpha(self, t, length):  # noqa: D102
-        raise self._needs_tokens("dalpha")
-
-    def weight(self, t, length):  # noqa: D102
-        raise self._needs_tokens("the NELBO weight")
-
-    def inverse_alpha(self, u, length):  # noqa: D102
-        raise self._needs_tokens("the first-hitting time")
-
-    def first_hitting_times(self, batch, length, generator=None, device=None, dtype=None):  # noqa: D102
-        raise self._needs_tokens("the first-hitting time")
-
-    def sample_ranks(self, ranks, generator=None, steps=None):  # noqa: D102
-        raise self._needs_tokens("the order")
-
-    def log_prob(self, ranks, steps=None):  # noqa: D102
-        raise self._needs_tokens("the order probability")
 
     def _args(self):
         return {"scheduler": type(self.scheduler).__name__, "eps": self.eps}
