@@ -35,3 +35,24 @@ def yaml_path(tmp_path):
     p = tmp_path / "tiny.yaml"
     p.write_text(TINY)
     return p
+
+
+def gen(seed: int = 0):
+    """A seeded CPU generator."""
+    import torch
+    return torch.Generator().manual_seed(seed)
+
+
+def sharp_denoiser(V: int = 2, L: int = 2, seed: int = 0, scale: float = 4.0):
+    """A tiny bidirectional denoiser with its weights scaled by ``scale`` (peaked, far from
+    uniform predictions: enumeration tests then tell estimators apart)."""
+    import torch
+
+    import orderlab
+    torch.manual_seed(seed)
+    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention="bidirectional", d_model=16, n_layers=1,
+                       n_heads=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(scale)
+    return m.eval()

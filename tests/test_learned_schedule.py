@@ -14,19 +14,11 @@ import orderlab.processes as P
 from orderlab.objectives import GenMD4Nelbo, MDMNelbo
 from orderlab.objectives.likelihood import _times, _weighted_nats
 from orderlab.builder import build
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from conftest import gen, sharp_denoiser
 
 
 def _model(V=2, L=2, seed=0, scale=4.0):
-    torch.manual_seed(seed)
-    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention="bidirectional", d_model=16, n_layers=1, n_heads=2)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
-    return m.eval()
+    return sharp_denoiser(V, L, seed, scale)
 
 
 # ---- the processes ------------------------------------------------------------------

@@ -15,21 +15,13 @@ import orderlab
 import orderlab.processes as P
 from orderlab.objectives import GenMD4Nelbo, LoMDMNelbo
 from orderlab.registry import ConfigError
+from conftest import gen, sharp_denoiser
 
 V, L, EPS, T1 = 2, 2, 1e-2, 1e-2
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _model(V=2, L=2, seed=0, scale=3.0):
-    torch.manual_seed(seed)
-    m = orderlab.build("model", "transformer", vocab_size=V, max_len=L, attention="bidirectional", d_model=16, n_layers=1, n_heads=2)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
-    return m.eval()
+    return sharp_denoiser(V, L, seed, scale)
 
 
 def _mixer(seed, vocab=V, length=L):
