@@ -1,11 +1,13 @@
-"""The ahead-of-time resource table of ``docs/benchmarks.md``: per kernel, head dim and
-target, registers per thread, stack bytes per thread (register spills), shared memory per
-block and the blocks per SM they imply (``orderlab.kernels.aot.occupancy``).
+"""The ahead-of-time resource table of ``docs/benchmarks.md``: per kernel, head dim,
+autotune config and target, registers per thread, stack frame and spill bytes per thread
+(ptxas), shared memory per block and the blocks per SM they imply
+(``orderlab.kernels.aot.occupancy``).
 
     python benchmarks/aot_table.py                 # rewrites the table in docs/benchmarks.md
     python benchmarks/aot_table.py --dtype fp32 --print
 
-Rows: the training tiles (64-query tiles, with groups, or the fp32 tile cap), no GPU needed.
+Rows: the training tiles (the largest query tile, with groups) at every config the
+autotuner tries, no GPU needed.
 """
 
 from __future__ import annotations
@@ -21,25 +23,28 @@ BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
 
 
 def rows(dtype: str, dims: list[int]) -> list[int]:
-    """Indices of the largest-tile, grouped specialisation of each kernel per head dim."""
-    best = {}
-    for i, s in enumerate(all_specializations()):
-        c = s.constexprs
-        if s.dtype == dtype and c["D"] in dims and c.get("HAS_GROUP", True):
-            key = (s.name, c["D"])
-            if key not in best or c.get("BLOCK_M", c["BLOCK_N"]) > all_specializations()[best[key]].constexprs.get("BLOCK_M", 0):
-                best[key] = i
-    return sorted(best.values())
+    """Indices of the largest-tile, grouped specialisations of each kernel per head dim
+    (one per autotune config)."""
+    specs = all_specializations()
+    tile = lambda s: s.constexprs.get("BLOCK_M", s.constexprs["BLOCK_N"])  # noqa: E731
+    top = {}
+    for s in specs:
+        if s.dtype == dtype and s.constexprs["D"] in dims and s.constexprs.get("HAS_GROUP", True):
+            top[(s.name, s.constexprs["D"])] = max(top.get((s.name, s.constexprs["D"]), 0), tile(s))
+    return [i for i, s in enumerate(specs) if s.dtype == dtype and s.constexprs.get("HAS_GROUP", True)
+            and top.get((s.name, s.constexprs["D"])) == tile(s)]
 
 
 def table(reports) -> str:
-    head = "| kernel | dtype | D | tiles | warps/stages | target | regs | stack B | smem KB | blocks/SM |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| kernel | dtype | D | tiles | warps/stages | target | regs | stack B | spill st/ld B | smem KB | blocks/SM | warps/SM |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
-    for r in sorted(reports, key=lambda r: (r.spec.name, r.spec.constexprs["D"], r.target.capability)):
+    for r in sorted(reports, key=lambda r: (r.spec.name, r.spec.constexprs["D"], r.spec.num_warps, r.spec.num_stages, r.target.capability)):
         c = r.spec.constexprs
         tiles = f"{c.get('BLOCK_M', '-')}x{c['BLOCK_N']}"
         lines.append(f"| {r.spec.name} | {r.spec.dtype} | {c['D']} | {tiles} | {r.spec.num_warps}/{r.spec.num_stages} | "
-                     f"{r.target.name} | {r.regs} | {r.local} | {r.shared / 1024:.1f} | {r.blocks_per_sm} |")
+                     f"{r.target.name} | {r.regs} | {r.stack} | {r.spill_stores}/{r.spill_loads} | {r.shared / 1024:.1f} | "
+                     f"{r.blocks_per_sm} | {r.blocks_per_sm * r.spec.num_warps} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -49,7 +54,7 @@ def main(argv=None) -> None:
     ap.add_argument("-D", "--dims", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--print", action="store_true", help="print instead of rewriting docs/benchmarks.md")
     args = ap.parse_args(argv)
-    reports, failures = compile_all(rows(args.dtype, args.dims))
+    reports, failures = compile_all(rows(args.dtype, args.dims), progress=True)
     text = table(reports) + "".join(f"\nFAILED {t.name} {s.label}: {e[:200]}\n" for s, t, e in failures)
     if args.print:
         print(text)

@@ -14,7 +14,9 @@ all ([clean stream; query stream], L/2 positions, sets of 1-3 tokens). FLOPs are
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -86,6 +88,7 @@ def _pass_fn(attn, q, k, v, do, backward: bool):
 def run_attention(L: int, D: int, dtype=torch.bfloat16, device="cuda", tokens: int = 16384, width: int = 1024):
     """Rows for one (L, D): forward and forward+backward, ours vs flex vs SDPA."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, H = max(1, tokens // L), max(1, width // D)
@@ -110,15 +113,20 @@ def run_attention(L: int, D: int, dtype=torch.bfloat16, device="cuda", tokens: i
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
+    def flash(q, k, v):  # no mask at all: FlashAttention over every pair, the unmasked ceiling
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
     with torch.no_grad():  # rows that see some key must agree with FlexAttention
         has = vis.any(-1)[:, None, :, None]
         err = (ours(q, k, v).float() - flex_fn(q, k, v).float()).masked_fill(~has, 0).abs().max().item()
     rows = []
     for backward in (False, True):
-        t = {name: _bench(_pass_fn(fn, q, k, v, do, backward), grad_to_none=[q, k, v]) for name, fn in (("ours", ours), ("flex", flex_fn), ("sdpa", sdpa))}
+        t = {name: _bench(_pass_fn(fn, q, k, v, do, backward), grad_to_none=[q, k, v])
+             for name, fn in (("ours", ours), ("flex", flex_fn), ("sdpa", sdpa), ("flash", flash))}
         tflops = attention_flops(pairs, D, backward) / (t["ours"] * 1e-3) / 1e12
         rows.append(dict(L=L, D=D, B=B, H=H, pass_="fwd+bwd" if backward else "fwd", skip=stats["skip_fraction"], ms=t["ours"], tflops=tflops,
-                         flex=t["flex"], sdpa=t["sdpa"], err=err))
+                         flex=t["flex"], sdpa=t["sdpa"], flash=t["flash"], err=err))
     return rows
 
 
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-D", "--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--no-decode", action="store_true", help="skip the decode table")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check at tiny sizes (no GPU, no timings)")
+    ap.add_argument("--out", type=Path, help="also write every row as JSON")
     args = ap.parse_args(argv)
     if args.dry_run:
         dry_run()
@@ -186,17 +195,23 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     console.print(f"[bold]{torch.cuda.get_device_name()}[/], torch {torch.__version__}, bf16, two-stream set-causal mask")
-    table = Table(title="rank-masked attention (TFLOP/s over visible pairs; x = their time / ours)")
-    for col in ("L", "D", "B x H", "pass", "tiles skipped", "ours ms", "TFLOP/s", "flex ms", "x flex", "sdpa ms", "x sdpa", "max|ours-flex|"):
+    table = Table(title="rank-masked attention (TFLOP/s over visible pairs; x = their time / ours; "
+                        "flash: unmasked FlashAttention over all L x L pairs)")
+    for col in ("L", "D", "B x H", "pass", "tiles skipped", "ours ms", "TFLOP/s", "flex ms", "x flex", "sdpa ms", "x sdpa",
+                "flash ms", "x flash", "max|ours-flex|"):
         table.add_column(col, justify="right")
+    results = {"attention": [], "decode": []}
     for L in args.lengths:
         for D in args.dims:
             for r in run_attention(L, D):
+                results["attention"].append(r)
                 table.add_row(str(r["L"]), str(r["D"]), f"{r['B']}x{r['H']}", r["pass_"], f"{r['skip']:.1%}", f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
-                              f"{r['flex']:.3f}", f"{r['flex'] / r['ms']:.2f}", f"{r['sdpa']:.3f}", f"{r['sdpa'] / r['ms']:.2f}", f"{r['err']:.2e}")
+                              f"{r['flex']:.3f}", f"{r['flex'] / r['ms']:.2f}", f"{r['sdpa']:.3f}", f"{r['sdpa'] / r['ms']:.2f}",
+                              f"{r['flash']:.3f}", f"{r['flash'] / r['ms']:.2f}", f"{r['err']:.2e}")
             torch.cuda.empty_cache()
     console.print(table)
     if args.no_decode:
+        _write(args.out, results)
         return
     dec = Table(title="decode: 16 queries per row vs a KV cache of L tokens (x = sdpa time / ours)")
     for col in ("L", "D", "B x H", "ours ms", "ours ragged ms", "sdpa ms", "x sdpa"):
@@ -204,8 +219,15 @@ def main(argv: list[str] | None = None) -> None:
     for L in args.lengths:
         for D in args.dims:
             r = run_decode(L, D)
+            results["decode"].append(r)
             dec.add_row(str(L), str(D), f"{r['B']}x{r['H']}", f"{r['ours']:.4f}", f"{r['ragged']:.4f}", f"{r['sdpa']:.4f}", f"{r['sdpa'] / r['ours']:.2f}")
     console.print(dec)
+    _write(args.out, results)
+
+
+def _write(path: Path | None, results: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,18 @@ holds every step's command, exit status and seconds, and the environment):
 
 - ``env``: GPU names, driver, torch, triton and CUDA versions (``env.json``);
 - ``kernels``: the kernel tests with the Triton kernels compiled for real (on CUDA the
-  ``*triton*`` tests run directly) against the references, and the AOT list;
-- ``attention``: ``benchmarks/attention.py`` (Triton vs FlexAttention vs dense-mask SDPA),
-  forward and forward+backward, L 512..8192, D 64 and 128;
-- ``train``, ``decode``: the pytest-benchmark training-step and decode groups (Triton
-  backend on CUDA vs SDPA baselines; decode eager and compiled, batch 1 and 32);
+  ``*triton*`` tests run directly, slow ones included) against the float64 reference:
+  every mask pattern (set-causal in reveal and position order, block-causal,
+  bidirectional, padded, random), L up to 8192, D 64 and 128, fp32 / fp16 / bf16, rows
+  with no visible key, ragged cache lengths; and the launchers' AOT list;
+- ``attention``: ``benchmarks/attention.py`` (Triton vs FlexAttention vs dense-mask SDPA
+  vs unmasked FlashAttention), forward and forward+backward, L 512..8192, D 64 and 128
+  (``attention.json``);
+- ``train``: ``benchmarks/gpu_throughput.py train``: a ~110M-parameter model, set
+  diffusion and MDM training steps with the Triton kernels vs dense-mask SDPA, against a
+  plain causal step (``train.json``);
+- ``decode``: ``benchmarks/gpu_throughput.py decode``: batch 1 and 64, exact cache,
+  eager / compiled / compiled with CUDA graphs, same tokens checked (``decode.json``);
 - ``ddp``: ``python -m torch.distributed.run`` (torchrun, found through this interpreter, not
   PATH) ``--nproc_per_node=<all GPUs>`` training over NCCL for 50 steps.
 
@@ -60,16 +67,18 @@ def gpu_count() -> int:
 
 def plan(out: Path) -> list[Step]:
     """Every step, with its command resolved for this machine."""
-    bench = lambda f, name: [PY, "-m", "pytest", f"benchmarks/{f}", "--benchmark-only", "-q",  # noqa: E731
-                             f"--benchmark-json={out / (name + '.json')}", "-p", "no:cacheprovider"]
     n = max(gpu_count(), 1)
     return [
-        Step("kernels", [PY, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_aot.py", "-p", "no:cacheprovider"],
+        Step("kernels", [PY, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_aot.py", "-m", "slow or not slow",
+                         "-p", "no:cacheprovider"],
              ["tests/test_kernels.py", "tests/test_aot.py"], ["orderlab.kernels.aot"]),
-        Step("attention", [PY, "benchmarks/attention.py", "-L", "512", "1024", "2048", "4096", "8192", "-D", "64", "128"],
+        Step("attention", [PY, "benchmarks/attention.py", "-L", "512", "1024", "2048", "4096", "8192", "-D", "64", "128",
+                           "--out", str(out / "attention.json")],
              ["benchmarks/attention.py"], ["torch.nn.attention.flex_attention"]),
-        Step("train", bench("test_train_speed.py", "train"), ["benchmarks/test_train_speed.py"], ["pytest_benchmark"]),
-        Step("decode", bench("test_decode_speed.py", "decode"), ["benchmarks/test_decode_speed.py"], ["pytest_benchmark"]),
+        Step("train", [PY, "benchmarks/gpu_throughput.py", "train", "--out", str(out / "train.json")],
+             ["benchmarks/gpu_throughput.py"], ["orderlab.builder"]),
+        Step("decode", [PY, "benchmarks/gpu_throughput.py", "decode", "--batches", "1", "64", "--out", str(out / "decode.json")],
+             ["benchmarks/gpu_throughput.py"], ["orderlab.decoding"]),
         Step("ddp", [PY, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "-m", "orderlab.run", DDP_CONFIG, *DDP_OVERRIDES,
                      f"run_dir={out / 'ddp_run'}", "--no-progress"],
              [DDP_CONFIG], ["orderlab.run", "torch.distributed.run"]),

@@ -1,19 +1,20 @@
 """Ahead-of-time compilation of every kernel specialisation for real GPU targets, on a
 machine with no GPU: Triton lowers to PTX and the wheel's ``ptxas`` (``ptxas-blackwell`` for
-sm_90 and up) assembles the cubin, whose resource usage ``cuobjdump`` reads back.
+sm_90 and up) assembles the cubin; ptxas's own ``-v`` report (which Triton asks for) gives
+the registers, stack frame and spill bytes.
 
-``compile_spec(spec, target)`` -> :class:`Report` (registers per thread, local memory per
-thread, shared memory per block, blocks per SM); ``all_specializations()`` lists what the
+``compile_spec(spec, target)`` -> :class:`Report` (registers per thread, stack frame and
+spill bytes per thread, shared memory per block, blocks per SM); ``all_specializations()`` lists what the
 launchers of ``attention.py`` and ``cache.py`` can launch. ``tests/test_aot.py`` compiles them
 all; ``benchmarks/aot_table.py`` writes the table in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import triton
@@ -21,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from .specs import Spec
+from .specs import COMPILE_OPTIONS, Spec
 
 __all__ = ["Target", "TARGETS", "Report", "compile_spec", "resources", "occupancy", "all_specializations"]
 
@@ -56,8 +57,14 @@ class Report:
     spec: Spec
     target: Target
     regs: int  # registers per thread
-    local: int  # local memory bytes per thread: register spills (these kernels have no local arrays)
+    stack: int  # stack frame bytes per thread (ptxas)
+    spill_stores: int  # bytes of register spill stores per thread (ptxas)
+    spill_loads: int  # bytes of register spill loads per thread (ptxas)
     shared: int  # shared memory bytes per block (Triton's allocation + static)
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
 
     @property
     def fits(self) -> bool:
@@ -83,24 +90,48 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def resources(cubin: bytes) -> dict[str, int]:
-    """``{"REG", "LOCAL", "SHARED", ...}`` of the one function in ``cubin`` (``cuobjdump
-    --dump-resource-usage``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in out.splitlines() if "REG:" in ln)
-    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+_PTXAS = {
+    "regs": r"Used (\d+) registers",
+    "stack": r"(\d+) bytes stack frame",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+    "static_smem": r"(\d+) bytes smem",
+}
+
+
+def resources(ptxas_log: str) -> dict[str, int]:
+    """``{"regs", "stack", "spill_stores", "spill_loads", "static_smem"}`` of the one entry
+    function in a ``ptxas -v`` log (absent figures are 0; no "Used ... registers" is an error)."""
+    if not re.search(_PTXAS["regs"], ptxas_log):
+        raise ValueError(f"no register count in the ptxas log:\n{ptxas_log}")
+    return {k: int(m.group(1)) if (m := re.search(rx, ptxas_log)) else 0 for k, rx in _PTXAS.items()}
+
+
+@contextlib.contextmanager
+def _ptxas_log():
+    """Triton prints ptxas's ``-v`` report, and compiles even what its cache holds (a cache
+    hit runs no ptxas, so it would report nothing)."""
+    knobs = ((triton.knobs.nvidia, "dump_ptxas_log"), (triton.knobs.compilation, "always_compile"))
+    saved = [getattr(obj, name) for obj, name in knobs]
+    for obj, name in knobs:
+        setattr(obj, name, True)
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(knobs, saved):
+            setattr(obj, name, value)
 
 
 def compile_spec(spec: Spec, target: Target) -> Report:
-    """Compile ``spec`` for ``target`` (PTX, then cubin) and read its resource usage."""
+    """Compile ``spec`` for ``target`` (PTX, then cubin) and read ptxas's resource report."""
     src = ASTSource(spec.kernel_fn, spec.signature, spec.constexprs, spec.attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    compiled = triton_compile(src, target=GPUTarget("cuda", target.capability, 32), options=options)
-    use = resources(compiled.asm["cubin"])
-    return Report(spec, target, regs=use["REG"], local=use["STACK"] + use["LOCAL"], shared=compiled.metadata.shared + use["SHARED"])
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
+    log = io.StringIO()
+    with _ptxas_log(), contextlib.redirect_stdout(log):
+        compiled = triton_compile(src, target=GPUTarget("cuda", target.capability, 32), options=options)
+    use = resources(log.getvalue())
+    return Report(spec, target, regs=use["regs"], stack=use["stack"], spill_stores=use["spill_stores"],
+                  spill_loads=use["spill_loads"], shared=compiled.metadata.shared + use["static_smem"])
 
 
 def all_specializations() -> list[Spec]:
@@ -116,30 +147,39 @@ def toolchain_missing(target: Target) -> str | None:
     return None if os.path.exists(_tool(name)) else f"the Triton wheel has no {name} for {target.name}"
 
 
-def _compile_one(job: tuple[int, int]) -> tuple[int, int, tuple[int, int, int] | str]:
-    """Process-pool worker: compile specialisation ``i`` for ``TARGETS[t]``; the error text on failure."""
-    i, t = job
+def _compile_one(job: tuple[Spec, int]) -> tuple[Spec, int, tuple[int, ...] | str]:
+    """Process-pool worker: compile ``spec`` for ``TARGETS[t]``; the error text on failure."""
+    spec, t = job
     try:
-        r = compile_spec(all_specializations()[i], TARGETS[t])
-        return i, t, (r.regs, r.local, r.shared)
+        r = compile_spec(spec, TARGETS[t])
+        return spec, t, (r.regs, r.stack, r.spill_stores, r.spill_loads, r.shared)
     except Exception as e:  # a compile failure is a result to report, not a crash
-        return i, t, f"{type(e).__name__}: {e}"
+        return spec, t, f"{type(e).__name__}: {e}"
 
 
-def compile_all(indices: list[int], targets: tuple[Target, ...] = TARGETS, workers: int | None = None):
-    """Compile ``all_specializations()[i]`` for ``i`` in ``indices`` on every target, in a
-    process pool. Returns ``(reports, failures)``: Reports, and ``(spec, target, error)``."""
+def compile_specs(specs: list[Spec], targets: tuple[Target, ...] = TARGETS, workers: int | None = None,
+                  progress: bool = False):
+    """Compile every spec on every target in a process pool (``spawn``: Triton is not
+    fork-safe). Returns ``(reports, failures)``: Reports, and ``(spec, target, error)``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    specs = all_specializations()
-    jobs = [(i, TARGETS.index(t)) for t in targets for i in indices]
+    from rich.progress import track
+
+    jobs = [(s, TARGETS.index(t)) for t in targets for s in specs]
     workers = workers or os.cpu_count() or 1
     reports, failures = [], []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for i, t, out in pool.map(_compile_one, jobs):
+        done = pool.map(_compile_one, jobs)
+        for spec, t, out in track(done, total=len(jobs), description="compiling", disable=not progress):
             if isinstance(out, str):
-                failures.append((specs[i], TARGETS[t], out))
+                failures.append((spec, TARGETS[t], out))
             else:
-                reports.append(Report(specs[i], TARGETS[t], *out))
+                reports.append(Report(spec, TARGETS[t], *out))
     return reports, failures
+
+
+def compile_all(indices: list[int], targets: tuple[Target, ...] = TARGETS, workers: int | None = None, progress: bool = False):
+    """:func:`compile_specs` of ``all_specializations()[i]`` for ``i`` in ``indices``."""
+    specs = all_specializations()
+    return compile_specs([specs[i] for i in indices], targets, workers, progress)

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting, resolve_backend
-from .specs import TRITON_DTYPE, Spec, signature, unit_strides
+from .specs import COMPILE_OPTIONS, TRITON_DTYPE, Spec, signature, unit_strides
 
 __all__ = [
     "set_attention",
@@ -354,6 +354,62 @@ def tile_stats(
     return tile_lists(q_rank, k_rank, q_group, k_group, k_len, block_m, block_n).stats()
 
 
+# ------------------------------------------------------------------ launch configurations
+
+_BLOCK_M = (16, 32, 64)  # query tiles: decode's few queries are not padded to 64
+_BLOCK_N = 64
+HEAD_DIMS = (32, 64, 96, 128, 256)  # head dims compiled ahead of time (any D <= 256 runs)
+
+
+def _max_block(D: int, dtype: torch.dtype) -> int:
+    """Largest tile side: 64, or 32 where rows take 512 B or more (D 256 in half precision,
+    D > 128 in fp32): 64-row tiles then spill registers on every target and need 258 KB of
+    shared memory for dK/dV on sm_100 (half, limit 227 KB) or 213-279 KB on sm_80 (fp32,
+    limit 163 KB) (``docs/benchmarks.md``, "Ahead-of-time compilation")."""
+    return 32 if D * torch.finfo(dtype).bits // 8 >= 512 else 64
+
+
+def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    top = _max_block(D, dtype)
+    block_m = min(top, max(_BLOCK_M[0], triton.next_power_of_2(Lq)))
+    return block_m, min(_BLOCK_N, top)
+
+
+# (num_warps, num_stages) each kernel's autotuner tries, by (kernel, data width in bytes,
+# head dim up to, tile side): chosen from the ahead-of-time sweep (``benchmarks/aot_sweep.py``,
+# docs/benchmarks.md "Choosing the launch configurations"): no register spills on sm_80 or
+# sm_90, then the most resident warps per SM, at most three per case.
+_TUNED = {
+    (kernel, width, 256, 64): ((4, 2),)
+    for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel") for width in (2, 4)
+}
+
+
+def launch_configs(kernel: str, D: int, dtype: torch.dtype, block_m: int) -> tuple[tuple[int, int], ...]:
+    """The ``(num_warps, num_stages)`` pairs ``kernel``'s autotuner tries for this launch."""
+    width = torch.finfo(dtype).bits // 8
+    for (name, w, dmax, tile), configs in _TUNED.items():
+        if name == kernel and w == width and D <= dmax and block_m <= tile:
+            return configs
+    raise KeyError(f"no launch configuration for {kernel} at {dtype}, D={D}, BLOCK_M={block_m}")
+
+
+def _prune(kernel: str, configs, nargs, **kwargs):
+    """``early_config_prune``: of every config, those :func:`launch_configs` lists for this launch."""
+    keep = launch_configs(kernel, kwargs["D"], nargs["Q"].dtype, kwargs["BLOCK_M"])
+    return [c for c in configs if (c.num_warps, c.num_stages) in keep]
+
+
+def _autotuned(kernel):
+    """``kernel`` autotuned over its :data:`_TUNED` configs, once per tile shape and dtype
+    (the key; sequence lengths are not in it, so a decode does not re-tune every step)."""
+    name = kernel.fn.__name__  # the @triton.jit function's Python function
+    pairs = sorted({c for (k, *_), cs in _TUNED.items() if k == name for c in cs})
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in pairs]
+    return triton.autotune(configs, key=["D", "BLOCK_M", "BLOCK_N", "HAS_GROUP"],
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(kernel)
+
+
 # ------------------------------------------------------------------------------ kernels
 
 
@@ -421,6 +477,7 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
+@_autotuned
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, QR, KR, QG, KG, KEND,
@@ -500,6 +557,7 @@ def _bwd_dq_tiles(
     return dq
 
 
+@_autotuned
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, QR, KR, QG, KG, KEND,
@@ -584,6 +642,7 @@ def _bwd_dkdv_tiles(
     return dk, dv
 
 
+@_autotuned
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, QR, KR, QG, KG, KEND,
@@ -642,32 +701,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-_BLOCK_M = (16, 32, 64)  # query tiles: decode's few queries are not padded to 64
-_BLOCK_N = 64
-HEAD_DIMS = (32, 64, 96, 128, 256)  # head dims compiled ahead of time (any D <= 256 runs)
-
-
-def _max_block(D: int, dtype: torch.dtype) -> int:
-    """Largest tile side: 64, or 32 where rows take 512 B or more (D 256 in half precision,
-    D > 128 in fp32): 64-row tiles then spill registers on every target and need 258 KB of
-    shared memory for dK/dV on sm_100 (half, limit 227 KB) or 213-279 KB on sm_80 (fp32,
-    limit 163 KB) (``docs/benchmarks.md``, "Ahead-of-time compilation")."""
-    return 32 if D * torch.finfo(dtype).bits // 8 >= 512 else 64
-
-
-def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    top = _max_block(D, dtype)
-    block_m = min(top, max(_BLOCK_M[0], triton.next_power_of_2(Lq)))
-    return block_m, min(_BLOCK_N, top)
-
-
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
-
-
-def _launch_config(D: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(num_warps, num_stages)`` of every attention kernel at head dim ``D``."""
-    return 4, 2
 
 
 def _launch_check(q, k, v, q_rank, k_rank, q_group, k_group, k_len, block_m, block_n) -> None:
@@ -708,7 +743,10 @@ def _precision(dtype: torch.dtype, interpret: bool | None = None) -> dict:
     interpret = interpreting() if interpret is None else interpret
     return {
         "F32_DOT": interpret,  # the interpreter's bf16 tl.dot is wrong; fp32 there is exact anyway
-        "PREC": "ieee" if dtype == torch.float32 else "tf32",  # fp32 inputs: no silent TF32
+        # fp32 inputs: 3xTF32 (a*b ~ ah*bh + ah*bl + al*bh on tensor cores), fp32's accuracy
+        # without a silent TF32 rounding; "ieee" dots run on FMA units and spill 10-27 KB
+        # per thread at 64-row tiles (docs/benchmarks.md, "Ahead-of-time compilation")
+        "PREC": "tf32x3" if dtype == torch.float32 else "tf32",
         "RTNE": interpret and dtype == torch.bfloat16,
     }
 
@@ -719,9 +757,10 @@ def _constexprs(D: int, block_m: int, block_n: int, has_group: bool, dtype: torc
                 **_precision(dtype, interpret))
 
 
-def _launch_kwargs(D: int, block_m: int, block_n: int, has_group: bool, dtype: torch.dtype) -> dict:
-    num_warps, num_stages = _launch_config(D, dtype)
-    return dict(**_constexprs(D, block_m, block_n, has_group, dtype), num_warps=num_warps, num_stages=num_stages)
+def _launch(kernel, grid, *args, **constexprs) -> None:
+    """Launch an autotuned kernel; under the interpreter its plain ``@triton.jit`` function
+    (warps and stages mean nothing there, and timing configs on one CPU thread is waste)."""
+    (kernel.fn if interpreting() else kernel)[grid](*args, **constexprs, **COMPILE_OPTIONS)
 
 
 # tensor arguments of each kernel -> "data" (q's dtype) or a fixed Triton element type
@@ -736,24 +775,28 @@ _INDEX_POINTERS = ("QR", "KR", "QG", "KG", "KEND", "FULL_NUM", "FULL_IDX", "MIX_
 def specializations() -> list[Spec]:
     """Every specialisation the launcher can choose on a GPU: each kernel (forward, dQ,
     dK/dV; decode is the forward with ``k_len``), dtype, head dim of :data:`HEAD_DIMS`,
-    query tile of ``_BLOCK_M``, with and without groups, at :func:`_launch_config`."""
+    query tile of ``_BLOCK_M``, with and without groups, each at every config its autotuner
+    tries (:func:`launch_configs`)."""
     out = []
     for kernel in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
+        name = kernel.fn.__name__
         for dtype in _DTYPES:
             for D in HEAD_DIMS:
                 top = _max_block(D, dtype)
                 for block_m in [m for m in _BLOCK_M if m <= top]:
                     for has_group in (False, True):
-                        out.append(_spec(kernel, dtype, D, block_m, min(_BLOCK_N, top), has_group))
+                        for warps, stages in launch_configs(name, D, dtype, block_m):
+                            out.append(_spec(kernel, dtype, D, block_m, min(_BLOCK_N, top), has_group, warps, stages))
     return out
 
 
-def _spec(kernel, dtype: torch.dtype, D: int, block_m: int, block_n: int, has_group: bool) -> Spec:
+def _spec(kernel, dtype: torch.dtype, D: int, block_m: int, block_n: int, has_group: bool,
+          num_warps: int, num_stages: int) -> Spec:
+    """The specialisation of ``kernel`` a launch with these arguments compiles."""
     constexprs = {**_constexprs(D, block_m, block_n, has_group, dtype, interpret=False), **unit_strides(kernel)}
     elem = TRITON_DTYPE[dtype]
-    pointers = {n: elem if t == "data" else t for n, t in _POINTERS[kernel.__name__].items()}
+    pointers = {n: elem if t == "data" else t for n, t in _POINTERS[kernel.fn.__name__].items()}
     pointers.update({n: "i32" for n in _INDEX_POINTERS})
-    num_warps, num_stages = _launch_config(D, dtype)
     sig = signature(kernel, pointers, ("qk_scale", "sm_scale"), constexprs)
     return Spec(kernel, sig, constexprs, num_warps, num_stages, elem)
 
@@ -766,12 +809,12 @@ def _forward(q, k, v, qr, kr, qg, kg, k_end, has_group, tiles: TileLists, scale:
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     full_num, full_idx, mix_num, mix_idx = tiles.by_q
-    _fwd_kernel[(nQ, B * H)](
-        q, k, v, o, lse, qr, kr, qg, kg, k_end,
+    _launch(
+        _fwd_kernel, (nQ, B * H), q, k, v, o, lse, qr, kr, qg, kg, k_end,
         full_num, full_idx, mix_num, mix_idx,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Lq, Lk, nQ, nK, scale * _LOG2E,
-        **_launch_kwargs(D, BM, BN, has_group, q.dtype),
+        **_constexprs(D, BM, BN, has_group, q.dtype),
     )
     return o, lse
 
@@ -784,14 +827,14 @@ def _backward(do, q, k, v, o, lse, qr, kr, qg, kg, k_end, has_group, tiles: Tile
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (FlashAttention-2, Alg. 2 line 4)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, H, Lq]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = _launch_kwargs(D, BM, BN, has_group, q.dtype)
-    _bwd_dq_kernel[(nQ, B * H)](
-        q, k, v, do, dq, lse, delta, qr, kr, qg, kg, k_end, *tiles.by_q,
+    common = _constexprs(D, BM, BN, has_group, q.dtype)
+    _launch(
+        _bwd_dq_kernel, (nQ, B * H), q, k, v, do, dq, lse, delta, qr, kr, qg, kg, k_end, *tiles.by_q,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, Lq, Lk, nQ, nK, scale * _LOG2E, scale, **common,
     )
-    _bwd_dkdv_kernel[(nK, B * H)](
-        q, k, v, do, dk, dv, lse, delta, qr, kr, qg, kg, k_end, *tiles.by_k,
+    _launch(
+        _bwd_dkdv_kernel, (nK, B * H), q, k, v, do, dk, dv, lse, delta, qr, kr, qg, kg, k_end, *tiles.by_k,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, Lq, Lk, nQ, nK, scale * _LOG2E, scale, **common,
     )

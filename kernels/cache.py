@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import resolve_backend
-from .specs import TRITON_DTYPE, Spec, signature, unit_strides
+from .specs import COMPILE_OPTIONS, TRITON_DTYPE, Spec, signature, unit_strides
 
 __all__ = ["append_kv", "append_kv_reference", "append_kv_triton"]
 
@@ -87,7 +87,7 @@ def append_kv_triton(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Ten
         cache_k, cache_v, k_new, v_new, start.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
         *cache_k.stride(), *cache_v.stride(), *k_new.stride(), *v_new.stride(),
         H, N, C,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, **COMPILE_OPTIONS,
     )
 
 

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from triton.runtime.jit import JITFunction
 
-__all__ = ["Spec", "TRITON_DTYPE", "signature", "unit_strides"]
+__all__ = ["Spec", "TRITON_DTYPE", "COMPILE_OPTIONS", "signature", "unit_strides"]
 
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+# compile options every launch passes (and the AOT compile uses): fused multiply-adds kept,
+# which Triton 3.9 does by default and 3.10 will not
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class Spec:
     num_warps: int
     num_stages: int
     dtype: str  # the data dtype, for labels
+
+    def __reduce__(self):
+        """Pickled by reference to the kernel's module attribute (process pools)."""
+        fn = self.kernel_fn.fn
+        return _by_name, (fn.__module__, fn.__name__, self.signature, self.constexprs, self.num_warps, self.num_stages, self.dtype)
 
     @property
     def attrs(self) -> dict:
@@ -47,7 +55,7 @@ class Spec:
 
     @property
     def name(self) -> str:
-        return getattr(self.kernel, "__name__", str(self.kernel)).strip("_")
+        return self.kernel_fn.__name__.strip("_")
 
     @property
     def label(self) -> str:
@@ -55,6 +63,12 @@ class Spec:
         keys = [k for k in ("D", "BLOCK_M", "BLOCK_N", "HAS_GROUP") if k in self.constexprs]
         parts = [f"{k}={int(self.constexprs[k])}" for k in keys]
         return f"{self.name} {self.dtype} {' '.join(parts)} w{self.num_warps} s{self.num_stages}"
+
+
+def _by_name(module: str, name: str, *fields) -> Spec:
+    import importlib
+
+    return Spec(getattr(importlib.import_module(module), name), *fields)
 
 
 def unit_strides(kernel) -> dict:

@@ -13,32 +13,40 @@ import pytest
 import torch
 
 from orderlab.kernels import attention, cache
-from orderlab.kernels.aot import TARGETS, all_specializations, compile_all, compile_spec, toolchain_missing
+from orderlab.kernels.specs import COMPILE_OPTIONS, TRITON_DTYPE
+from orderlab.kernels.aot import TARGETS, all_specializations, compile_all, compile_spec, resources, toolchain_missing
 
 
 SPECS = all_specializations()  # listed before any test swaps a kernel for a recorder
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records
-    the keyword arguments (constexprs, num_warps, num_stages) instead of launching."""
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch's
+    constexprs and the ``(num_warps, num_stages)`` it would compile with: for an autotuned
+    kernel every config the real autotuner would try (its own ``early_config_prune`` over
+    its own configs), for a plain one the launch's own."""
 
     def __init__(self, kernel):
         self.kernel, self.calls = kernel, []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append(kwargs)
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in COMPILE_OPTIONS if k in kwargs}
+            assert options == COMPILE_OPTIONS, f"launched with compile options {options}, AOT compiles with {COMPILE_OPTIONS}"
+            if hasattr(self.kernel, "configs"):
+                nargs = dict(zip(self.kernel.arg_names, args))
+                tried = [(c.num_warps, c.num_stages) for c in self.kernel.early_config_prune(self.kernel.configs, nargs, **kwargs)]
+            else:
+                tried = [(kwargs.pop("num_warps"), kwargs.pop("num_stages"))]
+            self.calls.append((kwargs, tried))
+        return launch
 
 
-def _listed(kernel, dtype: torch.dtype, kwargs: dict) -> bool:
-    """Whether ``specializations()`` holds the launch with these keyword arguments."""
-    launch = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "F32_DOT", "RTNE")}
-    for s in SPECS:
-        if s.kernel is kernel and s.dtype == {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype] \
-                and (s.num_warps, s.num_stages) == (kwargs["num_warps"], kwargs["num_stages"]) \
-                and all(s.constexprs[k] == v for k, v in launch.items()):
-            return True
-    return False
+def _listed(kernel, dtype: torch.dtype, kwargs: dict, warps_stages: tuple[int, int]) -> bool:
+    """Whether ``specializations()`` holds the launch with these constexprs and config."""
+    launch = {k: v for k, v in kwargs.items() if k not in ("F32_DOT", "RTNE")}
+    return any(s.kernel is kernel and s.dtype == TRITON_DTYPE[dtype] and (s.num_warps, s.num_stages) == warps_stages
+               and all(s.constexprs[k] == v for k, v in launch.items()) for s in SPECS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -46,13 +54,14 @@ def _listed(kernel, dtype: torch.dtype, kwargs: dict) -> bool:
 @pytest.mark.parametrize("Lq", [1, 3, 17, 40, 200])
 @pytest.mark.parametrize("groups", [False, True])
 def test_launchers_launch_only_listed_specializations(monkeypatch, dtype, D, Lq, groups):
-    """The forward, both backward kernels and append_kv, launched through their launchers
-    (kernels swapped for recorders), choose only specialisations the AOT list holds."""
+    """The forward, both backward kernels, launched through their launchers (kernels
+    swapped for recorders), choose only specialisations the AOT list holds, at every
+    config their autotuners try."""
     names = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
     rec = {n: _Recorder(getattr(attention, n)) for n in names}
     for n in names:
         monkeypatch.setattr(attention, n, rec[n])
-    monkeypatch.setattr(attention, "interpreting", lambda: False)  # the GPU's constexprs
+    monkeypatch.setattr(attention, "interpreting", lambda: False)  # the GPU's constexprs and autotuners
     B, H, Lk = 2, 2, 70
     q = torch.zeros(B, H, Lq, D, dtype=dtype)
     k = torch.zeros(B, H, Lk, D, dtype=dtype)
@@ -60,11 +69,13 @@ def test_launchers_launch_only_listed_specializations(monkeypatch, dtype, D, Lq,
     qg, kg = (qr, kr) if groups else (None, None)
     bm, bn = attention._default_blocks(Lq, D, dtype)
     prep = attention._prep(q, k, qr, kr, qg, kg, None, bm, bn)
-    o, lse = attention._forward(q, k, k, *prep, 0.1)
+    attention._forward(q, k, k, *prep, 0.1)
     attention._backward(q, q, k, k, q, torch.zeros(B, H, Lq), *prep, 0.1)
     for n in names:
-        (kwargs,) = rec[n].calls
-        assert _listed(rec[n].kernel, dtype, kwargs), f"{n} launched an unlisted specialisation {kwargs}"
+        ((kwargs, tried),) = rec[n].calls
+        assert tried, f"{n}: the autotuner would try no config"
+        for ws in tried:
+            assert _listed(rec[n].kernel, dtype, kwargs, ws), f"{n} launched an unlisted specialisation {kwargs} {ws}"
 
 
 @pytest.mark.parametrize("N", [1, 5, 16, 33, 64, 100])
@@ -74,8 +85,8 @@ def test_append_kv_launches_only_listed_specializations(monkeypatch, N):
     ck = torch.zeros(2, 2, 128, 64, dtype=torch.bfloat16)
     new = torch.zeros(2, 2, N, 64, dtype=torch.bfloat16)
     cache.append_kv_triton(ck, ck.clone(), new, new.clone(), torch.zeros(2, dtype=torch.long), torch.full((2,), N))
-    (kwargs,) = rec.calls
-    assert _listed(rec.kernel, torch.bfloat16, kwargs)
+    ((kwargs, (ws,)),) = rec.calls
+    assert _listed(rec.kernel, torch.bfloat16, kwargs, ws)
 
 
 def test_specializations_are_distinct_and_complete():
@@ -85,6 +96,26 @@ def test_specializations_are_distinct_and_complete():
     assert {s.name for s in specs} == {"fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel", "append_kv_kernel"}
     assert {s.constexprs["D"] for s in specs} == set(attention.HEAD_DIMS) >= {32, 64, 96, 128, 256}
     assert {s.dtype for s in specs} == {"fp16", "bf16", "fp32"}
+
+
+def test_ptxas_report_is_read():
+    log = ("ptxas info    : Compiling entry function '_fwd_kernel' for 'sm_80'\n"
+           "ptxas info    : Function properties for _fwd_kernel\n"
+           "    48 bytes stack frame, 52 bytes spill stores, 44 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 48 bytes cumulative stack size, 1024 bytes smem\n")
+    assert resources(log) == {"regs": 255, "stack": 48, "spill_stores": 52, "spill_loads": 44, "static_smem": 1024}
+    clean = "ptxas info    : Used 96 registers, used 1 barriers, 552 bytes cmem[0]\n"
+    assert resources(clean) == {"regs": 96, "stack": 0, "spill_stores": 0, "spill_loads": 0, "static_smem": 0}
+    with pytest.raises(ValueError, match="no register count"):
+        resources("ptxas info    : 0 bytes gmem\n")
+
+
+def test_compile_reports_ptxas_figures():
+    """One real compile (cached by nothing: ptxas runs) reports what its cubin needs."""
+    spec = next(s for s in SPECS if s.name == "append_kv_kernel" and s.dtype == "bf16" and s.constexprs["D"] == 64)
+    r = compile_spec(spec, TARGETS[0])
+    again = compile_spec(spec, TARGETS[0])  # a Triton cache hit would run no ptxas and report nothing
+    assert r.regs > 0 and r.spills == 0 and r.fits and again.regs == r.regs
 
 
 def representative() -> list[int]:
@@ -112,7 +143,7 @@ def _check(targets, indices):
             runnable.append(t)
     reports, failures = compile_all(indices, tuple(runnable))
     for r in sorted(reports, key=lambda r: (r.target.capability, r.spec.label)):
-        print(f"{r.target.name:14s} {r.spec.label:64s} regs {r.regs:3d} stack {r.local:5d} B "
+        print(f"{r.target.name:14s} {r.spec.label:64s} regs {r.regs:3d} stack {r.stack:5d} B spills {r.spills:5d} B "
               f"smem {r.shared / 1024:6.1f} KB blocks/SM {r.blocks_per_sm}")
     bad = [f"{t.name} {s.label}: {err[:400]}" for s, t, err in failures]
     bad += [f"{r.target.name} {r.spec.label}: {r.shared} B shared > {r.target.smem_per_block}" for r in reports if not r.fits]

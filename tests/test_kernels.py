@@ -149,7 +149,7 @@ def run_case(name, B, H, L, D, dtype, seed=0, block=16, k_len=None, Lq=None):
 
     from orderlab.kernels import set_attention_triton
 
-    got = grads(lambda a, b, c: set_attention_triton(a, b, c, *masks, k_len=k_len_d, block_m=block, block_n=block), dtype)
+    got = grads(lambda a, b, c: set_attention_triton(a, b, c, *masks, k_len=k_len_d, block_m=block, block_n=block), dtype)  # block None: the launcher's
     want = grads(lambda a, b, c: set_attention_reference(a, b, c, *masks, k_len=k_len_d), torch.float64)
     vis = visible(*masks)
     if k_len_d is not None:
@@ -231,6 +231,35 @@ def test_triton_decode_ragged_cache():
     assert torch.isfinite(got).all()
     # gradients with a ragged cache (training on cached prefixes)
     run_case("set_causal", B=3, H=1, L=40, D=32, dtype=torch.float32, k_len=torch.tensor([40, 23, 5]))
+
+
+# Long sequences at the launcher's own tiles and autotuned configs: on a GPU (run by
+# ``benchmarks/gpu_check.py``) L up to 8192, D 64 and 128, fp32 / fp16 / bf16, every mask
+# pattern; in the interpreter one tiny case per pattern keeps the path exercised.
+ON_GPU = torch.cuda.is_available()
+LONG = (512, 2048, 8192) if ON_GPU else (48,)
+LONG_D = (64, 128) if ON_GPU else (64,)
+LONG_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.bfloat16,)
+
+
+@triton_only
+@pytest.mark.parametrize("L", LONG)
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("D", LONG_D)
+@pytest.mark.parametrize("dtype", LONG_DTYPES, ids=str)
+def test_triton_long_sequences(L, name, D, dtype):
+    run_case(name, B=1 if L > 2048 else 2, H=2, L=L, D=D, dtype=dtype, seed=L + D, block=None)
+
+
+@triton_only
+@pytest.mark.parametrize("L", LONG)
+@pytest.mark.parametrize("D", LONG_D)
+@pytest.mark.parametrize("dtype", LONG_DTYPES, ids=str)
+def test_triton_long_ragged_cache(L, D, dtype):
+    """16 queries of a decode step against a cache of L keys whose rows hold L, L/3 and 0
+    live keys (the last row's queries see nothing: zeros)."""
+    run_case("set_causal", B=3, H=2, L=L, D=D, dtype=dtype, seed=L, block=None, Lq=16,
+             k_len=torch.tensor([L, L // 3, 0]))
 
 
 @triton_only
