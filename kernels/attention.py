@@ -362,11 +362,15 @@ HEAD_DIMS = (32, 64, 96, 128, 256)  # head dims compiled ahead of time (any D <=
 
 
 def _max_block(D: int, dtype: torch.dtype) -> int:
-    """Largest tile side: 64, or 32 where rows take 512 B or more (D 256 in half precision,
-    D > 128 in fp32): 64-row tiles then spill registers on every target and need 258 KB of
-    shared memory for dK/dV on sm_100 (half, limit 227 KB) or 213-279 KB on sm_80 (fp32,
-    limit 163 KB) (``docs/benchmarks.md``, "Ahead-of-time compilation")."""
-    return 32 if D * torch.finfo(dtype).bits // 8 >= 512 else 64
+    """Largest tile side (the training tile; docs/benchmarks.md, "Ahead-of-time
+    compilation"). Half precision: 64 up to D 128, 32 above (64-row tiles at D 256 spill
+    and need 258 KB of shared memory for dK/dV on sm_100). fp32 (3xTF32: three dots and a
+    hi/lo split per product): 32 up to D 64, 16 above (64-row tiles at D 64 spill 2-44 KB
+    per thread, 32-row tiles at D 128 still 16-1000 B; D 256 at 32 needs 192 KB of shared
+    memory, over A100's 163 KB)."""
+    if dtype == torch.float32:
+        return 32 if D <= 64 else 16
+    return 64 if D <= 128 else 32
 
 
 def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
@@ -375,21 +379,44 @@ def _default_blocks(Lq: int, D: int, dtype: torch.dtype = torch.bfloat16) -> tup
     return block_m, min(_BLOCK_N, top)
 
 
-# (num_warps, num_stages) each kernel's autotuner tries, by (kernel, data width in bytes,
-# head dim up to, tile side): chosen from the ahead-of-time sweep (``benchmarks/aot_sweep.py``,
-# docs/benchmarks.md "Choosing the launch configurations"): no register spills on sm_80 or
-# sm_90, then the most resident warps per SM, at most three per case.
+# (num_warps, num_stages) pairs each kernel's autotuner tries at the training tile
+# (:func:`_max_block`), by (kernel, bytes per element, largest head dim), in increasing head
+# dim: chosen from the ahead-of-time sweep (``benchmarks/aot_sweep.py``; docs/benchmarks.md,
+# "Choosing the launch configurations"): no register spills on sm_80 or sm_90, then the
+# most resident warps per SM; at most two per case, so autotuning costs two timings per shape.
 _TUNED = {
-    (kernel, width, 256, 64): ((4, 2),)
-    for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel") for width in (2, 4)
+    ("_fwd_kernel", 2, 64): ((4, 2), (8, 2)),
+    ("_fwd_kernel", 2, 128): ((4, 1), (8, 2)),
+    ("_fwd_kernel", 2, 256): ((4, 2), (8, 2)),
+    ("_bwd_dq_kernel", 2, 64): ((4, 2), (8, 1)),
+    ("_bwd_dq_kernel", 2, 128): ((4, 1), (8, 2)),
+    ("_bwd_dq_kernel", 2, 256): ((4, 2), (8, 1)),
+    ("_bwd_dkdv_kernel", 2, 64): ((4, 2), (8, 2)),
+    ("_bwd_dkdv_kernel", 2, 128): ((8, 2), (8, 3)),
+    ("_bwd_dkdv_kernel", 2, 256): ((8, 1), (8, 2)),
+    ("_fwd_kernel", 4, 64): ((4, 1), (4, 2)),
+    ("_bwd_dq_kernel", 4, 64): ((4, 1), (4, 2)),
+    ("_bwd_dkdv_kernel", 4, 64): ((4, 2), (8, 1)),
+    ("_fwd_kernel", 4, 128): ((4, 2), (4, 3)),
+    ("_bwd_dq_kernel", 4, 128): ((4, 1), (4, 2)),
+    ("_bwd_dkdv_kernel", 4, 128): ((4, 1), (4, 2)),
+    ("_fwd_kernel", 4, 256): ((8, 1), (8, 2)),
+    # fp32 backward at D 256 spills at every config (16-row tiles are tl.dot's smallest):
+    # the least, 456 B (dQ) and 860 B (dK/dV) per thread
+    ("_bwd_dq_kernel", 4, 256): ((8, 1),),
+    ("_bwd_dkdv_kernel", 4, 256): ((8, 1),),
 }
+# query tiles below the training tile (decode's few queries): one config, no tuning
+_SMALL_TILE = ((4, 2),)
 
 
 def launch_configs(kernel: str, D: int, dtype: torch.dtype, block_m: int) -> tuple[tuple[int, int], ...]:
     """The ``(num_warps, num_stages)`` pairs ``kernel``'s autotuner tries for this launch."""
+    if block_m < _max_block(D, dtype):
+        return _SMALL_TILE
     width = torch.finfo(dtype).bits // 8
-    for (name, w, dmax, tile), configs in _TUNED.items():
-        if name == kernel and w == width and D <= dmax and block_m <= tile:
+    for (name, w, dmax), configs in _TUNED.items():
+        if name == kernel and w == width and D <= dmax:
             return configs
     raise KeyError(f"no launch configuration for {kernel} at {dtype}, D={D}, BLOCK_M={block_m}")
 
@@ -404,7 +431,7 @@ def _autotuned(kernel):
     """``kernel`` autotuned over its :data:`_TUNED` configs, once per tile shape and dtype
     (the key; sequence lengths are not in it, so a decode does not re-tune every step)."""
     name = kernel.fn.__name__  # the @triton.jit function's Python function
-    pairs = sorted({c for (k, *_), cs in _TUNED.items() if k == name for c in cs})
+    pairs = sorted({c for (k, *_), cs in _TUNED.items() if k == name for c in cs} | set(_SMALL_TILE))
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in pairs]
     return triton.autotune(configs, key=["D", "BLOCK_M", "BLOCK_N", "HAS_GROUP"],
                            prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(kernel)
