@@ -82,7 +82,7 @@ def append_kv_triton(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Ten
     N = k_new.shape[2]
     if N == 0 or B == 0:
         return
-    block_n = min(_BLOCK_N[-1], max(_BLOCK_N[0], triton.next_power_of_2(N)))
+    block_n = min(_max_block_n(D, cache_k.dtype), max(_BLOCK_N[0], triton.next_power_of_2(N)))
     _append_kv_kernel[(triton.cdiv(N, block_n), B * H)](
         cache_k, cache_v, k_new, v_new, start.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(),
         *cache_k.stride(), *cache_v.stride(), *k_new.stride(), *v_new.stride(),
@@ -92,20 +92,28 @@ def append_kv_triton(cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Ten
 
 
 _BLOCK_N = (16, 32, 64)  # new tokens per program: one step's set rounded up to a power of two
+_TILE_BYTES = 32 * 1024  # one program's K (and V) tile: fp32 at D 256 with 64 rows (64 KB) spilled 8 KB per thread
+
+
+def _max_block_n(D: int, dtype: torch.dtype) -> int:
+    """Largest ``BLOCK_N`` whose ``BLOCK_N x BLOCK_D`` tile stays within :data:`_TILE_BYTES`."""
+    per_row = max(16, triton.next_power_of_2(D)) * torch.finfo(dtype).bits // 8
+    return max(_BLOCK_N[0], min(_BLOCK_N[-1], _TILE_BYTES // per_row))
 _NUM_WARPS, _NUM_STAGES = 4, 1  # a copy: nothing to pipeline
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def specializations() -> list[Spec]:
     """Every specialisation :func:`append_kv_triton` can launch for the caches the model
-    keeps (its dtypes, the head dims of ``attention.HEAD_DIMS``, every ``_BLOCK_N``)."""
+    keeps (its dtypes, the head dims of ``attention.HEAD_DIMS``, every ``_BLOCK_N`` up to
+    :func:`_max_block_n`)."""
     from .attention import HEAD_DIMS
 
     out = []
     for dtype in _DTYPES:
         elem = TRITON_DTYPE[dtype]
         for D in HEAD_DIMS:
-            for block_n in _BLOCK_N:
+            for block_n in [n for n in _BLOCK_N if n <= _max_block_n(D, dtype)]:
                 constexprs = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, **unit_strides(_append_kv_kernel))
                 pointers = dict(CK=elem, CV=elem, KN=elem, VN=elem, START="i32", COUNT="i32")
                 sig = signature(_append_kv_kernel, pointers, (), constexprs)

@@ -79,14 +79,16 @@ def test_launchers_launch_only_listed_specializations(monkeypatch, dtype, D, Lq,
 
 
 @pytest.mark.parametrize("N", [1, 5, 16, 33, 64, 100])
-def test_append_kv_launches_only_listed_specializations(monkeypatch, N):
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.float32, 256)])
+def test_append_kv_launches_only_listed_specializations(monkeypatch, N, dtype, D):
     rec = _Recorder(cache._append_kv_kernel)
     monkeypatch.setattr(cache, "_append_kv_kernel", rec)
-    ck = torch.zeros(2, 2, 128, 64, dtype=torch.bfloat16)
-    new = torch.zeros(2, 2, N, 64, dtype=torch.bfloat16)
+    ck = torch.zeros(2, 2, 128, D, dtype=dtype)
+    new = torch.zeros(2, 2, N, D, dtype=dtype)
     cache.append_kv_triton(ck, ck.clone(), new, new.clone(), torch.zeros(2, dtype=torch.long), torch.full((2,), N))
     ((kwargs, (ws,)),) = rec.calls
-    assert _listed(rec.kernel, torch.bfloat16, kwargs, ws)
+    assert _listed(rec.kernel, dtype, kwargs, ws)
+    assert kwargs["BLOCK_N"] * kwargs["BLOCK_D"] * torch.finfo(dtype).bits // 8 <= cache._TILE_BYTES
 
 
 def test_specializations_are_distinct_and_complete():
