@@ -18,9 +18,9 @@ from .presets import (
 )
 from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, RandomPolicy
 from .schedule import ScheduleSampler
-from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution, rank_random_ties
+from .sets import NonEmptyBernoulli, OrderedPlackettLuce, PlackettLuceTopK, SetDistribution, rank_random_ties
 from .learned import (
-    FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
+    FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, DCoLTPolicy, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
     Trajectory, TransformerNet,
 )
 
@@ -34,7 +34,7 @@ __all__ = [
     "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
     "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
     "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
-    "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "rank_random_ties",
+    "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "OrderedPlackettLuce", "rank_random_ties",
     "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",
-    "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
+    "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce", "DCoLTPolicy",
 ]
