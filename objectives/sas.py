@@ -53,7 +53,8 @@ def teacher_forced(model, policy: Policy, tokens: Tensor, ranks: Tensor, cache: 
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins, as in decode
         probs, hidden = _predict(model, x, rank, cand, step, kv, None, getattr(policy, "wants_hidden", False))
-        sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden))
+        sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden,
+                                     tokens=x if getattr(policy, "wants_tokens", False) else None))
         if (sel & ~cand).any() or (cand.any(1) & ~sel.any(1)).any():
             raise RuntimeError(f"{policy!r}.select must return a non-empty subset of the candidates (step {step})")
         x, rank = torch.where(sel, tokens, x), torch.where(sel, step + 1, rank)

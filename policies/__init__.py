@@ -18,6 +18,7 @@ from .presets import (
 )
 from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, RandomPolicy
 from .schedule import ScheduleSampler
+from .reverse_schedule import ReverseSchedule
 from .sets import NonEmptyBernoulli, OrderedPlackettLuce, PlackettLuceTopK, SetDistribution, rank_random_ties
 from .learned import (
     FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, DCoLTPolicy, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
@@ -32,7 +33,7 @@ __all__ = [
     "Count", "TopK", "KFromSchedule", "EvenSplit", "Threshold", "Factor", "EntropyBound", "Ranked", "rank_candidates", "take_prefix",
     "Composed",
     "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
-    "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
+    "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler", "ReverseSchedule",
     "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
     "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "OrderedPlackettLuce", "rank_random_ties",
     "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",

@@ -46,3 +46,5 @@ def test_lomdm_experiment_loads_and_runs(tmp_path):
     assert main([str(yaml), *TINY, f"run.dir={tmp_path}", "--no-progress"]) == 0
     res = json.loads((tmp_path / "learned_zoo_lomdm" / "results.json").read_text())
     assert res["status"] == "completed" and res["evaluations"][0]["policy"] == "top_prob"
+    # the stage's own generative order: its reverse scheduler as the decode policy (policies/reverse_schedule.py)
+    assert [r["policy"] for r in res["evaluations"]] == ["top_prob", "denoiser (lomdm_nelbo)"]
