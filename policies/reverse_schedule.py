@@ -60,10 +60,11 @@ class ReverseSchedule(Policy):
 
     def rates(self, view: StepView) -> Tensor:
         """Float[B, L]: ``ŵ_i(z_t)`` of every position (read at the candidates)."""
-        if view.tokens is None:
+        if view.tokens is None and self.scheduler.data_dependent:
             raise PolicyError("lomdm reads the noisy sequence: the decoder passes StepView.tokens to a policy whose "
                               "wants_tokens is True (orderlab.decode does; a loop building its own views must pass it)")
-        z = torch.where(view.masked, self.scheduler.vocab_size, view.tokens.clamp(0, self.scheduler.vocab_size - 1))
+        known = torch.zeros_like(view.masked, dtype=torch.long) if view.tokens is None else view.tokens  # unread if None
+        z = torch.where(view.masked, self.scheduler.vocab_size, known.clamp(0, self.scheduler.vocab_size - 1))
         p = next(self.scheduler.parameters(), None)
         with torch.no_grad():
             return self.scheduler(z.to(p.device if p is not None else z.device)).to(view.probs.device)

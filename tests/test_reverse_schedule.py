@@ -102,7 +102,7 @@ def test_the_scheduler_reads_the_decoders_noisy_sequence():
     for k, z in enumerate(sched.seen):  # z at step k: the decoded tokens revealed so far, [MASK] = V elsewhere
         known = (d.ranks >= 0) & (d.ranks <= k)
         assert torch.equal(z, torch.where(known, d.tokens, V))
-    with pytest.raises(PolicyError, match="StepView.tokens"):
+    with pytest.raises(PolicyError, match="StepView.tokens"):  # a data-dependent scheduler needs the sequence
         pol.select(StepView(probs=torch.full((1, L, V), 1 / V), candidates=torch.ones(1, L, dtype=torch.bool),
                             masked=torch.ones(1, L, dtype=torch.bool), step=0))
 
