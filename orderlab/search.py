@@ -70,12 +70,15 @@ def search_decode(model, policy, tokens: Tensor, ranks: Tensor, k: int = 4,
     """Decode ``k`` paths of every row with ``policy`` (any policy: paths differ through a
     stochastic policy or ``temperature > 0``) and keep the best-scoring one (module
     docstring). ``decode_kwargs``: :func:`orderlab.decode`'s (``cache``, ``temperature``,
-    ``seed``, ``eos_id``, ...), one decode of ``B·k`` rows with that seed."""
+    ``seed``, ``eos_id``, ...), one decode of ``B·k`` rows with that seed. A policy with
+    its own ``decode`` (:class:`OrderTokenSearch`) decodes the paths itself."""
     if int(k) < 1:
         raise ValueError(f"search_decode: k must be >= 1 paths per row, got {k}")
     k = int(k)
     B = tokens.shape[0]
-    d = decode(model, policy, tokens.repeat_interleave(k, 0), ranks.repeat_interleave(k, 0), **decode_kwargs)
+    own = getattr(policy, "decode", None)  # a search that decodes itself (order_token_search) is one path's decoder
+    run = (lambda *a, **kw: own(model, *a, **kw)) if callable(own) else (lambda *a, **kw: decode(model, policy, *a, **kw))
+    d = run(tokens.repeat_interleave(k, 0), ranks.repeat_interleave(k, 0), **decode_kwargs)
     if k == 1:
         return Searched(d.tokens, d.ranks, d.nfe, d.tokens_per_step, d.steps, d.refreshes)
     if verifier is None:

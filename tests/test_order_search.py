@@ -196,3 +196,15 @@ def test_order_token_search_from_config_and_in_evaluation():
     m = measure(model, Toy(), pol, x, r, batch_size=2)
     direct = pol.decode(model, x, r)
     assert torch.equal(m.nfe, direct.nfe)
+
+
+def test_order_token_search_inside_search_decode():
+    """A searched row of order_token_search (evaluate.search over every policy): k copies of
+    the deterministic beam, all their forwards and the scoring passes counted."""
+    model, (x, r) = Counting(tiny_model("bidirectional")), prompts()
+    pol = _ots(2)
+    one = pol.decode(model, x, r)
+    model.total = 0
+    two = search_decode(model, pol, x, r, k=2)
+    assert torch.equal(two.tokens, one.tokens) and torch.equal(two.ranks, one.ranks)
+    assert int(two.nfe.sum()) == model.total and int(two.nfe.sum()) > 2 * int(one.nfe.sum())
