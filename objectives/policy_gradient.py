@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from orderlab.decoding import Decoded, decode
 from orderlab.likelihood import log_likelihood
 from orderlab.policies.base import Policy, PolicyError
-from orderlab.policies.learned import LearnedBernoulli, LearnedPolicy, Replay, Trajectory
+from orderlab.policies.learned import DCoLTPolicy, LearnedBernoulli, LearnedPolicy, Replay, Trajectory
 from orderlab.registry import ConfigError, register
 
 from .base import Objective, StepOutput
@@ -253,6 +253,9 @@ class GRPO(PolicyGradient):
         if kl < 0 or (kl > 0) != (reference is not None):
             raise ConfigError("kl", f"a KL weight kl > 0 needs a reference policy and vice versa (kl={kl}, "
                               f"reference={reference!r})")
+        if reference is not None and isinstance(self.policy, DCoLTPolicy) and self.policy.k != 1:
+            raise ConfigError("reference", "a dcolt policy's log π is its ordered draw's, a reference's log_prob is a "
+                                           "set's: with k > 1 the KL estimate would mix the two; use k: 1 or no reference")
         self.clip, self.scale, self.kl = float(clip), bool(scale), float(kl)
         self.reference = reference
         if isinstance(self.reference, nn.Module):

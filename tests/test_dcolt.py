@@ -177,3 +177,6 @@ def test_recipe_yaml_and_bad_keys():
         orderlab.load(YAML, ["stages.dcolt.objective.policy.kk=2"])
     with pytest.raises(ConfigError, match="temperature"):
         orderlab.load(YAML, ["stages.dcolt.objective.temperature=0.0"])
+    ref = "{name: learned_plackett_luce, k: 2, features: [confidence], net: linear}"
+    with pytest.raises(ConfigError, match="stages.dcolt.objective.reference: a dcolt policy"):  # ordered vs set log-probs
+        orderlab.load(YAML, [f"stages.dcolt.objective.reference={ref}", "stages.dcolt.objective.kl=0.1"])
