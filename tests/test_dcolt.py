@@ -140,6 +140,33 @@ class _GradedTask:
     def score(self, pred, tokens, ranks):
         return ((pred == tokens) | (ranks < 1))[:, 1:].double().mean(1)
 
+    def metrics(self, pred, tokens, ranks):  # the recipe's metric: token_accuracy
+        return {"toy": self.score(pred, tokens, ranks), "token_accuracy": self.score(pred, tokens, ranks)}
+
+
+class _ExactTask(_GradedTask):
+    """Score: exact match of the row; metrics: also the graded fraction ("partial")."""
+
+    def score(self, pred, tokens, ranks):
+        return ((pred == tokens) | (ranks < 1)).all(1).double()
+
+    def metrics(self, pred, tokens, ranks):
+        return {"exact": self.score(pred, tokens, ranks), "partial": super().score(pred, tokens, ranks)}
+
+
+def test_metric_picks_the_score_the_reward_is_built_on():
+    torch.manual_seed(0)
+    model = orderlab.build("model", "transformer", vocab_size=3, max_len=6, attention="bidirectional", d_model=16,
+                           n_layers=1, n_heads=2)
+    task = _ExactTask()
+    pol = {"name": "dcolt", "k": 2, "features": ["confidence"], "net": "mlp"}
+    for metric in (None, "partial"):
+        obj = build("objective", {"name": "grpo", "policy": pol, "temperature": 1.0, "metric": metric}, task=task)
+        ro = obj.rollout(model, *task.batch(4), torch.Generator().manual_seed(0))
+        want = task.metrics(ro.decoded.tokens, ro.tokens, ro.ranks)["exact" if metric is None else "partial"]
+        torch.testing.assert_close(ro.score, want.double())
+        torch.testing.assert_close(ro.reward, want.double())
+
 
 def _recipe(train_model: bool):
     """The YAML's dcolt-stage objective, with the tiny task and a tiny denoiser."""
@@ -175,6 +202,9 @@ def test_recipe_yaml_and_bad_keys():
     assert exp.stages["denoiser"].objective.__class__.__name__ == "MDMNelbo"  # the same denoiser as learned_zoo_aop
     with pytest.raises(ConfigError, match="stages.dcolt.objective.policy.kk"):
         orderlab.load(YAML, ["stages.dcolt.objective.policy.kk=2"])
+    assert obj.metric == "token_accuracy"
+    with pytest.raises(ConfigError, match="stages.dcolt.objective.metric: the task has no metric 'tok_acc'"):
+        orderlab.load(YAML, ["stages.dcolt.objective.metric=tok_acc"])
     with pytest.raises(ConfigError, match="temperature"):
         orderlab.load(YAML, ["stages.dcolt.objective.temperature=0.0"])
     ref = "{name: learned_plackett_luce, k: 2, features: [confidence], net: linear}"
