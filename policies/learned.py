@@ -4,7 +4,9 @@ A learned policy = per-position **features** of the decoder's ``StepView`` → a
 **network** (kind "policy_net") → per-position logits → an exact **set distribution**
 over the candidates (:mod:`.sets`). It is a :class:`Policy` and an ``nn.Module``:
 ``orderlab.decode`` runs it unchanged, greedy (``greedy=True``; ties broken at random)
-or sampled.
+or sampled. Families: ``learned`` (non-empty Bernoulli sets), ``learned_plackett_luce``
+(``k`` positions, the unordered set's probability) and ``dcolt`` (``k`` positions, the
+ordered draw's probability: DCoLT's action).
 
 For policy gradients, a rollout is recorded and replayed::
 
