@@ -52,3 +52,18 @@ def test_lomdm_experiment_loads_and_runs(tmp_path):
     rows = {r["policy"]: r for r in res["evaluations"]}
     assert list(rows) == ["top_prob", "order_token_search(beam=2)", "denoiser (lomdm_nelbo)"]
     assert rows["order_token_search(beam=2)"]["nfe_mean"] > rows["top_prob"]["nfe_mean"]  # two hypotheses per step
+
+
+def test_dcolt_experiment_loads_and_runs(tmp_path):
+    """DCoLT's recipe end to end at toy size: the joint stage trains the denoiser too, and
+    the evaluation has the learned policy's row (k = 2 per step: half the NFE)."""
+    yaml = EXPERIMENTS / "learned_zoo_dcolt.yaml"
+    tiny = [*TINY, "stages.dcolt.train.steps=1", "stages.dcolt.train.batch_size=2", "stages.dcolt.objective.group=2",
+            f"run.dir={tmp_path}"]
+    exp = load(yaml, tiny)
+    assert exp.stages["dcolt"].objective.trains_model and exp.stages["dcolt"].objective.policy.features.hidden_size == 16
+    assert main([str(yaml), *tiny, "--no-progress"]) == 0
+    res = json.loads((tmp_path / "learned_zoo_dcolt" / "results.json").read_text())
+    rows = {r["policy"]: r for r in res["evaluations"]}
+    assert list(rows) == ["top_prob", "dcolt (grpo)"]
+    assert rows["dcolt (grpo)"]["nfe_mean"] == rows["top_prob"]["nfe_mean"] / 2
