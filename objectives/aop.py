@@ -29,6 +29,23 @@ with ``b_k`` the mean ``R_{k+1}`` of the other ``group − 1`` walks of the same
 data's (``teacher_forced``: a chosen set is revealed with the data's tokens). The policy's
 features of ``θ`` (confidence, hidden states, ...) are inputs: with ``train_model`` the
 denoiser learns through ``ℓ`` only (as ``vi_orders``' guide).
+
+Checked against REFERENCES.md ("a light policy network and a policy-reweighted MDM loss,
+denoiser frozen or joint"): the loss is the MDM loss with the uniform ``1/|masked|`` per
+position replaced by the policy's inclusion probability (uniform ``π`` over singletons
+gives the MDM NELBO's value: ``tests/test_aop.py``), frozen or joint. Assumed where the
+paper's exact rule is not given there:
+
+- the states are the policy's own teacher-forced walks over the data (on-policy), not the
+  forward process's random masks; with random masks the reweighted loss would no longer
+  be ``E_π[−log p_θ(x | σ)]`` and would not bound ``−log p(x)``;
+- the weight is the exact inclusion probability ``P(i ∈ S_k)`` (the expected cost of a
+  step given its state, a Rao–Blackwellised cost), not the sampled set's indicator;
+- the policy's dependence on the states it visits is trained by the score function of the
+  later costs with a leave-one-out baseline over the ``group`` walks of a row (the
+  pathwise term alone is biased: the tests show it); the paper may drop this term;
+- jointly, the denoiser gets the same loss's gradient (its orders: the policy's), not the
+  MDM NELBO under uniform orders.
 """
 
 from __future__ import annotations

@@ -67,9 +67,10 @@ class Objective(nn.Module):
       objective with neither trains nothing, an error.
     - ``policy``: None, or the :class:`~orderlab.policies.learned.LearnedPolicy` the
       objective learns (a submodule: its parameters are the objective's, trained and
-      checkpointed with it). After training, evaluation decodes with it as a policy
-      labelled by the stage's name; ``LearnedPolicy`` states what its ``recording`` and
-      ``replay`` mean.
+      checkpointed with it), or another :class:`~orderlab.policies.base.Policy` that decodes
+      with what the objective learned (LoMDM's reverse scheduler). After training,
+      evaluation decodes with it as a policy labelled by the stage's name;
+      ``LearnedPolicy`` states what its ``recording`` and ``replay`` mean.
     - ``orders(model)``: None, or ``(prior, proposal)``, the order distributions the
       objective has learned (``objectives.iwae.OrderDistribution``: ``sample`` and
       ``log_prob``), for the likelihood table's IWAE bound; None leaves the table its

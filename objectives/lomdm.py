@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from orderlab.processes.base import Process
+from orderlab.policies.reverse_schedule import ReverseSchedule
 from orderlab.processes.scheduler import DataSchedule, Scheduler
 from orderlab.registry import ConfigError, register
 from orderlab.rules import Bidirectional
@@ -55,7 +56,10 @@ class LoMDMNelbo(Objective):
     ``null`` ties it to the forward one, which must then be data-independent
     (``positional``: GenMD4's NELBO exactly). ``t1``: the smallest time of the integral.
     ``reinforce``: the score-function term for the forward scheduler (false: biased, for
-    ablations). The objective owns both schedulers (trained with the model).
+    ablations). The objective owns both schedulers (trained with the model). ``policy``:
+    the reverse scheduler as a decode policy (``policies/reverse_schedule.py``: the
+    generative chain's next position ∝ ``ŵ_i(z_t)``, greedy), which evaluation runs as the
+    stage's learned policy, so a LoMDM run decodes with its own schedule.
 
     In YAML::
 
@@ -77,6 +81,9 @@ class LoMDMNelbo(Objective):
             raise ConfigError("t1", f"must be in (0, 1), got {t1}")
         self.reverse: nn.Module | None = reverse
         self.t1, self.reinforce = float(t1), bool(reinforce)
+        # evaluation decodes with the learned generative order: the reverse scheduler's jump chain (greedy, one
+        # position per step); a plain attribute, not a submodule: its weights are the scheduler's, saved once
+        self.policy = ReverseSchedule(self.process.scheduler if reverse is None else reverse)
 
     def reverse_powers(self, zt: Tensor, w: Tensor) -> Tensor:
         """Float ``[B, L]``: ``ŵ(z_t)`` (the forward powers ``w`` when tied)."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from orderlab.decoding import Decoded, decode
 from orderlab.likelihood import log_likelihood
 from orderlab.policies.base import Policy, PolicyError
-from orderlab.policies.learned import LearnedBernoulli, LearnedPolicy, Replay, Trajectory
+from orderlab.policies.learned import DCoLTPolicy, LearnedBernoulli, LearnedPolicy, Replay, Trajectory
 from orderlab.registry import ConfigError, register
 
 from .base import Objective, StepOutput
@@ -69,7 +69,9 @@ class PolicyGradient(Objective):
     with ``task.score``; the reward gets that score). ``policy``: a :class:`LearnedPolicy` (its parameters are this
     objective's; default ``learned``). ``reward``: default the task's score. ``entropy``: weight of
     the bonus ``mean over decode steps of H(π(· | state))``. ``temperature``: token
-    sampling in rollouts (0 = argmax). ``cache``: decode with the exact KV cache.
+    sampling in rollouts (0 = argmax). ``cache``: decode with the exact KV cache. ``metric``:
+    the score is this key of ``task.metrics`` (e.g. ``token_accuracy``: partial credit, where
+    sampled tokens almost never match a whole row exactly); null: ``task.score``.
     """
 
     trains_model = False
@@ -77,9 +79,16 @@ class PolicyGradient(Objective):
     nan_metrics = frozenset({"entropy"})  # _entropy_metric: NaN where the exact entropy is out of reach
 
     def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 1,
-                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
+                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False,
+                 metric: str | None = None):
         super().__init__(process=None)
         self.task = task
+        self.metric = None if metric is None else str(metric)
+        if self.metric is not None:  # a key of task.metrics, checked on one row before any work
+            x, r = task.batch(1)
+            keys = list(task.metrics(x, x, r))
+            if self.metric not in keys:
+                raise ConfigError("metric", f"the task has no metric {self.metric!r}; its metrics: {keys}")
         self.policy = LearnedBernoulli() if policy is None else policy
         if not isinstance(self.policy, LearnedPolicy):
             raise ConfigError("policy", f"a policy-gradient objective needs a learned policy (learned, "
@@ -105,8 +114,13 @@ class PolicyGradient(Objective):
         with self.policy.recording(seed=seed, greedy=False, reference=reference) as traj:
             d = decode(model, self.policy, x, r, cache=self.cache, temperature=self.temperature, seed=seed,
                        eos_id=self.task.eos_id, pad_id=getattr(self.task, "pad_id", None))
-        score = self.task.score(d.tokens, x, r).double().to(x.device)  # once: the reward is built on it
+        score = self._score(d.tokens, x, r)  # once: the reward is built on it
         return Rollout(d, traj, x, r, self.reward(score, d, r).to(x.device), score)
+
+    def _score(self, pred: Tensor, x: Tensor, r: Tensor) -> Tensor:
+        """Float64[N]: ``task.score``, or the task metric ``metric`` (e.g. ``token_accuracy``)."""
+        s = self.task.score(pred, x, r) if self.metric is None else self.task.metrics(pred, x, r)[self.metric]
+        return s.double().to(x.device)
 
     # -- the estimator
     def advantages(self, reward: Tensor) -> Tensor:
@@ -156,7 +170,8 @@ class PolicyGradient(Objective):
         return float(ent.detach().mean()) if ent.numel() else 0.0
 
     def extra_repr(self) -> str:
-        return f"group={self.group}, entropy={self.entropy}, temperature={self.temperature}, train_model={self.trains_model}"
+        metric = "" if self.metric is None else f", metric={self.metric!r}"
+        return f"group={self.group}, entropy={self.entropy}, temperature={self.temperature}, train_model={self.trains_model}{metric}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()}, policy={self.policy!r}, reward={self.reward!r})"
@@ -175,8 +190,8 @@ class Reinforce(PolicyGradient):
 
     def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 1,
                  baseline_decay: float | None = None, entropy: float = 0.0, temperature: float = 0.0,
-                 cache: bool = True, train_model: bool = False):
-        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
+                 cache: bool = True, train_model: bool = False, metric: str | None = None):
+        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model, metric)
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
             raise ConfigError("baseline_decay", f"must be in [0, 1) or null, got {baseline_decay}")
         self.baseline_decay = baseline_decay
@@ -211,9 +226,10 @@ class RLOO(PolicyGradient):
     prompt, ``A_i = R_i − (1/(G−1)) Σ_{j≠i} R_j``. Unbiased: ``E[∇̂] = ∇J``."""
 
     def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 4,
-                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
+                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False,
+                 metric: str | None = None):
         _check_group(group, "rloo")
-        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
+        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model, metric)
 
     def advantages(self, reward: Tensor) -> Tensor:
         G = reward.shape[1]
@@ -245,14 +261,18 @@ class GRPO(PolicyGradient):
 
     def __init__(self, task, policy: Policy | None = None, reward: Reward | None = None, group: int = 4,
                  clip: float = 0.2, scale: bool = True, kl: float = 0.0, reference: Policy | None = None,
-                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False):
+                 entropy: float = 0.0, temperature: float = 0.0, cache: bool = True, train_model: bool = False,
+                 metric: str | None = None):
         _check_group(group, "grpo")
-        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model)
+        super().__init__(task, policy, reward, group, entropy, temperature, cache, train_model, metric)
         if not 0.0 < clip < 1.0:
             raise ConfigError("clip", f"must be in (0, 1), got {clip}")
         if kl < 0 or (kl > 0) != (reference is not None):
             raise ConfigError("kl", f"a KL weight kl > 0 needs a reference policy and vice versa (kl={kl}, "
                               f"reference={reference!r})")
+        if reference is not None and isinstance(self.policy, DCoLTPolicy) and self.policy.k != 1:
+            raise ConfigError("reference", "a dcolt policy's log π is its ordered draw's, a reference's log_prob is a "
+                                           "set's: with k > 1 the KL estimate would mix the two; use k: 1 or no reference")
         self.clip, self.scale, self.kl = float(clip), bool(scale), float(kl)
         self.reference = reference
         if isinstance(self.reference, nn.Module):

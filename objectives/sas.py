@@ -11,6 +11,23 @@ likelihood of the chosen order), whose sum bounds the KL from the data to the sa
 rollouts of one prompt normalised by the group's mean and standard deviation over all
 its steps, then summed from ``k`` on (:func:`step_advantages`); the loss is GRPO's clipped
 surrogate with that per-step advantage (and GRPO's optional KL to a reference).
+
+Checked against REFERENCES.md ("GRPO order policy with a dense per-step reward from a KL
+upper bound computed with the pathwise log-likelihood, frozen denoiser"): GRPO, per-step
+rewards whose sum is ``log p_θ(x | σ)`` (so the return is minus the bound's data term,
+``rewards.PathwiseLikelihood``), the denoiser frozen (``train_model`` is not a key). Assumed
+where the paper's exact rule is not given there:
+
+- the KL is ``KL(p_data ‖ p_π)`` and the policy walks the *data* (teacher forcing), so the
+  pathwise likelihood is of ``x``, not of a sample; the dense reward of step ``k`` is the
+  log-likelihood of the set it revealed;
+- the per-step advantages are DeepSeekMath's process supervision (normalise every step
+  reward of the group, sum from ``k`` on). The group mean includes the rollout's own
+  rewards (GRPO's usual bias: ``tests/test_sas.py`` computes the exact expectation), and
+  when rollouts of one prompt take different numbers of steps (Bernoulli sets) a rollout
+  gains ``−mean`` per extra step: the sum of its normalised rewards is
+  ``(R − T·mean)/std``, not ``R`` centred. With a fixed set size (``learned_plackett_luce``,
+  ``k`` per step) every rollout has the same ``T`` and this is a constant shift.
 """
 
 from __future__ import annotations
@@ -53,7 +70,8 @@ def teacher_forced(model, policy: Policy, tokens: Tensor, ranks: Tensor, cache: 
         cand = allowed & policy.candidates(masked, step)
         cand = torch.where(cand.any(1, keepdim=True), cand, allowed)  # the rule wins, as in decode
         probs, hidden = _predict(model, x, rank, cand, step, kv, None, getattr(policy, "wants_hidden", False))
-        sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden))
+        sel = policy.select(StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden,
+                                     tokens=x if getattr(policy, "wants_tokens", False) else None))
         if (sel & ~cand).any() or (cand.any(1) & ~sel.any(1)).any():
             raise RuntimeError(f"{policy!r}.select must return a non-empty subset of the candidates (step {step})")
         x, rank = torch.where(sel, tokens, x), torch.where(sel, step + 1, rank)

@@ -9,6 +9,7 @@ so a name of any kind resolves. The walk itself is :mod:`orderlab.registry`'s.
 from __future__ import annotations
 
 from orderlab import model, pretrained, rules  # noqa: F401  (kinds "model" (its "pretrained" too), "attention")
+from orderlab import search  # noqa: F401  (policy "order_token_search": a search that decodes itself)
 from orderlab import objectives, policies, processes, tasks  # noqa: F401  (the component packages)
 from orderlab.registry import DEFERRED, ConfigError, Context, build, check, kinds, names, register
 

@@ -153,7 +153,8 @@ def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand
             hidden: Tensor | None = None, derived: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`.
     ``derived``: StepView fields already computed (:func:`_probs`), handed to the view's memo."""
-    view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden)
+    view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden,
+                    tokens=x if getattr(policy, "wants_tokens", False) else None)
     if derived:
         view._memo.update(derived)  # the values its properties would compute from probs
     sel = policy.select(view)

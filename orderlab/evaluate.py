@@ -309,6 +309,9 @@ def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r:
     device = x.device
     if search is not None:
         run = lambda: search.run(model, task, policy, x, r, cache=cache, temperature=temperature, seed=seed)  # noqa: E731
+    elif callable(getattr(policy, "decode", None)):  # a search that decodes itself (order_token_search)
+        run = lambda: policy.decode(model, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
+                                    eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
     else:
         run = lambda: decode(model, policy, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
                              eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))

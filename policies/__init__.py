@@ -18,9 +18,10 @@ from .presets import (
 )
 from .stochastic import BernoulliPolicy, PlackettLuce, PlackettLucePolicy, RandomPolicy
 from .schedule import ScheduleSampler
-from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution, rank_random_ties
+from .reverse_schedule import ReverseSchedule
+from .sets import NonEmptyBernoulli, OrderedPlackettLuce, PlackettLuceTopK, SetDistribution, rank_random_ties
 from .learned import (
-    FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
+    FEATURES, WIDE_FEATURES, Features, LearnedBernoulli, LearnedPlackettLuce, DCoLTPolicy, LearnedPolicy, LinearNet, MLPNet, PolicyNet, Replay,
     Trajectory, TransformerNet,
 )
 
@@ -32,9 +33,9 @@ __all__ = [
     "Count", "TopK", "KFromSchedule", "EvenSplit", "Threshold", "Factor", "EntropyBound", "Ranked", "rank_candidates", "take_prefix",
     "Composed",
     "RandomPolicy", "LeftToRight", "RightToLeft", "SemiAR", "TopProb", "TopMargin", "LowEntropy",
-    "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler",
+    "ConfidenceThreshold", "FactorRule", "EBSampler", "PCSampler", "SlidingWindow", "ScheduleSampler", "ReverseSchedule",
     "PlackettLuce", "PlackettLucePolicy", "BernoulliPolicy",
-    "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "rank_random_ties",
+    "SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "OrderedPlackettLuce", "rank_random_ties",
     "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet", "Trajectory", "Replay",
-    "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
+    "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce", "DCoLTPolicy",
 ]

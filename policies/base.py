@@ -67,6 +67,10 @@ class StepView:
                                 position's query (same forward as ``probs``; rows outside
                                 ``candidates`` are zeros); the decoder fills it only for a
                                 policy whose ``wants_hidden`` is True (UPO, DCoLT)
+    tokens      Long[B, L]|None the current sequence (revealed and given tokens; the model's
+                                [MASK] id at masked positions); the decoder fills it for a
+                                policy whose ``wants_tokens`` is True (LoMDM's reverse
+                                scheduler reads the noisy sequence)
 
     Derived on first use (:func:`_derived`, computed once per view): ``confidence`` (max prob),
     ``margin`` (top-1 minus top-2 prob), ``entropy`` (nats, 0·log 0 = 0), ``argmax``.
@@ -78,6 +82,7 @@ class StepView:
     step: int
     given: Tensor | None = None
     hidden: Tensor | None = None
+    tokens: Tensor | None = None
     _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +104,10 @@ class StepView:
                                         or tuple(self.hidden.shape[:2]) != shape):
             got = tuple(self.hidden.shape) if isinstance(self.hidden, Tensor) else type(self.hidden).__name__
             raise PolicyError(f"StepView.hidden must have shape [B, L, C] with [B, L] = {shape} (from probs), got {got}")
+        if self.tokens is not None and (not isinstance(self.tokens, Tensor) or self.tokens.dtype.is_floating_point
+                                        or tuple(self.tokens.shape) != shape):
+            got = f"{self.tokens.dtype}{list(self.tokens.shape)}" if isinstance(self.tokens, Tensor) else type(self.tokens).__name__
+            raise PolicyError(f"StepView.tokens must be integer token ids [B, L] = {shape} (from probs), got {got}")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, torch.SymInt)) or self.step < 0:
             raise PolicyError(f"StepView.step must be an int >= 0, got {self.step!r}")
         stray = self.candidates & ~self.masked
@@ -149,10 +158,12 @@ class Policy(abc.ABC):
     with at least one position in every row that has candidates and none elsewhere.
 
     ``wants_hidden``: the decoder passes the denoiser's final hidden states in
-    ``StepView.hidden`` (one forward either way) only to a policy that sets it.
+    ``StepView.hidden`` (one forward either way) only to a policy that sets it;
+    ``wants_tokens``: likewise the current sequence in ``StepView.tokens``.
     """
 
     wants_hidden: bool = False
+    wants_tokens: bool = False
 
     def candidates(self, masked: Tensor, step: int) -> Tensor:
         """Bool[B, L]: positions to run queries for at ``step`` (default: all masked)."""

@@ -4,7 +4,9 @@ A learned policy = per-position **features** of the decoder's ``StepView`` → a
 **network** (kind "policy_net") → per-position logits → an exact **set distribution**
 over the candidates (:mod:`.sets`). It is a :class:`Policy` and an ``nn.Module``:
 ``orderlab.decode`` runs it unchanged, greedy (``greedy=True``; ties broken at random)
-or sampled.
+or sampled. Families: ``learned`` (non-empty Bernoulli sets), ``learned_plackett_luce``
+(``k`` positions, the unordered set's probability) and ``dcolt`` (``k`` positions, the
+ordered draw's probability: DCoLT's action).
 
 For policy gradients, a rollout is recorded and replayed::
 
@@ -56,11 +58,11 @@ from orderlab.registry import declare_kind, register
 
 from .base import Policy, PolicyError, StepView
 from .compose import Count, rank_candidates
-from .sets import NonEmptyBernoulli, PlackettLuceTopK, SetDistribution
+from .sets import NonEmptyBernoulli, OrderedPlackettLuce, PlackettLuceTopK, SetDistribution
 
 __all__ = [
     "FEATURES", "WIDE_FEATURES", "Features", "PolicyNet", "LinearNet", "MLPNet", "TransformerNet",
-    "Trajectory", "Replay", "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce",
+    "Trajectory", "Replay", "LearnedPolicy", "LearnedBernoulli", "LearnedPlackettLuce", "DCoLTPolicy",
 ]
 
 
@@ -267,7 +269,9 @@ class Trajectory:
     """What a recorded decode keeps per step (lists of ``T`` tensors, batch ``B``).
 
     features  Float[B, L, F]   keep        Bool[B, L] (positions that are not padding)
-    candidates Bool[B, L]      selected    Bool[B, L]      k  Long[B] (set size rule)
+    candidates Bool[B, L]      k  Long[B] (set size rule)
+    selected  the distribution's action: the set Bool[B, L], or for an ordered draw
+              (:class:`~.sets.OrderedPlackettLuce`, DCoLT) its slots Long[B, L]
     log_prob  Float[B]: log π(S_k | state) at decode time (no gradient)
     ref_log_prob Float[B]: the reference policy's log-probability of S_k (if one was given)
     """
@@ -438,17 +442,18 @@ class LearnedPolicy(Policy, nn.Module):
             rec = self._rec
             greedy = self.greedy if rec is None or rec.greedy is None else rec.greedy
             if rec is not None and rec.follow is not None:
-                sel = self._followed(rec.follow, view)
+                act = self._followed(rec.follow, view)
             else:
-                sel = dist.mode(self._gen) if greedy else dist.sample(self._gen)
+                act = dist.mode(self._gen) if greedy else dist.sample(self._gen)  # the set, or its ordered draw
+            sel = dist.selected(act)
             if rec is not None:
                 t = rec.traj
                 t.keep = keep if t.keep is None else t.keep
                 t.features.append(f)
                 t.candidates.append(view.candidates)
-                t.selected.append(sel)
+                t.selected.append(act)
                 t.k.append(k)
-                t.log_prob.append(dist.log_prob(sel))
+                t.log_prob.append(dist.log_prob(act))
                 if rec.reference is not None:
                     t.ref_log_prob.append(rec.reference.log_prob(sel, view).double())
         return sel
@@ -544,3 +549,23 @@ class LearnedPlackettLuce(LearnedPolicy):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k!r}"
+
+
+@register("policy", "dcolt")
+class DCoLTPolicy(LearnedPlackettLuce):
+    """DCoLT / LLaDOU's unmasking policy module (Huang et al. 2025): ``k`` positions per
+    step drawn one after another by Plackett–Luce over the net's scores, and the policy
+    gradient's ``log π`` of a step is that of the *ordered* draw,
+    ``Σ_k [log s_σk − log(Σ_unselected s + Σ_{j≥k} s_σj)]`` (:class:`~.sets.OrderedPlackettLuce`),
+    not the unordered set's probability that ``learned_plackett_luce`` uses. Same keys as
+    ``learned_plackett_luce``; the paper's module reads the LM's last hidden states
+    (``features: [..., hidden]``). Trained jointly with the denoiser by a policy-gradient
+    objective with ``train_model: true`` (the paper: PPO on both; ``experiments/
+    learned_zoo_dcolt.yaml``: GRPO, whose single-update clipped ratio is PPO's).
+
+    Assumed where the paper's rule is not in REFERENCES: ``k`` fixed per step (or a count
+    rule) rather than the paper's schedule; a teacher-forced step (``recording(follow=...)``,
+    order within the set unknown) scores the set's exact probability."""
+
+    def distribution(self, logits, candidates, k):
+        return OrderedPlackettLuce(logits, candidates, k)

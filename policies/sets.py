@@ -14,6 +14,13 @@ set with probability 1 (log-probability 0, entropy 0).
 - :class:`PlackettLuceTopK`: the first ``k`` draws without replacement with probabilities
   ``∝ exp(l_i)`` (DCoLT / LLaDOU, Huang et al. 2025), as an unordered set; ``log_prob`` is
   the exact inclusion–exclusion of :meth:`PlackettLuce.log_prob_set`.
+- :class:`OrderedPlackettLuce`: the same draws *with their order* (DCoLT's action): an
+  action is ``Long[B, L]`` draw slots (``j`` = the ``j``-th draw, 0 = not drawn) and
+  ``log_prob`` is DCoLT's formula for the ordered draws.
+
+An *action* is what ``sample`` / ``mode`` return and ``log_prob`` scores: the set
+``Bool[B, L]`` itself, except for the ordered distribution; ``selected(action)`` is always
+the set.
 
 All computations are in float64 and differentiable in ``logits``.
 """
@@ -31,7 +38,7 @@ from .base import PolicyError
 from .compose import Ranked, rank_candidates, take_prefix
 from .stochastic import PlackettLuce
 
-__all__ = ["SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "rank_random_ties"]
+__all__ = ["SetDistribution", "NonEmptyBernoulli", "PlackettLuceTopK", "OrderedPlackettLuce", "rank_random_ties"]
 
 _NEG_INF = -math.inf
 
@@ -83,6 +90,10 @@ class SetDistribution:
     def log_prob(self, selected: Tensor) -> Tensor:
         """Float[B]: log P(selected); −inf outside the support."""
         raise NotImplementedError
+
+    def selected(self, action: Tensor) -> Tensor:
+        """Bool[B, L]: the set an action reveals (the action itself for set distributions)."""
+        return action
 
     def entropy(self) -> Tensor:
         """Float[B]: −Σ_S P(S) log P(S) in nats."""
@@ -194,3 +205,51 @@ class PlackettLuceTopK(SetDistribution):
             plogp = torch.where(torch.isfinite(lp), lp.exp() * lp, torch.zeros_like(lp))  # 0 log 0 = 0
             out = out.index_put((rows,), -plogp.sum(1))  # [r]: −Σ_S P log P
         return out
+
+
+class OrderedPlackettLuce(PlackettLuceTopK):
+    """The first ``k[b]`` Plackett–Luce draws *in their order* (DCoLT / LLaDOU, Huang et al.
+    2025: the unmasking policy module samples ``K`` positions one after another and
+    its policy gradient uses the probability of that ordered draw). An action is
+    ``slots Long[B, L]``: ``slots[b, i] = j`` if position ``i`` was the ``j``-th draw
+    (``1..k``), 0 otherwise. With scores ``s_i = exp(l_i)`` over the candidates and the draw
+    ``σ_1..σ_K`` (REFERENCES.md, "Learned orders", DCoLT)::
+
+        log π(σ) = Σ_{k=1..K} [ log s_σk − log( Σ_{unselected} s + Σ_{j ≥ k} s_σj ) ]
+
+    (:meth:`PlackettLuce.log_prob_order`). ``log_prob`` of a plain set ``Bool[B, L]`` (a
+    teacher-forced step, whose draw order is unknown) is the set's exact probability, the
+    sum over its ``K!`` orders (:class:`PlackettLuceTopK`); ``entropy`` is the entropy of
+    the set, not of the ordered draw (equal for ``k = 1``). ``mode``: the ``k`` largest
+    logits in decreasing order (the most likely ordered draw), ties at random.
+    """
+
+    def sample(self, generator=None) -> Tensor:
+        return self._slots(PlackettLuce.sample(self.logits, self.valid, generator))
+
+    def mode(self, generator=None) -> Tensor:
+        return self._slots(rank_random_ties(self.logits, self.valid, generator).order)
+
+    def _slots(self, order: Tensor) -> Tensor:
+        """Long[B, L]: the draw slots of the first ``k`` positions of ``order [B, L]``."""
+        slot = torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order)
+        slot = torch.where(slot <= self.k[:, None], slot, torch.zeros_like(slot))
+        return torch.zeros_like(order).scatter(1, order, slot)
+
+    def selected(self, action: Tensor) -> Tensor:
+        return action > 0 if action.dtype != torch.bool else action
+
+    def log_prob(self, action: Tensor) -> Tensor:
+        if action.dtype == torch.bool:
+            return super().log_prob(action)
+        if action.shape != self.valid.shape:
+            raise PolicyError(f"draw slots must be Long{list(self.valid.shape)}, got {action.dtype}{list(action.shape)}")
+        sel = action > 0
+        K = sel.sum(1)
+        L = action.shape[1]
+        order = torch.where(sel, action - 1, action.new_full((), L) + torch.arange(L, device=action.device)).argsort(1)
+        drawn = torch.arange(L, device=action.device)[None, :] < K[:, None]  # [B, L] slots 0..K-1 of ``order``
+        dense = (action.gather(1, order) == torch.arange(1, L + 1, device=action.device)[None, :]) | ~drawn  # slots 1..K
+        ok = _check_selected(sel, self.valid) & (K == self.k) & dense.all(1)
+        lp = PlackettLuce.log_prob_order(self.logits, order, K, self.valid)
+        return torch.where(ok, lp, torch.full_like(lp, _NEG_INF))

@@ -43,6 +43,27 @@ def test_lomdm_experiment_loads_and_runs(tmp_path):
     out = obj.step(exp.model, x, r, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert obj.process.scheduler.rho.grad is not None and obj.reverse.rho.grad is not None
-    assert main([str(yaml), *TINY, f"run.dir={tmp_path}", "--no-progress"]) == 0
+    # Order-Token Search from YAML: a policy of evaluate.policies (it decodes itself)
+    ots = "evaluate.policies=[top_prob,{name: order_token_search, beam: 2}]"
+    assert main([str(yaml), *TINY, ots, f"run.dir={tmp_path}", "--no-progress"]) == 0
     res = json.loads((tmp_path / "learned_zoo_lomdm" / "results.json").read_text())
     assert res["status"] == "completed" and res["evaluations"][0]["policy"] == "top_prob"
+    # the stage's own generative order: its reverse scheduler as the decode policy (policies/reverse_schedule.py)
+    rows = {r["policy"]: r for r in res["evaluations"]}
+    assert list(rows) == ["top_prob", "order_token_search(beam=2)", "denoiser (lomdm_nelbo)"]
+    assert rows["order_token_search(beam=2)"]["nfe_mean"] > rows["top_prob"]["nfe_mean"]  # two hypotheses per step
+
+
+def test_dcolt_experiment_loads_and_runs(tmp_path):
+    """DCoLT's recipe end to end at toy size: the joint stage trains the denoiser too, and
+    the evaluation has the learned policy's row (k = 2 per step: half the NFE)."""
+    yaml = EXPERIMENTS / "learned_zoo_dcolt.yaml"
+    tiny = [*TINY, "stages.dcolt.train.steps=1", "stages.dcolt.train.batch_size=2", "stages.dcolt.objective.group=2",
+            f"run.dir={tmp_path}"]
+    exp = load(yaml, tiny)
+    assert exp.stages["dcolt"].objective.trains_model and exp.stages["dcolt"].objective.policy.features.hidden_size == 16
+    assert main([str(yaml), *tiny, "--no-progress"]) == 0
+    res = json.loads((tmp_path / "learned_zoo_dcolt" / "results.json").read_text())
+    rows = {r["policy"]: r for r in res["evaluations"]}
+    assert list(rows) == ["top_prob", "dcolt (grpo)"]
+    assert rows["dcolt (grpo)"]["nfe_mean"] == rows["top_prob"]["nfe_mean"] / 2

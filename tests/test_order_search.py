@@ -2,6 +2,8 @@
 every forward of every path is counted, the kept path is the best by the model's exact
 likelihood or by a verifier."""
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,96 @@ def test_path_log_likelihood_and_errors():
         search_decode(model, pol, x, r, k=0)
     with pytest.raises(ValueError, match="verifier must return"):
         search_decode(model, pol, x, r, k=2, verifier=lambda t, rk: t.sum())
+
+
+# ----------------------------------------------------------------------------- Order-Token Search
+
+
+def _ots(beam):
+    return orderlab.build("policy", {"name": "order_token_search", "beam": beam})
+
+
+@pytest.mark.parametrize("attention", ["set_causal", "bidirectional"])
+def test_order_token_search_beam_one_is_greedy_top_prob(attention):
+    model, (x, r) = tiny_model(attention), prompts(4)
+    r[1, -1] = -1  # ragged: rows with different numbers of positions to generate
+    plain = decode(model, orderlab.build("policy", "top_prob"), x, r, cache=False)
+    beam = _ots(1).decode(model, x, r)
+    assert torch.equal(beam.tokens, plain.tokens) and torch.equal(beam.ranks, plain.ranks)
+    assert torch.equal(beam.nfe, plain.nfe) and beam.steps == plain.steps
+    torch.testing.assert_close(beam.scores[:, 0].float(), orderlab.log_likelihood(model, plain.tokens, plain.ranks),
+                               atol=1e-4, rtol=0)
+
+
+def test_order_token_search_wide_beam_is_the_brute_force_argmax():
+    """Three positions, vocabulary 3: 3! orders x 3^3 tokens = 162 (order, tokens) pairs; a
+    beam of 162 keeps every partial hypothesis, so it must return the pair with the largest
+    log p_θ(x | σ) found by enumerating them all with orderlab.log_likelihood."""
+    from conftest import sharp_denoiser
+
+    import itertools
+
+    model = sharp_denoiser(V=3, L=3, seed=11)
+    orders = torch.tensor(list(itertools.permutations([1, 2, 3])))  # [6, 3] ranks
+    toks = torch.tensor(list(itertools.product(range(3), repeat=3)))  # [27, 3]
+    X = toks.repeat(len(orders), 1)  # [162, 3]
+    R = orders.repeat_interleave(len(toks), 0)
+    with torch.no_grad():
+        ll = orderlab.log_likelihood(model, X, R)
+    best = int(ll.argmax())
+    x0, r0 = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    wide = _ots(162).decode(model, x0, r0)
+    assert torch.equal(wide.tokens[0], X[best]) and torch.equal(wide.ranks[0], R[best])
+    assert float(wide.scores[0, 0]) == pytest.approx(float(ll.max()), abs=1e-4)
+    assert (ll < ll.max() - 1e-4).sum() == len(ll) - 1  # the argmax is unique: the comparison is sharp
+    narrow = _ots(1).decode(model, x0, r0)
+    assert float(narrow.scores[0, 0]) < float(ll.max()) - 1e-3  # greedy misses it here: the beam matters
+
+
+@pytest.mark.parametrize("beam", [1, 2, 5])
+def test_order_token_search_nfe_is_every_forward_of_every_beam(beam):
+    model = Counting(tiny_model("bidirectional"))
+    x, r = prompts(3)
+    out = _ots(beam).decode(model, x, r)
+    assert int(out.nfe.sum()) == model.total  # every hypothesis's forward, counted outside
+    # per row: one hypothesis at the start, then min(beam, hypotheses at depth k) = min(beam, n!/(n-k)! V^k)
+    for b in range(3):
+        n = int((r[b] >= 1).sum())
+        want = sum(min(beam, math.perm(n, k) * V**k) for k in range(n))
+        assert int(out.nfe[b]) == want
+
+
+def test_order_token_search_from_config_and_in_evaluation():
+    pol = _ots(3)
+    assert pol.beam == 3 and repr(pol) == "OrderTokenSearch(beam=3)"
+    with pytest.raises(orderlab.registry.ConfigError, match="width"):
+        orderlab.build("policy", {"name": "order_token_search", "width": 3})
+    with pytest.raises(orderlab.registry.ConfigError, match="beam"):
+        orderlab.build("policy", {"name": "order_token_search", "beam": 0})
+    model, (x, r) = tiny_model("bidirectional"), prompts()
+    with pytest.raises(orderlab.policies.PolicyError, match="decodes itself"):
+        decode(model, pol, x, r)
+    from orderlab.evaluate import measure
+    from orderlab.tasks.base import Task  # noqa: F401  (only to be sure the tasks package imports)
+
+    class Toy:
+        eos_id, pad_id = None, 0
+
+        def metrics(self, pred, tokens, ranks):
+            return {"accuracy": ((pred == tokens) | (ranks < 1)).all(1).double()}
+
+    m = measure(model, Toy(), pol, x, r, batch_size=2)
+    direct = pol.decode(model, x, r)
+    assert torch.equal(m.nfe, direct.nfe)
+
+
+def test_order_token_search_inside_search_decode():
+    """A searched row of order_token_search (evaluate.search over every policy): k copies of
+    the deterministic beam, all their forwards and the scoring passes counted."""
+    model, (x, r) = Counting(tiny_model("bidirectional")), prompts()
+    pol = _ots(2)
+    one = pol.decode(model, x, r)
+    model.total = 0
+    two = search_decode(model, pol, x, r, k=2)
+    assert torch.equal(two.tokens, one.tokens) and torch.equal(two.ranks, one.ranks)
+    assert int(two.nfe.sum()) == model.total and int(two.nfe.sum()) > 2 * int(one.nfe.sum())

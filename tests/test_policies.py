@@ -383,6 +383,11 @@ def _presets():
     for name in registry.names("policy"):
         if name == "schedule":
             out[name] = orderlab.build("policy", name, process=_LeftToRightProcess())
+        elif name == "lomdm":  # a reverse scheduler: positional (reads no tokens), powers at random
+            out[name] = registry.build("policy", {"name": name, "scheduler": {"name": "positional", "power_init": [
+                0.5 + i % 3 for i in range(16)]}}, context={"vocab_size": 5, "max_len": 16})
+        elif name == "order_token_search":  # decodes itself (a beam of states per row): tests/test_order_search.py
+            continue
         else:
             out[name] = orderlab.build("policy", name)
     out["semi_ar_steps"] = orderlab.build("policy", "semi_ar", block_size=3, steps=2)

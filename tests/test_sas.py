@@ -155,3 +155,19 @@ def test_config_and_errors():
         build("objective", {"name": "sas", "step_reward": "score"}, task=task)
     with pytest.raises(ConfigError, match="objective.temperature"):  # no such key: tokens are the data's
         build("objective", {"name": "sas", "temperature": 1.0}, task=task)
+
+
+def test_step_advantages_favour_more_steps_at_equal_likelihood():
+    """The caveat the SAS docstring states: with process supervision, a rollout's summed
+    normalised rewards are (R − T·mean)/std, so two rollouts of one prompt with the same
+    log-likelihood R = −2 but T = 2 and T = 1 steps get different advantages (the longer
+    one favoured, mean < 0); with equal T the same R gives the same advantage."""
+    r = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]], dtype=torch.float64)  # [T=2, G=2]: rollout 1 has one step
+    active = torch.tensor([[True, True], [True, False]])
+    a = step_advantages(r, active, 2, scale=False)
+    mean = -4 / 3
+    torch.testing.assert_close(a[0], torch.tensor([-2 - 2 * mean, -2 - 1 * mean], dtype=torch.float64))
+    assert a[0, 0] > a[0, 1]
+    same = step_advantages(torch.tensor([[-1.5, -0.5], [-0.5, -1.5]], dtype=torch.float64), torch.ones(2, 2, dtype=torch.bool), 2,
+                           scale=False)
+    torch.testing.assert_close(same[0, 0], same[0, 1])
