@@ -15,7 +15,7 @@ from orderlab import ablate
 from orderlab.run import main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-ZOO = ["learned_zoo_chain.yaml", "learned_zoo_sudoku.yaml", "learned_zoo_sat.yaml"]
+ZOO = ["learned_zoo_chain.yaml", "learned_zoo_sudoku.yaml", "learned_zoo_sudoku6.yaml", "learned_zoo_sat.yaml"]
 
 
 def tiny(yaml: Path, tmp_path: Path) -> list[str]:
