@@ -435,9 +435,10 @@ def _denoiser(exp: Any) -> dict[str, Any]:
     from orderlab.compare import stage_cost
 
     names = [n for n, st in exp.stages.items() if st.objective.trains_model]
-    costs = [c for c in (stage_cost(exp.stages[n].files.checkpoint) for n in names) if c is not None]
+    found = {n: stage_cost(exp.stages[n].files.checkpoint) for n in names}
+    costs = [c for c in found.values() if c is not None]
     return {"stages": names, "train_s": sum(c["train_s"] for c in costs), "forwards": sum(c["forwards"] for c in costs),
-            "calls": sum(c["calls"] for c in costs)}
+            "calls": sum(c["calls"] for c in costs), "unrecorded": [n for n, c in found.items() if c is None]}
 
 
 def _add_run(rec: dict[str, Any], run: dict[str, Any], seeds: Sequence[int]) -> bool:
@@ -690,4 +691,7 @@ def _write_comparison(path: Path, section: Mapping[str, Any], title: str) -> Pat
     d = section.get("denoiser") or {}
     shared = (f"Shared denoiser (stages {', '.join(d.get('stages', [])) or 'none'}): {d.get('train_s', 0.0):.1f} s, "
               f"{int(d.get('forwards', 0))} row forwards; not counted in any row above.")
+    if d.get("unrecorded") or not d.get("stages"):
+        shared += (" Not recorded here: " + (", ".join(d.get("unrecorded", [])) or "no stage trains it") +
+                   " (the weights came from model.checkpoint, or a checkpoint older than the counts).")
     return report.write_text(path, f"{table}\n{shared}\n\n{bar_text(bar(section))}\n")
