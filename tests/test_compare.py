@@ -167,6 +167,8 @@ def test_bar_and_best_points():
     b = bar(section)
     assert b["heuristic_mean"] == 0.80 and b["gap"] == pytest.approx(0.06) and b["outside_std"]
     assert b["nfe_saving"] == pytest.approx(0.3) and b["met"]
+    # against the frontier: p1 (0.86 at 9 NFE) vs the best heuristic within 9 NFE (0.70 at 5): +16 points
+    assert b["frontier"]["learned"] == "p1" and b["frontier"]["gap"] == pytest.approx(0.16)
     section["points"][2]["summary"]["solved"]["mean"] = 0.81  # +1 point; 7/10 NFE still saves 30%
     section["points"][3]["summary"]["nfe"]["mean"] = 9.5  # now only 5% fewer forwards
     b = bar(section)
