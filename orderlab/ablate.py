@@ -27,6 +27,12 @@ in the order written, one **grid point** per combination. A constructor argument
 is itself a list is given wrapped (``token_freqs: [[0.2, 0.8]]``). An entry is one
 *family* (one curve of the Pareto plot); its label is the policy name with its fixed keys.
 
+An entry may also be a **learned row**, ``{stage: grpo, greedy: [true, false]}``: the
+policy that stage of the same experiment learned, decoded greedily or sampled
+(``orderlab.compare``), and any entry may carry its own test-time ``search`` (``{k: 4}``,
+a knob when a list); rows then carry their method, kind, decode and training cost, and
+``comparison.md`` gives each entry's best point and section 3's bar of issue 21.
+
 A **seed** ``s`` picks the test examples (``task.batch(n, "test", seed=s)``, the same for
 every grid point, so points compare on paired data), the decode RNG of batch ``j``
 (``derive_seed(s, j, "decode")``) and the ``seed`` argument of a policy that takes one
