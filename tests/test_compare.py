@@ -198,3 +198,18 @@ def test_training_cost_survives_resume(tmp_path):
     assert resumed.cost.forwards == full.cost.forwards  # step 2 counted once: the checkpoint of step 1 holds 4
     saved = json.loads(json.dumps(torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["cost"]))
     assert saved["forwards"] == 8
+
+
+def test_search_and_stage_entries_expand_with_readable_labels():
+    pts = ablate.expand_grid([{"name": "top_prob", "search": [{"k": 2}, None]},
+                              {"stage": "grpo", "greedy": [True, False], "search": {"k": 4, "verifier": "task"}}])
+    assert [p.label for p in pts] == ["top_prob (search k=2)", "top_prob", "grpo(greedy=True) (search k=4, task)",
+                                      "grpo(greedy=False) (search k=4, task)"]
+    assert [p.knobs for p in pts[:2]] == [{"search": "k=2"}, {"search": "none"}]
+    assert [p.search.k if p.search else None for p in pts] == [2, None, 4, 4]
+    assert [p.stage for p in pts] == [None, None, "grpo", "grpo"] and pts[2].policy_spec == {"stage": "grpo",
+                                                                                                 "greedy": True}
+    assert pts[2].family == "grpo (search k=4, task)"
+    with pytest.raises(ConfigError) as e:
+        ablate.expand_grid([{"name": "l2r", "search": [{"k": 0}]}])
+    assert e.value.path == "grid[0].search[0].k"
