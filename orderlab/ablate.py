@@ -27,6 +27,12 @@ in the order written, one **grid point** per combination. A constructor argument
 is itself a list is given wrapped (``token_freqs: [[0.2, 0.8]]``). An entry is one
 *family* (one curve of the Pareto plot); its label is the policy name with its fixed keys.
 
+An entry may also be a **learned row**, ``{stage: grpo, greedy: [true, false]}``: the
+policy that stage of the same experiment learned, decoded greedily or sampled
+(``orderlab.compare``), and any entry may carry its own test-time ``search`` (``{k: 4}``,
+a knob when a list); rows then carry their method, kind, decode and training cost, and
+``comparison.md`` gives each entry's best point and section 3's bar of issue 21.
+
 A **seed** ``s`` picks the test examples (``task.batch(n, "test", seed=s)``, the same for
 every grid point, so points compare on paired data), the decode RNG of batch ``j``
 (``derive_seed(s, j, "decode")``) and the ``seed`` argument of a policy that takes one
@@ -59,6 +65,7 @@ order heatmaps.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -99,8 +106,9 @@ CSV = "results.csv"  # one row per grid point
 TABLE = "ablation.md"  # the same as a markdown table
 PARETO = "pareto.png"  # quality vs NFE, one curve per entry, the frontier marked
 HEATMAP = "order_grid_{}.png"  # per entry: one panel per grid point
+COMPARISON = "comparison.md"  # with learned or searched rows: each entry's best point and the bar
 
-_HEADS = ("name", "_target_")
+_HEADS = ("name", "_target_", "stage")  # a policy spec, or a stage's learned policy (orderlab.compare)
 
 
 # --------------------------------------------------------------------------- the grid
@@ -124,7 +132,8 @@ def _label(head: str, args: Mapping[str, Any]) -> str:
 class GridPoint:
     """One policy of the grid. ``index``: its place in the grid (the order points run in);
     ``entry``: the grid entry it expanded from; ``knobs``: that entry's list-valued keys
-    and their values here; ``spec``: the whole policy spec."""
+    and their values here; ``spec``: the whole policy spec (with ``search``, if any);
+    ``search``: the entry's own search; ``stage``: set for a stage entry."""
 
     index: int
     entry: int
@@ -132,6 +141,13 @@ class GridPoint:
     label: str
     spec: Mapping[str, Any]
     knobs: Mapping[str, Any]
+    search: SearchConfig | None = None  # the entry's own test-time search (its ``search`` key)
+    stage: str | None = None  # a stage entry: the stage whose learned policy this point decodes
+
+    @property
+    def policy_spec(self) -> dict[str, Any]:
+        """The spec the policy is built from: ``spec`` without ``search``."""
+        return {k: v for k, v in self.spec.items() if k != "search"}
 
     @property
     def key(self) -> str:
@@ -154,7 +170,8 @@ def expand_grid(grid: Any, path: str = "grid") -> list[GridPoint]:
             raise ConfigError(where, f"expected a policy name or a mapping with 'name'/'_target_', got {type(entry).__name__}")
         heads = [k for k in _HEADS if k in entry]
         if len(heads) != 1:
-            raise ConfigError(where, "needs exactly one of 'name' (a registered policy) or '_target_' (a dotted path)")
+            raise ConfigError(where, "needs exactly one of 'name' (a registered policy), '_target_' (a dotted path) "
+                                     "or 'stage' (the policy a stage of this experiment learned)")
         head = heads[0]
         if not isinstance(entry[head], str):
             raise ConfigError(f"{where}.{head}", f"must be one policy (a string), got {entry[head]!r}: one entry is one "
@@ -164,19 +181,43 @@ def expand_grid(grid: Any, path: str = "grid") -> list[GridPoint]:
         for k, v in knobs.items():
             if not v:
                 raise ConfigError(f"{where}.{k}", "an empty list expands to no grid point: give at least one value")
-        family = _label(name, {k: v for k, v in entry.items() if k != head and k not in knobs})
+        searches = [_search(v, f"{where}.search" + (f"[{j}]" if "search" in knobs else ""))
+                    for j, v in enumerate(knobs.get("search", [entry.get("search")]))]
+        fixed = {k: v for k, v in entry.items() if k not in (head, "search") and k not in knobs}
+        family = _searched(_label(name, fixed), None if "search" in knobs else searches[0])
         if family in families:
             family = f"{family} #{i}"
         families.add(family)
         for values in itertools.product(*knobs.values()):
             spec = {**entry, **dict(zip(knobs, values))}  # the entry's key order
-            label = _label(name, {k: v for k, v in spec.items() if k != head})
+            search = searches[knobs["search"].index(spec["search"])] if "search" in knobs else searches[0]
+            label = _searched(_label(name, {k: v for k, v in spec.items() if k not in (head, "search")}), search)
             key = json.dumps(spec, sort_keys=True)
             if key in seen:
                 raise ConfigError(where, f"grid point {label} is also in {path}[{seen[key]}]: each point once")
             seen[key] = i
-            points.append(GridPoint(len(points), i, family, label, spec, dict(zip(knobs, values))))
+            knob_values = {k: (_search_label(search) if k == "search" else v) for k, v in zip(knobs, values)}
+            points.append(GridPoint(len(points), i, family, label, spec, knob_values, search,
+                                    entry["stage"] if head == "stage" else None))
     return points
+
+
+def _search(value: Any, path: str) -> SearchConfig | None:
+    """An entry's ``search`` (SearchConfig keys; null: a plain decode), checked."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"must be a mapping of search settings (e.g. {{k: 4}}) or null, got {value!r}")
+    return build_settings(SearchConfig, dict(value), path)
+
+
+def _search_label(search: SearchConfig | None) -> str:
+    """A search knob's value as a label: ``k=4`` (``, task`` with the oracle); ``none``."""
+    return "none" if search is None else search.label("").strip(" ()").removeprefix("search ")
+
+
+def _searched(label: str, search: SearchConfig | None) -> str:
+    return label if search is None else search.label(label)
 
 
 @dataclass
@@ -214,7 +255,10 @@ class AblateConfig:
             if not ok:
                 raise ConfigError(key, f"out of range: {getattr(self, key)!r}")
         self.temperature = float(self.temperature)
-        self.points  # noqa: B018  # expand now: a bad entry is an error before anything runs
+        for p in self.points:  # expand now: a bad entry is an error before anything runs
+            if p.search is not None and self.search is not None:
+                raise ConfigError(f"grid[{p.entry}].search", "ablate.search already searches every point: set "
+                                                             "search on the entries or on the section, not both")
 
     @functools.cached_property
     def points(self) -> list[GridPoint]:
@@ -240,6 +284,44 @@ class Ablation:
 
     def policy(self, point: GridPoint, seed: int) -> Any:
         return self.policies[point.index, seed]
+
+    def settings(self, point: GridPoint) -> AblateConfig:
+        """The settings ``point`` is measured with: the section's, with the entry's own search."""
+        if point.search is None:
+            return self.config
+        settings = copy.copy(self.config)  # not dataclasses.replace: the section's checks ran already
+        settings.search = point.search
+        return settings
+
+
+def grid_policies(cfg: AblateConfig, ctx: Any, make: Callable[..., Any], objectives: Mapping[str, Any],
+                  check_only: bool = False) -> dict[tuple[int, int], Any]:
+    """A policy per (grid point, seed), built by ``make`` (``registry.check`` in the check
+    pass, ``registry.build``) with the context ``ctx``: a policy taking ``seed`` that its
+    entry leaves unset gets the run's seed; any other is built once and shared by the
+    seeds. A stage entry's point is the stage's learned policy (``orderlab.compare``:
+    ``objectives`` are the stages' objectives, classes in the check pass), per seed."""
+    import inspect
+
+    from orderlab import registry
+    from orderlab.compare import stage_policy
+
+    policies: dict[tuple[int, int], Any] = {}
+    for point in cfg.points:
+        path = f"ablate.grid[{point.entry}]"
+        spec = point.policy_spec
+        if point.stage is not None:
+            for s in cfg.seeds:
+                policies[point.index, s] = stage_policy(spec, objectives, s, path, check_only)
+            continue
+        cls, _ = registry.split("policy", spec, path)
+        if "seed" in inspect.signature(cls).parameters and "seed" not in spec:
+            for s in cfg.seeds:
+                policies[point.index, s] = make("policy", {**spec, "seed": s}, path, ctx)
+        else:
+            shared = make("policy", spec, path, ctx)
+            policies.update({(point.index, s): shared for s in cfg.seeds})
+    return policies
 
 
 # --------------------------------------------------------------------------- a run
@@ -323,6 +405,48 @@ def _record(p: GridPoint, search: SearchConfig | None = None) -> dict[str, Any]:
             "spec": dict(p.spec), "key": p.key, "runs": [], "summary": None}
 
 
+def _method(exp: Any, p: GridPoint, search: SearchConfig | None) -> dict[str, Any]:
+    """What the comparison says of a point (``orderlab.compare``): ``kind`` (learned,
+    search, heuristic), ``method`` (the stage and its objective, or the policy family),
+    ``decode`` (greedy or sampled: how the order is chosen) and ``train`` (the stage's
+    cost, ``train.Cost``; None for a row that trains nothing)."""
+    from orderlab.compare import HEURISTIC, LEARNED, SEARCHED, stage_cost
+    from orderlab.config import learned_label
+
+    if p.stage is not None:
+        from omegaconf import OmegaConf
+
+        objective = OmegaConf.to_container(exp.config.stages[p.stage].objective)
+        return {"kind": LEARNED, "method": learned_label(p.stage, objective),
+                "decode": "greedy" if p.spec.get("greedy", True) else "sampled",
+                "train": stage_cost(exp.stages[p.stage].files.checkpoint)}
+    stochastic = p.spec.get("name") in _SAMPLED or bool(p.spec.get("noise"))  # draws of its own (seeded per run)
+    return {"kind": HEURISTIC if search is None else SEARCHED, "method": p.family,
+            "decode": "sampled" if stochastic else "greedy", "train": None}
+
+
+_SAMPLED = ("random", "bernoulli", "plackett_luce")
+
+
+def _policy_weights(exp: Any, p: GridPoint) -> str | None:
+    """A hash of the learned policy's weights of a stage point (None for other points): a
+    stored run is reused only when it was measured with the same policy."""
+    if p.stage is None:
+        return None
+    return _fingerprint(exp.stages[p.stage].objective.policy)
+
+
+def _denoiser(exp: Any) -> dict[str, Any]:
+    """The shared denoiser's training cost: the stages that train the model, summed."""
+    from orderlab.compare import stage_cost
+
+    names = [n for n, st in exp.stages.items() if st.objective.trains_model]
+    found = {n: stage_cost(exp.stages[n].files.checkpoint) for n in names}
+    costs = [c for c in found.values() if c is not None]
+    return {"stages": names, "train_s": sum(c["train_s"] for c in costs), "forwards": sum(c["forwards"] for c in costs),
+            "calls": sum(c["calls"] for c in costs), "unrecorded": [n for n, c in found.items() if c is None]}
+
+
 def _add_run(rec: dict[str, Any], run: dict[str, Any], seeds: Sequence[int]) -> bool:
     """Put ``run`` into its point's record (runs in seed order); the summary once every seed
     is done. Whether the point is now complete."""
@@ -369,7 +493,15 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
     done = _reusable(old, setup, say)
     points = grid.points
     section = results["ablation"] = {"setup": setup, "metric": task.metric, "seeds": list(cfg.seeds),
-                                     "points": [_record(p, cfg.search) for p in points]}
+                                     "denoiser": _denoiser(exp), "points": []}
+    for p in points:
+        search = grid.settings(p).search
+        weights = _policy_weights(exp, p)
+        section["points"].append({**_record(p, cfg.search), **_method(exp, p, search),
+                                  **({} if weights is None else {"policy_weights": weights})})
+        for s in cfg.seeds:  # a learned point measured with other policy weights is measured again
+            if weights is not None and done.get((p.key, s), {}).get("policy_weights") != weights:
+                done.pop((p.key, s), None)
     for p in points:  # reuse what is there first: a partial file stays complete
         for s in cfg.seeds:
             if (p.key, s) in done:
@@ -392,7 +524,10 @@ def run_grid(exp: Any, results: dict[str, Any], save: Callable[[], Any], progres
                 if s not in data:
                     data[s] = task.batch(cfg.n, split="test", seed=s)
                 with distributed.solo():
-                    run = evaluate_point(model, task, grid.policy(p, s), *data[s], cfg, s)
+                    run = evaluate_point(model, task, grid.policy(p, s), *data[s], grid.settings(p), s)
+                weights = section["points"][p.index].get("policy_weights")
+                if weights is not None:
+                    run["policy_weights"] = weights
             for (p, s), got in zip(todo[i : i + world], distributed.all_gather_object(run)):
                 if _add_run(section["points"][p.index], got, cfg.seeds):
                     bar.advance(job)
@@ -419,7 +554,12 @@ def _quantities(section: Mapping[str, Any]) -> list[str]:
 def csv_rows(section: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per grid point: index, family, policy, one column per knob name of the
     grid, seeds (runs done), n (test rows per seed), then ``<quantity>_mean`` and
-    ``<quantity>_std`` per quantity (the std empty with one seed)."""
+    ``<quantity>_std`` per quantity (the std empty with one seed). A grid with learned or
+    searched rows (``orderlab.compare``) adds method, kind and decode after the policy and
+    ``train_s``, ``train_forwards`` (the row's training cost; 0 for a heuristic) last."""
+    from orderlab.compare import cost_cells
+
+    compared = _compared(section)
     knob_names: dict[str, None] = {}
     for p in section["points"]:
         for k in p["knobs"]:
@@ -427,6 +567,8 @@ def csv_rows(section: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for p in section["points"]:
         row: dict[str, Any] = {"index": p["index"], "family": p["family"], "policy": p["policy"]}
+        if compared:
+            row.update(method=p.get("method", p["family"]), kind=p.get("kind", ""), decode=p.get("decode", ""))
         row.update({k: p["knobs"].get(k, "") for k in knob_names})
         row["seeds"] = len(p["runs"])
         row["n"] = p["runs"][0]["n"] if p["runs"] else ""
@@ -434,8 +576,16 @@ def csv_rows(section: Mapping[str, Any]) -> list[dict[str, Any]]:
             s = (p["summary"] or {}).get(q)
             row[f"{q}_mean"] = s["mean"] if s else ""
             row[f"{q}_std"] = s["std"] if s and not math.isnan(s["std"]) else ""
+        if compared:
+            row["train_s"], row["train_forwards"] = cost_cells(p.get("train"))
         rows.append(row)
     return rows
+
+
+def _compared(section: Mapping[str, Any]) -> bool:
+    """Whether the grid compares methods (a learned or searched row): the tables then
+    carry method, decode and training-cost columns."""
+    return any(p.get("kind") in ("learned", "search") for p in section["points"])
 
 
 _SHOWN = {"token_accuracy": ("token acc", "score"), "bits_per_token": ("bits/token", "bits"), "nfe": ("NFE", "nfe"),
@@ -447,16 +597,45 @@ def display_rows(section: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict
     per quantity shown, ``(mean, std)``; ``formats`` maps each column to a ``report``
     column format. Quality first (the task's numbers, bits), then NFE, tokens per step,
     wall seconds."""
+    from orderlab.compare import cost_cells
+
     rows, formats = [], {"policy": "text"}
     shown = [q for q in _quantities(section) if q != "tokens_per_s"]
+    compared = _compared(section)
     for p in section["points"]:
         row: dict[str, Any] = {"policy": p["policy"]}
+        if compared:
+            row["decode"] = p.get("decode", "")
+            formats["decode"] = "text"
         for q in shown:
             name, kind = _SHOWN.get(q, (q, "score"))
             s = (p["summary"] or {}).get(q)
             row[name] = (s["mean"], s["std"]) if s else None
             formats[name] = kind
+        if compared:
+            row["train s"], row["train fwd"] = cost_cells(p.get("train"))
+            formats.update({"train s": "seconds", "train fwd": "count"})
         rows.append(row)
+    return rows, formats
+
+
+def comparison_rows(section: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """``(rows, formats)`` of ``comparison.md``: per grid entry its best point
+    (``orderlab.compare.best_points``): method, kind, decode, the policy (its knob), the
+    task metric, NFE, tokens per step (mean ± std over seeds) and training cost."""
+    from orderlab.compare import best_points, cost_cells
+
+    metric, rows = section["metric"], []
+    for p in best_points(section):
+        s = p["summary"]
+        train_s, fwd = cost_cells(p.get("train"))
+        rows.append({"method": p.get("method", p["family"]), "kind": p.get("kind", "heuristic"),
+                     "decode": p.get("decode", ""), "best point": p["policy"],
+                     metric: (s[metric]["mean"], s[metric]["std"]), "NFE": (s["nfe"]["mean"], s["nfe"]["std"]),
+                     "tok/step": (s["tokens_per_step"]["mean"], s["tokens_per_step"]["std"]),
+                     "train s": train_s, "train fwd": fwd})
+    formats = {"method": "text", "kind": "text", "decode": "text", "best point": "text", metric: "score",
+               "NFE": "nfe", "tok/step": "ratio", "train s": "seconds", "train fwd": "count"}
     return rows, formats
 
 
@@ -484,10 +663,13 @@ def write_outputs(run_dir: str | Path, section: Mapping[str, Any], heatmaps: boo
         knob = ", ".join(f"{k}={_value_label(v)}" for k, v in p["knobs"].items())
         s = p["summary"]
         curves.setdefault(p["family"], []).append(
-            {"x": s["nfe"]["mean"], "y": s[metric]["mean"], "yerr": s[metric]["std"], "label": knob})
+            {"x": s["nfe"]["mean"], "y": s[metric]["mean"], "yerr": s[metric]["std"], "label": knob,
+             "learned": p.get("kind") == "learned"})
     if curves:
         paths.append(report.pareto_plot(curves, run_dir / PARETO, xlabel="NFE (mean forward passes per row)",
                                         ylabel=f"{metric} (mean ± std over seeds)", title=title or None))
+    if _compared(section) and done:
+        paths.append(_write_comparison(run_dir / COMPARISON, section, title))
     if heatmaps:
         families: dict[str, list[dict[str, Any]]] = {}
         for p in done:
@@ -502,3 +684,20 @@ def write_outputs(run_dir: str | Path, section: Mapping[str, Any], heatmaps: boo
             paths.append(report.order_grid(panels, run_dir / HEATMAP.format(_slug(family)),
                                            title=f"{family}: reveal step per position"))
     return paths
+
+
+def _write_comparison(path: Path, section: Mapping[str, Any], title: str) -> Path:
+    """``comparison.md``: each entry's best point, the shared denoiser's cost and section
+    3's bar (``orderlab.compare.bar``)."""
+    from orderlab import report
+    from orderlab.compare import bar, bar_text
+
+    rows, formats = comparison_rows(section)
+    table = report.markdown_table(rows, title=title or None, formats=formats)
+    d = section.get("denoiser") or {}
+    shared = (f"Shared denoiser (stages {', '.join(d.get('stages', [])) or 'none'}): {d.get('train_s', 0.0):.1f} s, "
+              f"{int(d.get('forwards', 0))} row forwards; not counted in any row above.")
+    if d.get("unrecorded") or not d.get("stages"):
+        shared += (" Not recorded here: " + (", ".join(d.get("unrecorded", [])) or "no stage trains it") +
+                   " (the weights came from model.checkpoint, or a checkpoint older than the counts).")
+    return report.write_text(path, f"{table}\n{shared}\n\n{bar_text(bar(section))}\n")

@@ -18,7 +18,9 @@ it is ``train.Trainer.state_dict()``)::
     ema ({decay, updates, shadow} or None; shadow keys "model.*" / "objective.*" for the
     modules the stage trained), rng ({torch, python[, cuda]}), window (the metrics of the
     steps since the last log record, so a resumed run logs the same records), skipped
-    (non-finite steps skipped so far; absent in checkpoints older than the count), extra
+    (non-finite steps skipped so far; absent in checkpoints older than the count), cost
+    (``train.Cost``: seconds, denoiser calls and row forwards of the stage's steps so far;
+    absent in older checkpoints), extra
 
 Results are never lost to a bad write: :func:`save` verifies the new file (read back
 before it replaces the old one) and keeps the file it replaces as ``checkpoint.prev.pt``;

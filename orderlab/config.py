@@ -43,7 +43,6 @@ other than ``model.checkpoint`` (the run's own checkpoints: :meth:`Experiment.re
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,7 @@ from omegaconf.errors import OmegaConfBaseException
 from orderlab import checkpoint as ckpt
 from orderlab import builder  # noqa: F401  (fills the registry: every component package)
 from orderlab import registry
-from orderlab.ablate import AblateConfig, Ablation
+from orderlab.ablate import AblateConfig, Ablation, grid_policies
 from orderlab.evaluate import EvaluateConfig
 from orderlab.policies.base import Policy
 from orderlab.registry import DEFERRED, ConfigError, Context
@@ -311,23 +310,6 @@ def _with_model(ctx: Context, model: Any) -> Context:
     return ctx.set("max_len", model.max_len, "the model (model.max_len)")
 
 
-def _grid_policies(cfg: AblateConfig, ctx: Context, make: Any) -> dict[tuple[int, int], Any]:
-    """A policy per (grid point, seed): a policy taking ``seed`` that its entry leaves
-    unset gets the run's seed; any other is built once and shared by the seeds."""
-    policies: dict[tuple[int, int], Any] = {}
-    for point in cfg.points:
-        path = f"ablate.grid[{point.entry}]"
-        spec = dict(point.spec)
-        cls, _ = registry.split("policy", spec, path)
-        if "seed" in inspect.signature(cls).parameters and "seed" not in spec:
-            for s in cfg.seeds:
-                policies[point.index, s] = make("policy", {**spec, "seed": s}, path, ctx)
-        else:
-            shared = make("policy", spec, path, ctx)
-            policies.update({(point.index, s): shared for s in cfg.seeds})
-    return policies
-
-
 @dataclass
 class _Settings:
     """The plain-value sections (settings dataclasses, checked on construction) and the
@@ -373,13 +355,14 @@ def _walk(raw: dict[str, Any], s: _Settings, check_only: bool) -> dict[str, Any]
         while label in listed:
             label += "'"
         listed[label] = make("policy", spec, f"evaluate.policies[{i}]", ctx)
+    objectives = {n: make("objective", spec, f"stages.{n}.objective", ctx) for n, (spec, _) in s.stages.items()}
     return {
         "task": task,
         "model": model,
-        "objectives": {n: make("objective", spec, f"stages.{n}.objective", ctx) for n, (spec, _) in s.stages.items()},
+        "objectives": objectives,
         "policy": None if raw.get("policy") is None else make("policy", raw["policy"], "policy", ctx),
         "listed": listed,
-        "grid": None if s.ablate is None else _grid_policies(s.ablate, ctx, make),
+        "grid": None if s.ablate is None else grid_policies(s.ablate, ctx, make, objectives, check_only),
     }
 
 

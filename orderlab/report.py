@@ -44,6 +44,7 @@ __all__ = [
     "print_table",
     "markdown_table",
     "write_markdown",
+    "write_text",
     "write_json",
     "write_csv",
     "append_jsonl",
@@ -715,6 +716,11 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
 
 def _atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return _atomic_write_text(path, text)
 
 
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:

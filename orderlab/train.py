@@ -30,6 +30,13 @@ optimizer or EMA update; the batch and its slot in the LR schedule are used up) 
 counted (``skipped`` in the metrics records, the checkpoint and :class:`TrainResult`); the
 ``N+1``-th raises (as large-scale trainers skip a few bad batches before giving up).
 
+Training cost. The trainer counts what its steps cost (:class:`Cost`: seconds of the
+training loop without validation and checkpoint writes, denoiser forward calls and row
+forwards, i.e. the rows of every call summed: one decode step of a batch of 128 rollouts
+is 128) in its ``cost``, saved in the checkpoint and continued on resume, so a stage's
+checkpoint holds what the whole stage cost (``TrainResult.summary()["cost"]``; the
+comparison runner, ``orderlab.ablate``, reads it per learned method).
+
 Every source of randomness is a function of ``(seed, step)``: the training batch is
 ``task.batch(batch_size, "train", seed=derive_seed(seed, step, "data"))`` and the
 objective gets a generator seeded ``derive_seed(seed, step, "objective")``. The global
@@ -96,6 +103,7 @@ from orderlab.runtime import derive_seed, device_of, rank_stream
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "Cost",
     "Trainer",
     "NonFiniteError",
     "EMA",
@@ -310,6 +318,45 @@ def _label(labels: set[str | None]) -> str | None:
 
 
 @dataclass
+class Cost:
+    """What a stage's training steps cost so far: ``train_s`` seconds (batch, step; not
+    validation or checkpoint writes), ``calls`` denoiser forward calls and ``forwards``
+    row forwards (the batch rows of every call summed: the unit of decoding's NFE times
+    rows). Counted by a forward hook on the denoiser, so every objective is counted alike
+    (likelihood passes, RL rollouts, a VI walk); a policy's or scheduler's own network is
+    not a denoiser forward and is not counted."""
+
+    train_s: float = 0.0
+    calls: int = 0
+    forwards: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_s": self.train_s, "calls": self.calls, "forwards": self.forwards}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Resume the counts (a checkpoint written before counting existed: zeros)."""
+        state = state or {}
+        self.train_s, self.calls, self.forwards = float(state.get("train_s", 0.0)), int(state.get("calls", 0)), \
+            int(state.get("forwards", 0))
+
+    @contextlib.contextmanager
+    def counting(self, model: nn.Module) -> Iterator[None]:
+        """Count ``model``'s forwards (calls and rows) and the seconds inside the block."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            stream = args[0] if args else kwargs.get("s")
+            self.calls += 1
+            self.forwards += int(stream.tokens.shape[0]) if hasattr(stream, "tokens") else 0
+
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.train_s += time.perf_counter() - t0
+            handle.remove()
+
+
+@dataclass
 class TrainResult:
     """What a call of :func:`train` did. ``losses`` holds the loss of every step it ran."""
 
@@ -324,6 +371,7 @@ class TrainResult:
     error: str | None = None
     ema: EMA | None = None
     skipped: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
+    cost: Cost | None = None  # the stage's training cost so far (also what earlier invocations spent)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary (no tensors)."""
@@ -338,6 +386,7 @@ class TrainResult:
             "wall_s": round(self.wall_s, 3),
             "ema": self.ema is not None,
             "skipped": self.skipped,
+            "cost": None if self.cost is None else self.cost.state_dict(),
         }
         if self.error is not None:
             out["error"] = self.error
@@ -494,6 +543,7 @@ class Trainer:
         self.ema = EMA(self.modules, cfg.ema) if cfg.ema is not None else None
         self.metrics, self.losses = WindowMeans(), WindowMeans()  # the objective's metrics; the loop's own
         self.step, self.skipped, self.lr = 0, 0, cfg.lr
+        self.cost = Cost()  # seconds and denoiser forwards of the steps so far (checkpointed)
         self.saved_step: int | None = None
         self.parallel = distributed.DataParallelStep(model, objective, cfg.batch_size, self.device)
 
@@ -517,6 +567,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "window": {"metrics": self.metrics.state_dict(), "loss": self.losses.state_dict()},
             "skipped": self.skipped,
+            "cost": self.cost.state_dict(),
             "extra": self.extra,
         }
         if distributed.world() > 1:
@@ -533,6 +584,7 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+        self.cost.load_state_dict(state.get("cost"))
         self.metrics.load_state_dict(state["window"]["metrics"])  # each rank its own part of the window
         self.losses.load_state_dict(state["window"]["loss"])
         # this rank's RNG state: its own when the checkpoint was written by as many ranks
@@ -670,7 +722,7 @@ def train(
             if files is not None:
                 files.clear()  # a fresh run: no stale checkpoint or records
         result.status, result.start_step, result.step = "running", trainer.step, trainer.step
-        result.ema, result.skipped = trainer.ema, trainer.skipped
+        result.ema, result.skipped, result.cost = trainer.ema, trainer.skipped, trainer.cost
         t_start = time.perf_counter()
         try:
             _loop(trainer, task, files, result, progress and distributed.is_main(), on_step)
@@ -693,9 +745,10 @@ def _loop(trainer: Trainer, task: Any, files: ckpt.StageFiles | None, result: Tr
         bar_id = bar.add_task("", total=cfg.steps, completed=trainer.step, info="")
         trainer.train_mode()
         for step in range(trainer.step + 1, cfg.steps + 1):
-            tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
-            window_tokens += int((ranks >= 0).sum())  # the global batch's
-            result.losses.append(trainer.train_step(tokens, ranks, step))
+            with trainer.cost.counting(trainer.model):
+                tokens, ranks = task.batch(cfg.batch_size, split="train", seed=derive_seed(cfg.seed, step, "data"))
+                window_tokens += int((ranks >= 0).sum())  # the global batch's
+                result.losses.append(trainer.train_step(tokens, ranks, step))
             result.step, result.skipped = step, trainer.skipped
             last = step == cfg.steps
 

@@ -5,6 +5,7 @@ import torch
 
 from orderlab import ranks as R
 from orderlab.builder import build
+from orderlab.registry import ConfigError
 from orderlab.tasks import Sudoku, SudokuSolver, hash_split
 from orderlab.tasks import sudoku as sudoku_module
 
@@ -123,3 +124,30 @@ def test_render_freqs_and_registry():
     assert torch.allclose(s.token_freqs(), torch.full((4,), 0.25))
     x, _ = Sudoku(6, clues=14, pool=4).batch(4, "train", seed=0)
     assert torch.equal(torch.bincount(x.flatten(), minlength=6), torch.full((6,), 4 * 6))  # uniform, as claimed
+
+
+def test_d1_layout_puzzle_with_zero_blanks_then_the_whole_solution():
+    """layout=d1 (d1 / UPO): row-major puzzle, 0 for blanks (given), then the solved grid,
+    every cell generated; scored on the answer half, the prompt kept."""
+    grid, d1 = Sudoku(4, layout="grid"), Sudoku(4, layout="d1")
+    g, gr = grid.batch(8, "test", seed=0)
+    x, r = d1.batch(8, "test", seed=0)
+    assert x.shape == (8, 32) and d1.vocab_size == 5 and d1.seq_len == 32
+    assert torch.equal(x[:, 16:], g + 1)  # the same puzzles: digits 1..4 in the answer
+    assert torch.equal(x[:, :16] == 0, gr == 1) and torch.equal(x[:, :16][gr == 0], g[gr == 0] + 1)
+    assert (r[:, :16] == 0).all() and (r[:, 16:] == 1).all()
+    assert d1.score(x, x, r).eq(1).all() and d1.metrics(x, x, r)["empty_accuracy"].eq(1).all()
+    bad = x.clone()
+    clue = int((x[0, :16] != 0).nonzero()[0])
+    bad[0, 16 + clue] = bad[0, 16 + clue] % 4 + 1  # a clue changed in the answer
+    blank = int((x[1, :16] == 0).nonzero()[0])
+    bad[1, 16 + blank] = bad[1, 16 + blank] % 4 + 1  # a blank filled wrong
+    bad[2, 16 + clue] = 0  # the blank id is not a digit
+    s = d1.score(bad, x, r)
+    assert s.tolist()[:3] == [0.0, 0.0, 0.0] and s[3:].eq(1).all()
+    m = d1.metrics(bad, x, r)["empty_accuracy"]
+    assert m[0] == 1 and m[1] == 1 - 1 / int((x[1, :16] == 0).sum())  # clues do not count in empty_accuracy
+    assert d1.render(x[0]).splitlines()[0] == "".join(str(v) for v in x[0, :16].tolist())
+    with pytest.raises(ConfigError) as e:
+        Sudoku(4, layout="d2")
+    assert e.value.path == "layout"

@@ -3,7 +3,7 @@
 Importing this package registers every task (kind "task"): explicit imports, no scanning.
 """
 
-from orderlab.tasks import addition, chain, jsonl, stargraph, sudoku, text
+from orderlab.tasks import addition, chain, jsonl, sat, stargraph, sudoku, text
 from orderlab.tasks.addition import Addition, pair_split
 from orderlab.tasks.base import (
     SPLITS,
@@ -17,6 +17,7 @@ from orderlab.tasks.base import (
 )
 from orderlab.tasks.chain import Chain, permutation_table
 from orderlab.tasks.jsonl import JsonlTask
+from orderlab.tasks.sat import PlantedSAT
 from orderlab.tasks.stargraph import StarGraph
 from orderlab.tasks.sudoku import Sudoku, SudokuSolver
 from orderlab.tasks.text import Infill, StdlibText, file_split, stdlib_files
@@ -42,9 +43,11 @@ __all__ = [
     "stdlib_files",
     "file_split",
     "JsonlTask",
+    "PlantedSAT",
     "addition",
     "chain",
     "jsonl",
+    "sat",
     "stargraph",
     "sudoku",
     "text",

@@ -22,6 +22,15 @@ and ``batch(n, split, seed)`` draws ``n`` distinct pool indices (with replacemen
 another split are redrawn), so the splits share no solution grid. Generation is the
 cost (see ``docs/interfaces.md``): 9x9 pools of thousands take minutes.
 
+**Layouts.** ``layout: grid`` (the default) is the above: one sequence of n*n cells, the
+clues given in place. ``layout: d1`` is the layout of the d1 / UPO line of work (Zhao et
+al. 2025, "d1"; Hong et al. 2026, UPO: 4x4 puzzles as a row-major string of digits with
+``0`` for blanks, the model writing the whole solved grid after it): the puzzle (n*n
+tokens, id ``0`` blank, digit ``d`` id ``d``; given, rank 0) then the solution (n*n
+tokens, digit ``d`` id ``d``; every cell generated, rank 1, the clues copied too), so
+``seq_len = 2 n²`` and ``vocab_size = n + 1``. Its ``metrics`` add ``empty_accuracy``:
+the fraction of the puzzle's blank cells the answer gets right (d1's Sudoku reward).
+
 **Metrics.** ``score`` ("solved") is 1.0 iff the prediction is a valid grid (every
 row, column and box a permutation of the digits) that keeps the clues. Since every
 generated puzzle has a unique solution, this is exactly "equals the reference solution";
@@ -36,13 +45,14 @@ import random
 import torch
 from torch import Tensor
 
-from orderlab.registry import register
-from orderlab.tasks.base import Task, hash_split, split_generator, split_index
+from orderlab.registry import ConfigError, register
+from orderlab.tasks.base import Task, hash_split, split_generator, split_index, token_accuracy
 
 __all__ = ["Sudoku", "SudokuSolver", "BOXES"]
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # size -> (box rows, box columns)
-DEFAULT_CLUES = {4: 6, 6: 14, 9: 30}  # greedy removal reaches 4-5, 9-12, 24-26
+DEFAULT_CLUES = {4: 6, 6: 14, 9: 30}
+LAYOUTS = ("grid", "d1")  # the sequence layouts (module docstring)  # greedy removal reaches 4-5, 9-12, 24-26
 _POOLS: dict[tuple, dict[int, tuple[list[int], list[int]]]] = {}  # (size, clues, split) -> i -> (puzzle, solution)
 
 
@@ -136,7 +146,11 @@ class Sudoku(Task):
 
     metric = "solved"
 
-    def __init__(self, size: int = 4, clues: int | None = None, pool: int = 10_000, tries: int = 20):
+    def __init__(self, size: int = 4, clues: int | None = None, pool: int = 10_000, tries: int = 20,
+                 layout: str = "grid"):
+        if layout not in LAYOUTS:
+            raise ConfigError("layout", f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} (d1: puzzle with "
+                                        "0 for blanks, then the whole solution)")
         if size not in BOXES:
             raise ValueError(f"size must be one of {sorted(BOXES)} (boxes {BOXES}), got {size}")
         clues = DEFAULT_CLUES[size] if clues is None else clues
@@ -154,9 +168,14 @@ class Sudoku(Task):
         cells = torch.arange(size * size).view(size, size)
         boxes = cells.view(size // br, br, size // bc, bc).permute(0, 2, 1, 3).reshape(size, size)
         self.units = torch.cat([cells, cells.T, boxes])  # [3n, n]: cells of every row, column, box
+        self.layout = layout
+        if layout == "d1":  # puzzle (0 blank, digit d = id d) then the solution (digit d = id d)
+            self.vocab_size = size + 1
+            self.seq_len = 2 * size * size
 
     def __repr__(self) -> str:
-        return f"Sudoku(size={self.size}, clues={self.clues}, pool={self.pool})"
+        d1 = ", layout=d1" if self.layout == "d1" else ""
+        return f"Sudoku(size={self.size}, clues={self.clues}, pool={self.pool}{d1})"
 
     # ------------------------------------------------------------ generation
     def generate(self, split: str, index: int) -> tuple[list[int], list[int]]:
@@ -203,10 +222,32 @@ class Sudoku(Task):
         return puzzle, left
 
     def encode_grids(self, puzzles: list[list[int]], solutions: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """``(tokens, ranks)`` Long ``[B, n*n]``: solutions as tokens, rank 0 on clues, 1 on empty cells."""
-        tokens = torch.tensor(solutions, dtype=torch.long).view(-1, self.seq_len)
-        ranks = (torch.tensor(puzzles, dtype=torch.long).view(-1, self.seq_len) < 0).long()
-        return tokens, ranks
+        """``(tokens, ranks)`` Long ``[B, seq_len]``. Grid layout: solutions as tokens, rank 0
+        on clues, 1 on empty cells. d1 layout: the puzzle (0 blank, digits 1..n; rank 0),
+        then the solution (digits 1..n; rank 1)."""
+        cells = self.size * self.size
+        solution = torch.tensor(solutions, dtype=torch.long).view(-1, cells)
+        puzzle = torch.tensor(puzzles, dtype=torch.long).view(-1, cells)
+        if self.layout == "d1":
+            tokens = torch.cat([puzzle + 1, solution + 1], dim=1)  # -1 (blank) -> 0, digit d (id d-1) -> d
+            ranks = torch.cat([torch.zeros_like(puzzle), torch.ones_like(solution)], dim=1)
+            return tokens, ranks
+        return solution, (puzzle < 0).long()
+
+    def _grids(self, pred: Tensor, tokens: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(pred, tokens, ranks)`` as grid-layout tensors ``[B, n*n]``: the d1 layout's
+        answer half in grid ids (digit d -> d - 1), its ranks 0 on the puzzle's clues (the
+        answer must keep them) and 1 on its blanks; the grid layout as it is."""
+        if self.layout != "d1":
+            return pred, tokens, ranks
+        if pred.shape != tokens.shape or pred.dim() != 2 or pred.shape[-1] != self.seq_len:
+            raise ValueError(f"pred and tokens must both be [B, {self.seq_len}], got {tuple(pred.shape)} and "
+                             f"{tuple(tokens.shape)}")
+        cells = self.size * self.size
+        puzzle = tokens[:, :cells]
+        kept = ((pred[:, :cells].to(tokens.device) == puzzle) | (ranks[:, :cells] != 0)).all(1)  # the prompt unchanged
+        grid_pred = torch.where(kept[:, None], pred[:, cells:].to(tokens.device) - 1, -1)  # a changed prompt: invalid
+        return grid_pred, tokens[:, cells:] - 1, (puzzle == 0).long()
 
     # ------------------------------------------------------------ the contract
     def batch(self, n: int, split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -219,12 +260,17 @@ class Sudoku(Task):
         return self.encode_grids([p for p, _ in pairs], [s for _, s in pairs])
 
     def valid(self, pred: Tensor, tokens: Tensor, ranks: Tensor) -> Tensor:
-        """Bool ``[B]``: ``pred`` is a complete valid grid that keeps the clues (rank 0) of ``tokens``."""
-        if pred.shape != tokens.shape or pred.shape[-1] != self.seq_len or pred.dim() != 2:
+        """Bool ``[B]``: ``pred`` is a complete valid grid that keeps the clues (rank 0) of
+        ``tokens`` (d1 layout: the answer half keeps the puzzle's clues, the puzzle is kept)."""
+        pred, tokens, ranks = self._grids(pred, tokens, ranks)
+        if pred.shape != tokens.shape or pred.shape[-1] != self.size * self.size or pred.dim() != 2:
             raise ValueError(
                 f"pred and tokens must both be [B, {self.seq_len}], got {tuple(pred.shape)} and {tuple(tokens.shape)}"
             )
         pred = pred.to(tokens.device)
+        cells = self.size * self.size
+        if pred.shape[-1] != cells:
+            raise ValueError(f"pred and tokens must both be [B, {cells}], got {tuple(pred.shape)}")
         units = pred[:, self.units.to(pred.device)]  # [B, 3n, n]
         digits = torch.arange(self.size, device=pred.device)
         perm = (units.sort(dim=2).values == digits).all(dim=2).all(dim=1)  # every unit holds each digit once
@@ -235,12 +281,30 @@ class Sudoku(Task):
         """1.0 iff ``pred`` solves the puzzle (``valid``; = the reference, the solution being unique)."""
         return self.valid(pred, tokens, ranks).float()
 
+    def metrics(self, pred: Tensor, tokens: Tensor, ranks: Tensor) -> dict[str, Tensor]:
+        """``solved``, ``token_accuracy``; the d1 layout adds ``empty_accuracy`` (the share
+        of the puzzle's blank cells right in the answer: d1's reward)."""
+        out = super().metrics(pred, tokens, ranks)
+        if self.layout == "d1":
+            out["empty_accuracy"] = token_accuracy(*self._grids(pred, tokens, ranks))
+        return out
+
     def token_freqs(self) -> Tensor:
-        """Digit frequencies of the train grids: exactly uniform, every digit fills n cells of a grid."""
+        """Digit frequencies of the train grids: exactly uniform, every digit fills n cells of
+        a grid (d1 layout: blanks and digits of puzzle and solution, counted)."""
+        if self.layout == "d1":
+            return self._sampled_freqs(1024)
         return torch.full((self.vocab_size,), 1.0 / self.vocab_size)
 
     def render(self, tokens: Tensor) -> str:
         """The grid, one row per line, boxes separated by ``|`` and ``-``; mask (and others) as ``.``."""
+        if self.layout == "d1":  # the puzzle string as d1 writes it, then the answer grid
+            cells = self.size * self.size
+            head = "".join(str(v) if 0 <= v <= self.size else "." for v in tokens[:cells].tolist())
+            return f"{head}\n" + self._render_grid(tokens[cells:] - 1)
+        return self._render_grid(tokens)
+
+    def _render_grid(self, tokens: Tensor) -> str:
         br, bc = BOXES[self.size]
         t = tokens.tolist()
         lines = []
