@@ -173,7 +173,7 @@ def _execute(exp: Experiment, eval_only: bool, progress: bool) -> dict[str, Any]
         ev = exp.evaluate
         results["evaluations"] = evaluate(
             exp.model, exp.task, exp.policies, ev.n, ev.batch_size, cache=ev.cache, temperature=ev.temperature,
-            seed=ev.seed, out_dir=files.dir if ev.heatmaps else None, search=ev.search)
+            seed=ev.seed, out_dir=files.dir if ev.heatmaps else None, search=ev.search, compile=ev.compile)
         if ev.heatmaps and len(results["evaluations"]) > 1 and distributed.is_main():
             evaluation_pareto(results["evaluations"], files.dir / PARETO, title=f"{files.dir.name}: {exp.task!r}")
         if ev.likelihood:
