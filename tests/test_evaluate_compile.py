@@ -111,3 +111,23 @@ def test_compile_true_with_an_approximate_cache_is_a_config_error_and_auto_stays
     rows = E.evaluate(exp.model, exp.task, {"l2r": exp.policy}, n=6, batch_size=2, cache="approximate_prefix",
                       compile="auto")
     assert rows[0]["compiled_batches"] == 0
+
+
+def test_ablation_runs_pass_their_compile_setting(tiny_config, spy, monkeypatch):
+    """``ablate.compile`` reaches every (point, seed) run's decode; the records are the eager ones."""
+    from orderlab import ablate
+
+    tiny_config["stages"]["lm"]["train"]["steps"] = 0
+    tiny_config["ablate"] = {"grid": ["l2r", {"name": "threshold", "tau": 0.9}], "n": 4, "batch_size": 2,
+                             "heatmaps": False, "bits": False, "compile": False}
+    eager = ablate.run_grid(load(tiny_config), {}, save=lambda: None, progress=False)
+    assert spy == [False] * 4
+    spy.clear()
+    tiny_config["ablate"]["compile"] = True
+    real = E.measure
+    monkeypatch.setattr(E, "measure", lambda *a, **k: real(*a, **k, compile_options=AOT))  # fast backend
+    compiled = ablate.run_grid(load(tiny_config), {}, save=lambda: None, progress=False)
+    assert spy == [AOT] * 4
+    timing = ("wall_s", "tokens_per_s")
+    strip = lambda s: [[{k: v for k, v in r.items() if k not in timing} for r in p["runs"]] for p in s["points"]]  # noqa: E731
+    assert strip(compiled) == strip(eager) and len(strip(eager)) == 2
