@@ -421,7 +421,8 @@ def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, rank
     forwards and every scoring pass). ``compile``: decode through the compiled step, true,
     false or ``"auto"`` (where the work pays for compiling; :class:`_CompileChoice`), with
     ``torch.compile(**compile_options)``; the same numbers up to float rounding. An
-    approximate cache runs eagerly (``auto`` stays eager; ``True`` is decode's ValueError).
+    approximate cache runs eagerly (``auto`` stays eager; ``True`` is decode's ValueError);
+    ``auto`` also keeps a learned policy eager (its compiled step is not tested).
     Returns :class:`Measurement`.
     """
     device = device_of(model)
@@ -430,8 +431,8 @@ def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, rank
     model.eval()
     mine = []  # (j, measurement) of this rank's batches
     batches = distributed.shard(list(enumerate(range(0, tokens.shape[0], batch_size))))
-    if compile == "auto" and isinstance(decode_cache(cache), ApproximateCache):
-        compile = False
+    if compile == "auto" and (isinstance(decode_cache(cache), ApproximateCache) or _is_learned(policy)):
+        compile = False  # eager only; a learned policy's compiled step is untested: auto keeps it eager
     choice = _CompileChoice(compile, compile_options, len(batches))
     try:
         for j, start in batches:

@@ -131,3 +131,13 @@ def test_ablation_runs_pass_their_compile_setting(tiny_config, spy, monkeypatch)
     timing = ("wall_s", "tokens_per_s")
     strip = lambda s: [[{k: v for k, v in r.items() if k not in timing} for r in p["runs"]] for p in s["points"]]  # noqa: E731
     assert strip(compiled) == strip(eager) and len(strip(eager)) == 2
+
+
+def test_auto_keeps_a_learned_policy_eager(exp, spy, monkeypatch):
+    """A learned policy's compiled step is untested: ``auto`` decodes it eagerly however much work."""
+    from orderlab.builder import build
+
+    monkeypatch.setattr(E, "COMPILE_S", 1e-9)
+    policy = build("policy", {"name": "learned", "features": ["confidence", "position"]})
+    E.measure(exp.model, exp.task, policy, *exp.task.batch(6, "test"), batch_size=2, compile="auto")
+    assert spy and not any(spy)
