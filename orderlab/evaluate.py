@@ -75,8 +75,8 @@ COMPILES = ("auto", True, False)
 # The measured costs behind ``compile: auto`` (docs/benchmarks.md, issue 22: the issue's
 # 3.2M-parameter set-causal model, 2 CPU cores, torch 2.13 inductor): a compiled graph's
 # first call (Dynamo trace + AOTAutograd + inductor, C++ compile included), 30 s taken
-# between the warm-cache first call (29-37 s at load 6-8) and the cold one (20-45 s on a
-# quiet host, ~250 s at load 8); and the seconds a compiled step saves over an eager one
+# between the warm-cache first call (8 s; 29-37 s at load 6-8) and the cold one (72 s;
+# ~250 s at load 8); and the seconds a compiled step saves over an eager one
 # (eager minus compiled ms/step: ~3.2 at batch 1, ~7 at batch 32). Both grow with the
 # model's depth, so their ratio, the break-even number of steps, is what the rule uses.
 COMPILE_S = 30.0
