@@ -14,6 +14,8 @@ plus an ``ablate:`` section, whose keys are the fields of :class:`AblateConfig`:
       batch_size: 256
       cache: true          # exact KV cache where the attention rule has one (or false,
                            # approximate_prefix, approximate_dual: evaluate.CACHES)
+      compile: auto        # the compiled decode step where the work pays (or true, false:
+                           # evaluate.COMPILES; the same numbers either way)
       temperature: 0.0     # token sampling; 0 = greedy
       bits: true           # also -log2 p(reference | the decoded order) per generated token
       heatmaps: true       # order_grid_<entry>.png: one panel per grid point
@@ -229,6 +231,7 @@ class AblateConfig:
     n: int = 256
     batch_size: int = 256
     cache: bool | str = True  # a key of orderlab.evaluate.CACHES
+    compile: bool | str = "auto"  # the compiled decode step: auto, true, false (orderlab.evaluate.COMPILES)
     temperature: float = 0.0
     bits: bool = True
     heatmaps: bool = True
@@ -247,9 +250,10 @@ class AblateConfig:
                 raise ConfigError(f"seeds[{i}]", f"a seed is an integer >= 0, got {s!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"repeats a seed: {self.seeds}")
-        from orderlab.evaluate import decode_cache
+        from orderlab.evaluate import check_compile_with_cache, decode_cache
 
         decode_cache(self.cache)  # a bad name fails before anything runs
+        check_compile_with_cache(self.compile, self.cache)
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("heatmap_rows", self.heatmap_rows >= 1)):
             if not ok:
@@ -337,7 +341,7 @@ def evaluate_point(model: torch.nn.Module, task: Any, policy: Any, tokens: Tenso
 
     m = measure(model, task, policy, tokens, ranks, batch_size=config.batch_size, cache=config.cache,
                 temperature=config.temperature, seed=seed, bits=config.bits, keep_orders=config.heatmap_rows,
-                search=config.search)
+                search=config.search, compile=config.compile)
     return {"seed": seed, **m.means(), "orders": m.orders.tolist()}
 
 

@@ -152,11 +152,9 @@ def _choose(policy, probs: Tensor, x: Tensor, rank: Tensor, masked: Tensor, cand
             temperature: float, top_p: float, gen: torch.Generator,
             hidden: Tensor | None = None, derived: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The policy's set, its tokens and the new ``(x, rank)``: see :func:`_advance`.
-    ``derived``: StepView fields already computed (:func:`_probs`), handed to the view's memo."""
+    ``derived``: StepView fields already computed (:func:`_probs`), handed to the view."""
     view = StepView(probs=probs, candidates=cand, masked=masked, step=step, given=rank == 0, hidden=hidden,
-                    tokens=x if getattr(policy, "wants_tokens", False) else None)
-    if derived:
-        view._memo.update(derived)  # the values its properties would compute from probs
+                    tokens=x if getattr(policy, "wants_tokens", False) else None, derived=derived)
     sel = policy.select(view)
     bad = (sel > cand).any() | (cand.any(1) > sel.any(1)).any()  # outside the candidates; none for a row
     new = view.argmax if temperature == 0.0 else sample_tokens(probs, temperature, top_p, gen)  # [B, L]

@@ -46,6 +46,7 @@ __all__ = [
     "all_gather_object",
     "all_sum",
     "any_rank",
+    "describe",
     "DataParallelStep",
 ]
 
@@ -174,6 +175,16 @@ def any_rank(flag: bool) -> bool:
     if not active():
         return flag
     return bool(all_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+
+
+def describe() -> dict[str, Any]:
+    """What a run records of its process group (``results.json``'s ``distributed``):
+    ``{"world_size": W, "backend": "gloo" | "nccl" | "cpu:gloo,cuda:nccl" | None}``, the
+    backend None in one process (no group). Inside :func:`solo` the group still counts:
+    this describes how the process was launched, not how one grid point was measured."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"world_size": 1, "backend": None}
+    return {"world_size": dist.get_world_size(), "backend": str(dist.get_backend())}
 
 
 class _Step(nn.Module):

@@ -42,7 +42,7 @@ from orderlab.policies.base import PolicyError
 from orderlab.registry import ConfigError, build_settings
 from orderlab.runtime import derive_seed, device_of, sync
 
-__all__ = ["EvaluateConfig", "IWAEConfig", "LMEvalConfig", "SearchConfig", "VERIFIERS", "lm_eval", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
+__all__ = ["COMPILES", "check_compile", "compile_pays", "EvaluateConfig", "IWAEConfig", "LMEvalConfig", "SearchConfig", "VERIFIERS", "lm_eval", "Measurement", "measure", "evaluate", "iwae_table", "evaluation_pareto",
            "test_likelihood", "l2r_ranks", "ACCURACY_METRICS", "CACHES", "decode_cache", "cache_label"]
 
 # task metrics that are the fraction of rows solved: their rows also carry ``accuracy``
@@ -66,6 +66,45 @@ def decode_cache(value: Any, key: str = "cache") -> bool | ApproximateCache:
         return CACHES[value]
     choices = ", ".join(str(k).lower() if isinstance(k, bool) else k for k in CACHES)
     raise ConfigError(key, f"unknown cache {value!r}; choose one of {choices}")
+
+
+# ``evaluate.compile`` (and ``ablate.compile``): decode through the compiled step
+# (``decode(..., compile=True)``), never, or where it pays (:func:`compile_pays`)
+COMPILES = ("auto", True, False)
+
+# The measured costs behind ``compile: auto`` (docs/benchmarks.md, issue 22: the issue's
+# 3.2M-parameter set-causal model, 2 CPU cores, torch 2.13 inductor): a compiled graph's
+# first call (Dynamo trace + AOTAutograd + inductor, C++ compile included), 30 s taken
+# between the warm-cache first call (8 s; 29-37 s at load 6-8) and the cold one (72 s;
+# ~250 s at load 8); and the seconds a compiled step saves over an eager one
+# (eager minus compiled ms/step: ~3.2 at batch 1, ~7 at batch 32). Both grow with the
+# model's depth, so their ratio, the break-even number of steps, is what the rule uses.
+COMPILE_S = 30.0
+STEP_SAVED_S = 3.0e-3
+ROW_SAVED_S = 0.13e-3
+
+
+def compile_pays(steps: float, rows: int, graphs: int = 1) -> bool:
+    """Whether compiling the decode step pays for ``steps`` decode steps of ``rows`` rows
+    each: the seconds saved, ``steps · (STEP_SAVED_S + ROW_SAVED_S · rows)``, exceed the
+    compile cost of ``graphs`` graphs (``graphs · COMPILE_S``; a batch size is a graph).
+    With the constants above: ~9,600 steps at batch 1, ~4,200 at batch 32 (an evaluation
+    of 256 rows in batches of 128 over 240 positions decodes ~480 steps: eager)."""
+    return steps * (STEP_SAVED_S + ROW_SAVED_S * rows) > graphs * COMPILE_S
+
+
+def check_compile(value: Any, key: str = "compile") -> bool | str:
+    """A value of :data:`COMPILES`, or a ConfigError at ``key``."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ConfigError(key, f"unknown compile {value!r}; choose auto (where the work pays for compiling), true or false")
+
+
+def check_compile_with_cache(compile: Any, cache: Any) -> None:
+    """A config's ``compile`` and ``cache`` together: ``compile: true`` needs a cache the
+    compiled step keeps (an approximate cache runs eagerly only; ``auto`` then stays eager)."""
+    if check_compile(compile) is True and isinstance(decode_cache(cache), ApproximateCache):
+        raise ConfigError("compile", f"true, but cache {cache_label(cache)!r} runs eagerly only; use auto or false")
 
 
 def cache_label(cache: Any) -> bool | str:
@@ -174,8 +213,9 @@ class SearchConfig:
         return f"{policy} (search k={self.k}{extra})"
 
     def run(self, model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, *, cache: Any,
-            temperature: float, seed: int) -> Any:
-        """``search_decode`` of rows ``x``/``r`` (the task's reference and ranks) -> ``Searched``."""
+            temperature: float, seed: int, compile: bool | dict = False) -> Any:
+        """``search_decode`` of rows ``x``/``r`` (the task's reference and ranks) -> ``Searched``;
+        ``compile``: ``decode``'s (the paths' decode through the compiled step)."""
         from orderlab.search import search_decode
 
         verifier = None
@@ -184,7 +224,7 @@ class SearchConfig:
             verifier = lambda tokens, ranks: task.score(tokens, xs, rs).double().to(x.device)  # noqa: E731
         return search_decode(model, policy, x, r, k=self.k, verifier=verifier, cache=decode_cache(cache),
                              temperature=temperature if self.temperature is None else self.temperature, seed=seed,
-                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None), compile=compile)
 
 
 @dataclass
@@ -195,6 +235,7 @@ class EvaluateConfig:
     n: int = 256  # test examples
     batch_size: int = 128
     cache: bool | str = True  # a key of CACHES: true, false, approximate_prefix, approximate_dual
+    compile: bool | str = "auto"  # the compiled decode step: auto (where it pays: compile_pays), true, false
     temperature: float = 0.0
     seed: int = 0
     likelihood: bool = True  # also report the test bits per token under the L2R order
@@ -213,6 +254,7 @@ class EvaluateConfig:
         if self.policies is not None and not isinstance(self.policies, list):
             raise ConfigError("policies", f"must be a list of policy specs or null, got {type(self.policies).__name__}")
         decode_cache(self.cache)  # a bad name fails before any work
+        check_compile_with_cache(self.compile, self.cache)
         for key, ok in (("n", self.n >= 1), ("batch_size", self.batch_size >= 1), ("temperature", self.temperature >= 0),
                         ("seed", self.seed >= 0)):
             if not ok:
@@ -261,6 +303,7 @@ class Measurement:
     generated: Tensor | None = None  # Long[n]
     sampled: Tensor | None = None  # Float[n]
     entropy: Tensor | None = None  # Float64[n]
+    compiled: int = 0  # batches decoded by the compiled step (a setting's effect, not a measurement)
 
     @staticmethod
     def concat(parts: list["Measurement"]) -> "Measurement":
@@ -271,7 +314,8 @@ class Measurement:
 
         metrics = {k: torch.cat([p.metrics[k] for p in parts]) for k in parts[0].metrics}
         return Measurement(metrics, cat("nfe"), cat("revealed"), sum(p.wall_s for p in parts), cat("orders"),
-                           cat("nats"), cat("generated"), cat("sampled"), cat("entropy"))
+                           cat("nats"), cat("generated"), cat("sampled"), cat("entropy"),
+                           sum(p.compiled for p in parts))
 
     def means(self) -> dict[str, float]:
         """The task metrics (mean per row), ``bits_per_token`` (with ``bits``: Σ nats / Σ
@@ -300,29 +344,35 @@ def _reference_order(decoded: Tensor, ranks: Tensor) -> Tensor:
 
 
 def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r: Tensor, seed: int, keep: int,
-                   cache: Any, temperature: float, bits: bool, search: SearchConfig | None = None) -> Measurement:
+                   cache: Any, temperature: float, bits: bool, search: SearchConfig | None = None,
+                   compile: bool | dict = False) -> Measurement:
     """One batch decoded with decode seed ``seed``; ``keep``: its first rows whose orders are
-    kept; ``search``: the searched decode (its NFE: every path and every scoring pass)."""
+    kept; ``search``: the searched decode (its NFE: every path and every scoring pass);
+    ``compile``: ``decode``'s, for the measured decode (a learned policy's extra decodes,
+    which record its choices, run eagerly)."""
     from orderlab.decoding import decode
     from orderlab.likelihood import log_likelihood
 
     device = x.device
     if search is not None:
-        run = lambda: search.run(model, task, policy, x, r, cache=cache, temperature=temperature, seed=seed)  # noqa: E731
-    elif callable(getattr(policy, "decode", None)):  # a search that decodes itself (order_token_search)
-        run = lambda: policy.decode(model, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
-                                    eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+        run = lambda compile=False: search.run(model, task, policy, x, r, cache=cache,  # noqa: E731
+                                               temperature=temperature, seed=seed, compile=compile)
+    elif callable(getattr(policy, "decode", None)):  # a search that decodes itself (order_token_search): eager only
+        run = lambda compile=False: policy.decode(model, x, r, cache=decode_cache(cache), temperature=temperature,  # noqa: E731
+                                                  seed=seed, eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None),
+                                                  compile=compile)
     else:
-        run = lambda: decode(model, policy, x, r, cache=decode_cache(cache), temperature=temperature, seed=seed,  # noqa: E731
-                             eos_id=task.eos_id, pad_id=getattr(task, "pad_id", None))
+        run = lambda compile=False: decode(model, policy, x, r, cache=decode_cache(cache),  # noqa: E731
+                                           temperature=temperature, seed=seed, eos_id=task.eos_id,
+                                           pad_id=getattr(task, "pad_id", None), compile=compile)
     sync(device)
     t0 = time.perf_counter()
-    out = run()
+    out = run(compile)
     sync(device)
     wall = time.perf_counter() - t0
     revealed = torch.stack(out.tokens_per_step).sum(0) if out.tokens_per_step else torch.zeros_like(out.nfe)
     m = Measurement({k: v.double().cpu() for k, v in task.metrics(out.tokens, x, r).items()}, out.nfe.cpu(),
-                    revealed.cpu(), wall, out.ranks[:keep].cpu())
+                    revealed.cpu(), wall, out.ranks[:keep].cpu(), compiled=int(bool(compile)))
     if bits:
         m.nats = -log_likelihood(model, x, _reference_order(out.ranks, r)).cpu()
         m.generated = (r >= 1).sum(1).cpu()
@@ -331,10 +381,37 @@ def _measure_batch(model: torch.nn.Module, task: Any, policy: Any, x: Tensor, r:
     return m
 
 
+class _CompileChoice:
+    """Whether :func:`measure` decodes its next batch through the compiled step.
+
+    ``True`` / ``False``: every batch / none. ``"auto"``: the first batch eagerly, then,
+    after every eager batch, the steps it took (the longest row's NFE) times the batches
+    left are the work ahead; once :func:`compile_pays` for that work (at this batch size),
+    the remaining batches compile. The decided value is ``decode``'s ``compile``: ``True``,
+    or ``options`` (``torch.compile`` keywords, e.g. ``{"backend": "aot_eager"}``) when given."""
+
+    def __init__(self, when: bool | str, options: dict | None, batches: int):
+        self.when, self.options, self.batches = check_compile(when), dict(options or {}), batches
+        self.on = when is True
+        self.steps = self.done = 0  # steps and batches decoded so far (eagerly, under auto)
+
+    def decode_arg(self) -> bool | dict:
+        return (self.options or True) if self.on else False
+
+    def after(self, m: Measurement, rows: int) -> None:
+        """Account for a decoded batch ``m`` of ``rows`` rows; under auto, decide again."""
+        self.done += 1
+        self.steps += int(m.nfe.max()) if m.nfe.numel() else 0
+        if self.when == "auto" and not self.on:
+            ahead = self.steps / self.done * (self.batches - self.done)
+            self.on = compile_pays(ahead, rows)
+
+
 @torch.no_grad()
 def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, ranks: Tensor, *, batch_size: int,
             cache: Any = True, temperature: float = 0.0, seed: int = 0, bits: bool = False,
-            keep_orders: int = 0, search: SearchConfig | None = None) -> Measurement:
+            keep_orders: int = 0, search: SearchConfig | None = None, compile: bool | str = False,
+            compile_options: dict | None = None) -> Measurement:
     """Decode the rows ``tokens``/``ranks`` (the task's reference; ranks >= 1 are decoded,
     whatever tokens are there) with ``policy`` in batches of ``batch_size`` and measure it:
     the one measuring path of evaluation (:func:`evaluate`) and ablation
@@ -345,18 +422,29 @@ def measure(model: torch.nn.Module, task: Any, policy: Any, tokens: Tensor, rank
     gathered on every rank in batch order: the single-process measurement but for
     ``wall_s``. The model decodes in eval mode. ``search``: measure the searched decode
     (:class:`SearchConfig`: ``k`` paths per row, the best kept; ``nfe`` counts every path's
-    forwards and every scoring pass). Returns :class:`Measurement`.
+    forwards and every scoring pass). ``compile``: decode through the compiled step, true,
+    false or ``"auto"`` (where the work pays for compiling; :class:`_CompileChoice`), with
+    ``torch.compile(**compile_options)``; the same numbers up to float rounding. An
+    approximate cache runs eagerly (``auto`` stays eager; ``True`` is decode's ValueError);
+    ``auto`` also keeps a learned policy eager (its compiled step is not tested).
+    Returns :class:`Measurement`.
     """
     device = device_of(model)
     tokens, ranks = tokens.to(device), ranks.to(device)
     was_training = model.training
     model.eval()
     mine = []  # (j, measurement) of this rank's batches
+    batches = distributed.shard(list(enumerate(range(0, tokens.shape[0], batch_size))))
+    if compile == "auto" and (isinstance(decode_cache(cache), ApproximateCache) or _is_learned(policy)):
+        compile = False  # eager only; a learned policy's compiled step is untested: auto keeps it eager
+    choice = _CompileChoice(compile, compile_options, len(batches))
     try:
-        for j, start in distributed.shard(list(enumerate(range(0, tokens.shape[0], batch_size)))):
+        for j, start in batches:
             x, r = tokens[start : start + batch_size], ranks[start : start + batch_size]
-            mine.append((j, _measure_batch(model, task, policy, x, r, derive_seed(seed, j, "decode"),
-                                           max(keep_orders - start, 0), cache, temperature, bits, search)))
+            m = _measure_batch(model, task, policy, x, r, derive_seed(seed, j, "decode"), max(keep_orders - start, 0),
+                               cache, temperature, bits, search, choice.decode_arg())
+            choice.after(m, x.shape[0])
+            mine.append((j, m))
     finally:
         model.train(was_training)
     everyone = distributed.all_gather_object(mine)
@@ -400,6 +488,8 @@ def evaluate(
     seed: int = 0,
     out_dir: str | Path | None = None,
     search: SearchConfig | None = None,
+    compile: bool | str = False,
+    compile_options: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every policy on the ``n`` test rows ``task.batch(n, "test", seed)``
     (:func:`measure`: batch ``j`` decodes with seed ``derive_seed(seed, j, "decode")``);
@@ -407,7 +497,8 @@ def evaluate(
     ``search``: after each policy's row, the row of its searched version (labelled
     ``SearchConfig.label``, with ``search`` = ``{k, verifier, temperature}``). With
     ``out_dir``, the order of the first batch is saved as ``order_<policy>.png`` (by the
-    main rank).
+    main rank). ``compile``, ``compile_options``: :func:`measure`'s; a row's
+    ``compiled_batches`` counts the batches its decode compiled.
     """
     tokens, ranks = task.batch(n, split="test", seed=seed)
     rows = []
@@ -416,9 +507,10 @@ def evaluate(
         runs = [run for label, policy, _ in runs for run in ((label, policy, None), (search.label(label), policy, search))]
     for label, policy, searched in runs:
         m = measure(model, task, policy, tokens, ranks, batch_size=batch_size, cache=cache, temperature=temperature,
-                    seed=seed, keep_orders=batch_size, search=searched)
+                    seed=seed, keep_orders=batch_size, search=searched, compile=compile, compile_options=compile_options)
         row = _row(label, policy, task, m)
         row["cache"] = cache_label(cache)
+        row["compiled_batches"] = m.compiled
         if searched is not None:
             row["search"] = asdict(searched)
         if out_dir is not None:

@@ -70,9 +70,10 @@ def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding (Su et al. 2021), x ``[..., N, D]`` rotated pairwise (even, odd) in
     float32; ``cos``/``sin`` broadcast to ``[..., N, D/2]``."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # [..., N, D]
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -80,7 +81,8 @@ def rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     layout of Hugging Face's Llama/Qwen checkpoints (their q/k rows are permuted so): a
     relabelling of the dimensions, so equal to :func:`rope` on permuted weights."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [..., N, D/2] each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 ROPE_LAYOUTS = {"interleaved": rope, "halves": rope_halves}
@@ -103,11 +105,12 @@ class Attention(nn.Module):
     def forward(self, h: Tensor, vis: RankMask, cache: KVCache | None, rot: tuple[Tensor, Tensor]) -> Tensor:
         B, N, _ = h.shape
         H, G, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.qkv(h).split([H * D, G * D, G * D], dim=-1)
-        q, k, v = (t.view(B, N, n, D).transpose(1, 2) for t, n in ((q, H), (k, G), (v, G)))  # [B, H or G, N, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, *rot), self.rope(k, *rot)
+        qkv = self.qkv(h).view(B, N, H + 2 * G, D).transpose(1, 2)  # [B, H + 2G, N, D]: q heads | k heads | v heads
+        v = qkv[:, H + G :]
+        if self.q_norm is None:  # q and k rotated together: half the small ops of two calls, the same values
+            q, k = self.rope(qkv[:, : H + G], *rot).split([H, G], dim=1)  # [B, H or G, N, D], contiguous
+        else:
+            q, k = self.rope(self.q_norm(qkv[:, :H]), *rot), self.rope(self.k_norm(qkv[:, H : H + G]), *rot)
         o = vis.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, vis)  # [B, H, N, D]
         return self.proj(o.transpose(1, 2).reshape(B, N, H * D))
 

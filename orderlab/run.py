@@ -35,6 +35,8 @@ experiment has one (``orderlab.ablate``: ``results.csv``, ``ablation.md``, ``par
     status        "running" | "completed" | "failed" | "interrupted"
     error         "<Type>: <message>" (failed / interrupted only)
     run_dir       the run folder
+    distributed   {world_size, backend}: torchrun's process group (``orderlab.distributed.describe``;
+                  world_size 1 and backend null in one process)
     stages        {<stage>: TrainResult.summary() | {status: "completed", skipped: true, step}}
                   for the stages this invocation trained or skipped
     checkpoints   {<stage>: step} of the stage checkpoints whose weights were evaluated
@@ -149,7 +151,8 @@ def _execute(exp: Experiment, eval_only: bool, progress: bool) -> dict[str, Any]
     files = exp.files
     if distributed.is_main():
         OmegaConf.save(exp.config, files.config)
-    results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "stages": {}, "checkpoints": {}}
+    results: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "distributed": distributed.describe(),
+                               "stages": {}, "checkpoints": {}}
     if exp.ablation is not None and (eval_only or exp.run.resume):
         old = ablate.previous(files.results)  # kept in what a failure writes, reused on the same weights
         if old is not None:
@@ -170,7 +173,7 @@ def _execute(exp: Experiment, eval_only: bool, progress: bool) -> dict[str, Any]
         ev = exp.evaluate
         results["evaluations"] = evaluate(
             exp.model, exp.task, exp.policies, ev.n, ev.batch_size, cache=ev.cache, temperature=ev.temperature,
-            seed=ev.seed, out_dir=files.dir if ev.heatmaps else None, search=ev.search)
+            seed=ev.seed, out_dir=files.dir if ev.heatmaps else None, search=ev.search, compile=ev.compile)
         if ev.heatmaps and len(results["evaluations"]) > 1 and distributed.is_main():
             evaluation_pareto(results["evaluations"], files.dir / PARETO, title=f"{files.dir.name}: {exp.task!r}")
         if ev.likelihood:

@@ -140,9 +140,11 @@ class OrderTokenSearch(Policy):
 
     @torch.no_grad()
     def decode(self, model, tokens: Tensor, ranks: Tensor, cache: object = True, temperature: float = 0.0, seed: int = 0,
-               eos_id: int | None = None, pad_id: int | None = None) -> Searched:
+               eos_id: int | None = None, pad_id: int | None = None, compile: bool | dict = False) -> Searched:
         """Beam-decode the positions with rank >= 1 (``orderlab.decode``'s arguments; see
-        the class docstring for those it does not use). Returns :class:`Searched`."""
+        the class docstring for those it does not use; ``compile`` is accepted so that an
+        evaluation's setting passes through, and the beam's forwards always run eagerly).
+        Returns :class:`Searched`."""
         if temperature:
             raise ValueError(f"order_token_search scores hypotheses, it samples nothing: temperature must be 0, got {temperature}")
         if eos_id is not None:

@@ -39,10 +39,15 @@ def _check_mask(name: str, t: object, shape: tuple[int, int]) -> None:
         raise PolicyError(f"StepView.{name} must have shape [B, L] = {shape} (from probs), got {tuple(t.shape)}")
 
 
+DERIVED: set[str] = set()  # the names of StepView's derived properties (filled by _derived)
+
+
 def _derived(fn: Callable[["StepView"], Tensor]) -> property:
     """A property computed on first use and kept in the view's ``_memo`` dict: what
     ``functools.cached_property`` does, minus its lock (Python 3.11), which stops
     ``torch.compile`` from tracing a decode step through the policy."""
+
+    DERIVED.add(fn.__name__)
 
     @functools.wraps(fn)
     def get(self: "StepView") -> Tensor:
@@ -74,6 +79,9 @@ class StepView:
 
     Derived on first use (:func:`_derived`, computed once per view): ``confidence`` (max prob),
     ``margin`` (top-1 minus top-2 prob), ``entropy`` (nats, 0·log 0 = 0), ``argmax``.
+    ``derived``: some of them already computed by whoever builds the view, ``{name: [B, L]}``
+    (the decoder reduces ``confidence`` and ``argmax`` over the predicted rows only); each
+    must be what the property would compute from ``probs``.
     """
 
     probs: Tensor
@@ -83,6 +91,7 @@ class StepView:
     given: Tensor | None = None
     hidden: Tensor | None = None
     tokens: Tensor | None = None
+    derived: dict[str, Tensor] | None = field(default=None, repr=False)
     _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +117,13 @@ class StepView:
                                         or tuple(self.tokens.shape) != shape):
             got = f"{self.tokens.dtype}{list(self.tokens.shape)}" if isinstance(self.tokens, Tensor) else type(self.tokens).__name__
             raise PolicyError(f"StepView.tokens must be integer token ids [B, L] = {shape} (from probs), got {got}")
+        for name, t in (self.derived or {}).items():
+            if name not in DERIVED:
+                raise PolicyError(f"StepView.derived: {name!r} is not a derived field; choose from {sorted(DERIVED)}")
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise PolicyError(f"StepView.derived[{name!r}] must have shape [B, L] = {shape}, got {got}")
+            self._memo[name] = t
         if isinstance(self.step, bool) or not isinstance(self.step, (int, torch.SymInt)) or self.step < 0:
             raise PolicyError(f"StepView.step must be an int >= 0, got {self.step!r}")
         stray = self.candidates & ~self.masked

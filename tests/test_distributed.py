@@ -98,6 +98,8 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch):
     assert r2[-1]["valid_label"] == "nll"
 
     res1, res2 = (json.loads((run / "results.json").read_text()) for run in (one, two))
+    assert res2["distributed"] == {"world_size": 2, "backend": "gloo"}  # how the run was launched
+    assert res1["distributed"] == {"world_size": 1, "backend": None}
     timing = ("wall_s", "tokens_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(res2["evaluations"]) == strip(res1["evaluations"])  # decoded per batch as by one process
@@ -231,7 +233,8 @@ def _scenarios(out: Path) -> dict:
     except NonFiniteError as e:
         got["nan"] = (str(e), nan.status, nan.step)
     with distributed.solo():  # one process inside the group: no split, no collectives
-        got["solo"] = (distributed.world(), distributed.rank(), TrainConfig(batch_size=7).batch_size)
+        got["solo"] = (distributed.world(), distributed.rank(), TrainConfig(batch_size=7).batch_size,
+                       distributed.describe())
     got["shard"] = distributed.shard(range(5))
 
     from orderlab.checkpoint import RunFiles
@@ -342,7 +345,7 @@ def test_objective_parameters_synchronised_model_frozen(ranks):
 def test_batch_split_errors_and_helpers(ranks):
     (r0, r1), _ = ranks
     assert r0["odd_batch"].startswith("stages.lm.train.batch_size: ") and "(2, torchrun's world size)" in r0["odd_batch"]
-    assert r0["solo"] == r1["solo"] == (1, 0, 7)
+    assert r0["solo"] == r1["solo"] == (1, 0, 7, {"world_size": 2, "backend": "gloo"})  # solo: still launched by 2
     assert r0["shard"] == [0, 2, 4] and r1["shard"] == [1, 3]
 
 
@@ -374,6 +377,7 @@ def test_sharded_ablation_grid_equals_one_process(ranks):
 def test_single_process_helpers_are_identities():
     assert not distributed.active() and distributed.world() == 1 and distributed.is_main()
     assert distributed.shard("abc") == ["a", "b", "c"] and distributed.all_gather_object(5) == [5]
+    assert distributed.describe() == {"world_size": 1, "backend": None}
     x = torch.arange(3)
     assert distributed.all_sum(x) is x
     with distributed.session():  # no torchrun environment: nothing to initialise

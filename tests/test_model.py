@@ -181,3 +181,28 @@ def test_a_cast_model_keeps_float32_rope_tables():
 def test_family_options_that_cannot_work_name_their_key(kw, key):
     with pytest.raises(ConfigError, match=f"^model.{key}:"):
         build("model", {"name": "transformer", "d_model": 24, "n_heads": 4, **kw}, vocab_size=11, max_len=8, path="model")
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"qk_norm": True, "n_kv_heads": 1}, {"rope_layout": "halves"}])
+def test_attention_rotates_q_and_k_as_separate_calls_would(kw):
+    """Attention rotates q and k in one RoPE call over a view of the qkv output: the outputs
+    of rotating them one by one (q, k, v split, each viewed per head), bit for bit."""
+    from orderlab.kernels import RankMask
+    from orderlab.model import ROPE_LAYOUTS, rope_angles
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=11, max_len=16, d_model=32, n_heads=4, n_layers=1, **kw)
+    att = model.blocks[0].attn
+    B, N, H, G, D = 2, 7, att.n_heads, att.n_kv, att.head_dim
+    h, pos = torch.randn(B, N, 32), torch.randint(0, 16, (B, N))
+    cos, sin = rope_angles(pos, D, 10000.0)
+    rot = cos[:, None], sin[:, None]
+    ranks = torch.arange(1, N + 1).expand(B, N)
+    vis = RankMask(ranks, ranks, None, None)
+    q, k, v = att.qkv(h).split([H * D, G * D, G * D], dim=-1)
+    q, k, v = (t.view(B, N, n, D).transpose(1, 2) for t, n in ((q, H), (k, G), (v, G)))
+    if att.q_norm is not None:
+        q, k = att.q_norm(q), att.k_norm(k)
+    rope = ROPE_LAYOUTS[kw.get("rope_layout", "interleaved")]
+    want = att.proj(vis.attend(rope(q, *rot), rope(k, *rot), v).transpose(1, 2).reshape(B, N, H * D))
+    assert torch.equal(att(h, vis, None, rot), want)

@@ -88,6 +88,20 @@ def test_stepview_derived_quantities():
     assert v.confidence is v.confidence  # cached
 
 
+def test_stepview_takes_derived_fields_already_computed():
+    """``derived``: the builder's values are the view's (not recomputed); a name that is not a
+    derived field, or a wrong shape, is an error naming it."""
+    p = torch.tensor([[[0.6, 0.4], [0.2, 0.8]]])
+    m = torch.ones(1, 2, dtype=torch.bool)
+    conf = p.amax(-1)
+    v = StepView(p, m, m, 0, derived={"confidence": conf})
+    assert v.confidence is conf and v.argmax.tolist() == [[0, 1]]  # the others derived as before
+    with pytest.raises(PolicyError, match=r"derived: 'confidnce' is not a derived field; choose from \['argmax', "):
+        StepView(p, m, m, 0, derived={"confidnce": conf})
+    with pytest.raises(PolicyError, match=r"derived\['argmax'\] must have shape \[B, L\] = \(1, 2\), got \(2,\)"):
+        StepView(p, m, m, 0, derived={"argmax": torch.zeros(2)})
+
+
 def test_deterministic_policy_log_prob_raises():
     with pytest.raises(NotImplementedError, match="deterministic"):
         orderlab.build("policy", "top_prob").log_prob(torch.ones(1, 2, dtype=torch.bool), view_of([[0.5, 0.5]]))
