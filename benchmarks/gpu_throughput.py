@@ -37,6 +37,7 @@ import orderlab
 from orderlab.builder import build
 from orderlab.decoding import decode
 from orderlab.kernels import use_backend
+from setups import CausalLM  # benchmarks/setups.py, beside this script
 
 SIZES = {  # name: (model keywords, batch, length)
     "100M": (dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12), 8, 1024),
@@ -99,11 +100,10 @@ def train(size: str, device, rounds: int) -> list[dict]:
             return loss.detach()
         return step
 
-    causal = _model(kw, length, "bidirectional", device)
-    pos = torch.arange(length, device=device)
+    causal = CausalLM(_model(kw, length, "bidirectional", device))  # the same blocks, is_causal SDPA
 
-    def causal_loss():  # the plain causal LM: is_causal SDPA through the same blocks' weights
-        return F.cross_entropy(_causal_logits(causal, x[:, :-1], pos[:-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+    def causal_loss():
+        return F.cross_entropy(causal(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
 
     sec, _ = timed(step_of(causal, causal_loss), device, rounds)
     rows.append(dict(row="plain causal LM, is_causal SDPA (baseline)", seconds=sec, tokens_per_s=batch * length / sec))
@@ -120,24 +120,6 @@ def train(size: str, device, rounds: int) -> list[dict]:
     for r in rows:
         r.update(size=size, params=params, batch=batch, length=length, vs_causal=r["seconds"] / base)
     return rows
-
-
-def _causal_logits(model, x, pos):
-    """``model``'s weights run as a plain causal transformer (``is_causal`` SDPA, no rank masks)."""
-    from orderlab.model import rope
-
-    c = model.config
-    H, D = c.n_heads, c.d_model // c.n_heads
-    B, L = x.shape
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-    h = model.embed(x)
-    for blk in model.blocks:
-        q, k, v = blk.attn.qkv(blk.norm1(h)).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + blk.attn.proj(o.transpose(1, 2).reshape(B, L, c.d_model))
-        h = h + blk.mlp(blk.norm2(h))
-    return F.linear(model.norm(h), model.head_weight())
 
 
 def decode_rows(size: str, device, rounds: int, batches: tuple[int, ...], variants=tuple(DECODE_VARIANTS)) -> list[dict]:

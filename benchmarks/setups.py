@@ -134,7 +134,7 @@ class CausalLM(torch.nn.Module):
         m, c = self.m, self.m.config
         B, L = x.shape
         H, D = c.n_heads, c.d_model // c.n_heads
-        pos = torch.arange(L)
+        pos = torch.arange(L, device=x.device)
         cos, sin = m.rope_cos[pos], m.rope_sin[pos]
         h = m.embed(x)
         for blk in m.blocks:
