@@ -1,7 +1,7 @@
 """Launch-configuration sweep for the attention kernels, compiled ahead of time (no GPU):
 for each kernel, dtype, head dim and tile side, every ``num_warps`` x ``num_stages``
 candidate on A100 (sm_80) and H100 (sm_90), with registers, spills, shared memory and
-blocks per SM. The autotune sets in ``kernels/attention.py`` (``_CONFIGS``) are chosen
+blocks per SM. The autotune sets in ``orderlab/kernels/attention.py`` (``_CONFIGS``) are chosen
 from this table: no spills, then the most resident warps.
 
     python benchmarks/aot_sweep.py --out sweep.csv      # 324 compiles: 42 min on 2 busy cores

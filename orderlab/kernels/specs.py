@@ -3,7 +3,7 @@
 A Triton kernel compiles once per set of ``tl.constexpr`` values, argument dtypes and
 ``num_warps``/``num_stages``. Each launcher lists the specialisations it can choose
 (``specializations()`` beside it, built from the launcher's own constants), so an
-ahead-of-time compile (``kernels/aot.py``, ``tests/test_aot.py``) covers exactly what can run.
+ahead-of-time compile (``orderlab/kernels/aot.py``, ``tests/test_aot.py``) covers exactly what can run.
 """
 
 from __future__ import annotations

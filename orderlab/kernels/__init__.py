@@ -4,7 +4,7 @@ The rule (DESIGN.md section 4): key ``j`` is visible to query ``i`` iff
 ``k_rank[j] < q_rank[i]`` or ``(q_group[i] >= 0 and k_group[j] == q_group[i])``.
 CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference (the transformer's
 :class:`RankMask` asks for SDPA with a boolean mask instead); ``backend=``,
-``use_backend(...)`` or ``ORDERLAB_KERNELS`` override that (``kernels/dispatch.py``).
+``use_backend(...)`` or ``ORDERLAB_KERNELS`` override that (``orderlab/kernels/dispatch.py``).
 """
 
 from .attention import (
