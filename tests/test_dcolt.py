@@ -18,6 +18,7 @@ from orderlab.objectives import GRPO
 from orderlab.policies import DCoLTPolicy, OrderedPlackettLuce, PlackettLuceTopK
 from orderlab.registry import ConfigError
 from orderlab.train import TrainConfig, train
+from toy_tasks import ChainTask  # tests/toy_tasks.py
 
 YAML = Path(__file__).resolve().parents[1] / "experiments" / "learned_zoo_dcolt.yaml"
 
@@ -124,34 +125,26 @@ def test_policy_records_ordered_draws_and_replays_their_log_prob():
     assert all(torch.isfinite(p.grad).all() for p in pol.net.parameters())
 
 
-class _GradedTask:
-    """Position 0 given, the rest to generate; score = fraction of generated positions equal
-    to 1 (graded, so GRPO's group advantages are non-zero on an untrained denoiser)."""
+class _GradedTask(ChainTask):
+    """Position 0 given, five positions to generate over three tokens; score = fraction of
+    generated positions equal to 1 (graded, so GRPO's group advantages are non-zero on an
+    untrained denoiser)."""
 
-    vocab_size, eos_id, pad_id, metric, seq_len = 3, None, 0, "toy", 6
-
-    def batch(self, b, split="train", seed=0):
-        x = torch.ones(b, self.seq_len, dtype=torch.long)
-        x[:, 0] = 0
-        r = torch.ones_like(x)
-        r[:, 0] = 0
-        return x, r
-
-    def score(self, pred, tokens, ranks):
-        return ((pred == tokens) | (ranks < 1))[:, 1:].double().mean(1)
+    def __init__(self):
+        super().__init__(n=5, exact=False, vocab_size=3)
 
     def metrics(self, pred, tokens, ranks):  # the recipe's metric: token_accuracy
         return {"toy": self.score(pred, tokens, ranks), "token_accuracy": self.score(pred, tokens, ranks)}
 
 
-class _ExactTask(_GradedTask):
+class _ExactTask(ChainTask):
     """Score: exact match of the row; metrics: also the graded fraction ("partial")."""
 
-    def score(self, pred, tokens, ranks):
-        return ((pred == tokens) | (ranks < 1)).all(1).double()
+    def __init__(self):
+        super().__init__(n=5, exact=True, vocab_size=3)
 
     def metrics(self, pred, tokens, ranks):
-        return {"exact": self.score(pred, tokens, ranks), "partial": super().score(pred, tokens, ranks)}
+        return {"exact": self.score(pred, tokens, ranks), "partial": _GradedTask().score(pred, tokens, ranks)}
 
 
 def test_metric_picks_the_score_the_reward_is_built_on():

@@ -16,29 +16,9 @@ from orderlab.policies import LearnedBernoulli, LearnedPlackettLuce
 from orderlab.registry import ConfigError
 from orderlab.builder import build
 from orderlab.rules import Bidirectional
+from toy_tasks import ChainTask  # tests/toy_tasks.py
 
 # ----------------------------------------------------------------------------- the toy
-
-
-class ChainTask:
-    """Position 0 given (token 0), positions 1..n to generate, every answer token is 1.
-    ``exact``: score = exact match (0/1); otherwise the fraction of correct positions."""
-
-    vocab_size, eos_id, pad_id, metric = 2, None, 0, "toy"
-
-    def __init__(self, n=3, exact=True):
-        self.n, self.exact, self.seq_len = n, exact, n + 1
-
-    def batch(self, b, split="train", seed=0):
-        tokens = torch.ones(b, self.seq_len, dtype=torch.long)
-        tokens[:, 0] = 0
-        ranks = torch.ones_like(tokens)
-        ranks[:, 0] = 0
-        return tokens, ranks
-
-    def score(self, pred, tokens, ranks):
-        ok = (pred == tokens) | (ranks < 1)
-        return ok.all(1).double() if self.exact else ok[:, 1:].double().mean(1)
 
 
 class ChainModel(nn.Module):
