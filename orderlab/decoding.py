@@ -231,7 +231,6 @@ def _limit(rank: Tensor, tokens: Tensor, max_new_tokens: int | None, pad_id: int
     rank[drop], tokens[drop] = -1, pad_id
 
 
-@torch.no_grad()
 def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | ApproximateCache = True, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, max_new_tokens: int | None = None,
            pad_id: int | None = None, compile: bool | dict = False, width: int | None = None) -> Decoded:
@@ -250,7 +249,25 @@ def decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | Approxima
     traced too: Python branches on its state or on ``view.step`` become guards (a new
     graph where they change), never stale code.
     Returns :class:`Decoded`.
+
+    The loop runs under ``torch.inference_mode`` (no autograd bookkeeping: ~10% of an eager
+    step at batch 1, ``docs/benchmarks.md``); what it returns are ordinary tensors (cloned
+    outside that mode), so callers may modify them in place or feed them to autograd. A
+    policy that keeps tensors from its views (a recording) gets inference tensors, which
+    autograd accepts once copied (``torch.stack``, ``clone``) outside the mode.
     """
+    with torch.inference_mode():
+        d = _decode(model, policy, tokens, ranks, cache, temperature, top_p, seed, eos_id, max_new_tokens, pad_id,
+                    compile, width)
+    return Decoded(tokens=d.tokens.clone(), ranks=d.ranks.clone(), nfe=d.nfe.clone(),
+                   tokens_per_step=[t.clone() for t in d.tokens_per_step], steps=d.steps,
+                   refreshes=None if d.refreshes is None else d.refreshes.clone())
+
+
+def _decode(model, policy, tokens: Tensor, ranks: Tensor, cache: bool | ApproximateCache, temperature: float,
+            top_p: float, seed: int, eos_id: int | None, max_new_tokens: int | None, pad_id: int | None,
+            compile: bool | dict, width: int | None) -> Decoded:
+    """:func:`decode`'s loop, inside inference mode."""
     validate(ranks, tokens)
     B, L = tokens.shape
     rule = model.rule

@@ -264,6 +264,16 @@ class TransformerNet(PolicyNet):
 # ----------------------------------------------------------------------------- recording
 
 
+def _ordinary(t: Tensor) -> Tensor:
+    """``t`` as an ordinary tensor: :func:`~orderlab.decoding.decode` runs under
+    ``torch.inference_mode``, whose tensors autograd refuses to save, and a recording is
+    replayed with gradients (and read by hand in tests and notebooks)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 @dataclass
 class Trajectory:
     """What a recorded decode keeps per step (lists of ``T`` tensors, batch ``B``).
@@ -448,14 +458,14 @@ class LearnedPolicy(Policy, nn.Module):
             sel = dist.selected(act)
             if rec is not None:
                 t = rec.traj
-                t.keep = keep if t.keep is None else t.keep
-                t.features.append(f)
-                t.candidates.append(view.candidates)
-                t.selected.append(act)
-                t.k.append(k)
-                t.log_prob.append(dist.log_prob(act))
+                t.keep = _ordinary(keep) if t.keep is None else t.keep
+                t.features.append(_ordinary(f))
+                t.candidates.append(_ordinary(view.candidates))
+                t.selected.append(_ordinary(act))
+                t.k.append(_ordinary(k))
+                t.log_prob.append(_ordinary(dist.log_prob(act)))
                 if rec.reference is not None:
-                    t.ref_log_prob.append(rec.reference.log_prob(sel, view).double())
+                    t.ref_log_prob.append(_ordinary(rec.reference.log_prob(sel, view).double()))
         return sel
 
     @staticmethod
