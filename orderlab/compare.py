@@ -218,7 +218,9 @@ def bar_text(b: Mapping[str, Any] | None) -> str:
     else:
         lines.append("No learned row runs at or below the best heuristic's NFE.")
     if b["nfe_saving"] is not None:
-        lines.append(f"{b['reaches']} reaches the best heuristic's {m} with {100 * b['nfe_saving']:.1f}% fewer forwards.")
+        saving = b["nfe_saving"]
+        lines.append(f"{b['reaches']} reaches the best heuristic's {m} with {100 * abs(saving):.1f}% "
+                     f"{'fewer' if saving >= 0 else 'more'} forwards.")
     else:
         lines.append(f"No learned row reaches the best heuristic's {m}.")
     f = b.get("frontier")

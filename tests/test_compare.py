@@ -13,7 +13,7 @@ import torch
 
 import orderlab
 from orderlab import ablate
-from orderlab.compare import StagePolicy, bar, best_points
+from orderlab.compare import StagePolicy, bar, bar_text, best_points
 from orderlab.registry import ConfigError
 from orderlab.run import execute
 
@@ -174,6 +174,15 @@ def test_bar_and_best_points():
     b = bar(section)
     assert b["gap"] == pytest.approx(0.01) and b["nfe_saving"] == pytest.approx(0.1) and not b["met"]
     assert bar({"metric": "solved", "points": section["points"][:2]}) is None
+
+
+def test_bar_text_says_more_forwards_when_the_learned_row_spends_more():
+    section = {"metric": "solved", "points": [_pt(0, "heuristic", 0.80, 0.01, 10.0), _pt(1, "learned", 0.82, 0.02, 15.0)]}
+    b = bar(section)
+    assert b["nfe_saving"] == pytest.approx(-0.5) and not b["met"]
+    assert "p1 reaches the best heuristic's solved with 50.0% more forwards." in bar_text(b)
+    section["points"][1]["summary"]["nfe"]["mean"] = 8.0
+    assert "with 20.0% fewer forwards." in bar_text(bar(section))
 
 
 def test_training_cost_survives_resume(tmp_path):
