@@ -459,8 +459,13 @@ def _pareto_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], xlabel: st
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    if log_x:
+    if log_x:  # ticks at 1, 2, 5 x 10^k as plain numbers (matplotlib's minor labels collide)
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         axes[0].set_xscale("log")
+        axes[0].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[0].xaxis.set_minor_formatter(NullFormatter())
     axes[0].margins(0.08)
     if zoom:
         from matplotlib.patches import Rectangle
