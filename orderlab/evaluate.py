@@ -73,22 +73,23 @@ def decode_cache(value: Any, key: str = "cache") -> bool | ApproximateCache:
 COMPILES = ("auto", True, False)
 
 # The measured costs behind ``compile: auto`` (docs/benchmarks.md, issue 22: the issue's
-# 3.2M-parameter set-causal model, 2 CPU cores, torch 2.13 inductor): a compiled graph's
-# first call (Dynamo trace + AOTAutograd + inductor, C++ compile included), 30 s taken
-# between the warm-cache first call (8 s; 29-37 s at load 6-8) and the cold one (72 s;
-# ~250 s at load 8); and the seconds a compiled step saves over an eager one
-# (eager minus compiled ms/step: ~3.2 at batch 1, ~7 at batch 32). Both grow with the
-# model's depth, so their ratio, the break-even number of steps, is what the rule uses.
+# 3.2M-parameter set-causal model, 2 CPU cores, torch 2.13 inductor, eager decode in
+# inference mode): a compiled graph's first call (Dynamo trace + AOTAutograd + inductor,
+# C++ compile included), 30 s taken between the warm-cache first call (7-8 s on a quiet
+# host) and the cold one (36 s quiet; 72 s at load 5); and the seconds a compiled step
+# saves over an eager one (eager minus compiled ms/step on a quiet host: 1.4 at batch 1,
+# 3.0 at batch 32). Both grow with the model's depth, so their ratio, the break-even
+# number of steps, is what the rule uses.
 COMPILE_S = 30.0
-STEP_SAVED_S = 3.0e-3
-ROW_SAVED_S = 0.13e-3
+STEP_SAVED_S = 1.35e-3
+ROW_SAVED_S = 0.0525e-3
 
 
 def compile_pays(steps: float, rows: int, graphs: int = 1) -> bool:
     """Whether compiling the decode step pays for ``steps`` decode steps of ``rows`` rows
     each: the seconds saved, ``steps · (STEP_SAVED_S + ROW_SAVED_S · rows)``, exceed the
     compile cost of ``graphs`` graphs (``graphs · COMPILE_S``; a batch size is a graph).
-    With the constants above: ~9,600 steps at batch 1, ~4,200 at batch 32 (an evaluation
+    With the constants above: ~21,400 steps at batch 1, ~9,900 at batch 32 (an evaluation
     of 256 rows in batches of 128 over 240 positions decodes ~480 steps: eager)."""
     return steps * (STEP_SAVED_S + ROW_SAVED_S * rows) > graphs * COMPILE_S
 

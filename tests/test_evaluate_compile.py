@@ -82,11 +82,11 @@ def test_auto_decides_by_the_steps_the_eager_batches_took(monkeypatch):
 
 
 def test_compile_pays_at_the_documented_break_even():
-    """The docstring's numbers: ~9,600 steps at batch 1, ~4,200 at batch 32; a second
+    """The docstring's numbers: ~21,400 steps at batch 1, ~9,900 at batch 32; a second
     graph doubles the cost; 480 steps of 128 rows stay eager."""
-    assert not E.compile_pays(9_400, 1) and E.compile_pays(9_800, 1)
-    assert not E.compile_pays(4_100, 32) and E.compile_pays(4_300, 32)
-    assert E.compile_pays(10_000, 1, graphs=1) and not E.compile_pays(10_000, 1, graphs=2)
+    assert not E.compile_pays(21_200, 1) and E.compile_pays(21_600, 1)
+    assert not E.compile_pays(9_800, 32) and E.compile_pays(10_000, 32)
+    assert E.compile_pays(22_000, 1, graphs=1) and not E.compile_pays(22_000, 1, graphs=2)
     assert not E.compile_pays(480, 128)
 
 
