@@ -17,7 +17,7 @@ from orderlab.tasks.base import (
 )
 from orderlab.tasks.chain import Chain, permutation_table
 from orderlab.tasks.jsonl import JsonlTask
-from orderlab.tasks.sat import PlantedSAT
+from orderlab.tasks.sat import PlantedSAT, PlantedSATGrid
 from orderlab.tasks.stargraph import StarGraph
 from orderlab.tasks.sudoku import Sudoku, SudokuSolver
 from orderlab.tasks.text import Infill, StdlibText, file_split, stdlib_files
@@ -44,6 +44,7 @@ __all__ = [
     "file_split",
     "JsonlTask",
     "PlantedSAT",
+    "PlantedSATGrid",
     "addition",
     "chain",
     "jsonl",
