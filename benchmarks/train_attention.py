@@ -106,12 +106,11 @@ def main(argv=None) -> None:
     t, vis, train_step = record(args.length, args.batch)
     q, k, v, mask = t["q"], t["k"], t["v"], vis.mask
     Lq, Lk = mask.shape[-2:]
+    s, e = vis.split
     variants = {"full": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), 1.0),
-                "split (RankMask.attend)": (vis.attend, None),
+                "split (RankMask.attend)": (vis.attend, (s * e + (Lq - s) * Lk) / (Lq * Lk)),
                 "unmasked": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), None),
                 "is_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), None)}
-    s, e = vis.split
-    variants["split (RankMask.attend)"] = (vis.attend, (s * e + (Lq - s) * Lk) / (Lq * Lk))
     for c in (32, 64, 128):
         plan = tile_plan(mask, c)
         work = sum((qe - qs) * sum(b - a for a, b in runs) for qs, qe, runs, _ in plan) / (Lq * Lk)
